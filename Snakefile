@@ -1,0 +1,31 @@
+# quantsweep: imatrix-guided ik_llama.cpp quantization sweeps for DeepSeek-family models.
+#
+# resources/engine/            llama-imatrix, llama-quantize, llama-perplexity + engine.json
+# resources/models/{model}.gguf  generated demo model (source: tiny)
+# resources/text/{kind}.txt    bundled calibration / evaluation text
+# results/imatrix/{model}/     one .dat per pass, then imatrix.dat fitted to the model
+# results/quants/{model}/      {model}-{quant}.gguf (+ .json: parsed quantize log)
+# results/eval/{model}/        baseline.kld (base logits), baseline.json, {quant}.json
+# results/summary.{csv,md}     one row per (model, quant) plus each baseline
+from snakemake.utils import min_version
+
+min_version("9.19")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/engine.smk"
+include: "workflow/rules/model.smk"
+include: "workflow/rules/imatrix.smk"
+include: "workflow/rules/quantize.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        get_final_output(),
+    localrule: True

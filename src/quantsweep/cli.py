@@ -1,0 +1,228 @@
+"""`quantsweep` command line: thin wrappers over the package, called by the workflow's rules
+and usable by hand. Errors are one line on stderr and exit code 1 (2 for usage errors)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib import resources
+from pathlib import Path
+
+from . import __version__
+
+
+def _engine_build(a) -> None:
+    from .engine import EngineSpec, install_engine
+
+    spec = EngineSpec.from_dict(json.loads(a.spec) if a.spec else {})
+    cache = Path(a.cache_dir) if a.cache_dir else None
+    log = open(a.log, "a", encoding="utf-8") if a.log else sys.stderr
+    try:
+        meta = install_engine(spec, Path(a.out), cache, log)
+    finally:
+        if a.log:
+            log.close()
+    print(f"engine ready in {a.out} (source {meta['source']}, key {meta.get('key', '-')})")
+
+
+def _tiny_model(a) -> None:
+    from .tinymodel import TinySpec, write_tiny_model
+
+    train = Path(a.train_text).read_text(encoding="utf-8") if a.train_text else bundled_text("train")
+    write_tiny_model(a.output, train, TinySpec(seed=a.seed, split_kv_b=a.split_kv_b))
+
+
+def bundled_text(name: str) -> str:
+    return resources.files("quantsweep").joinpath("data", f"{name}.txt").read_text(encoding="utf-8")
+
+
+def _text(a) -> None:
+    from .fileio import write_text
+
+    write_text(a.output, bundled_text(a.name))
+
+
+def _imatrix_collect(a) -> None:
+    from .fileio import write_json
+    from .steps import collect_imatrix
+
+    rec = collect_imatrix(Path(a.bin_dir), Path(a.model), Path(a.text), Path(a.output), Path(a.log),
+                          a.mode, a.ctx, a.chunks, a.threads)
+    if a.record:
+        write_json(a.record, rec)
+
+
+def _imatrix_remap(a) -> None:
+    from . import imatrix as im
+    from .gguf_table import read_table
+
+    merged = im.merge([im.read_dat(p) for p in a.inputs])
+    fitted, actions = im.remap(merged, read_table(a.model))
+    im.write_dat(fitted, a.output)
+    if a.json:
+        print(json.dumps({"entries": len(fitted.entries), "actions": actions}, indent=2))
+    else:
+        for line in actions:
+            print(line)
+        print(f"wrote {a.output}: {len(fitted.entries)} entries")
+
+
+def _quantize(a) -> None:
+    from .fileio import write_json
+    from .steps import quantize
+
+    rec = quantize(Path(a.bin_dir), Path(a.model), Path(a.output), Path(a.log), a.ftype, a.threads,
+                   Path(a.imatrix) if a.imatrix else None)
+    if a.record:
+        write_json(a.record, rec)
+
+
+def _eval_settings(a):
+    from .commands import EvalSettings
+
+    return EvalSettings(ctx=a.ctx, chunks=a.chunks, threads=a.threads, mla=a.mla, fa=a.fa)
+
+
+def _eval_base(a) -> None:
+    from .steps import perplexity_base
+
+    perplexity_base(Path(a.bin_dir), Path(a.model), Path(a.text), Path(a.kld_base), Path(a.result),
+                    Path(a.log), _eval_settings(a))
+
+
+def _eval_kld(a) -> None:
+    from .steps import perplexity_kld
+
+    perplexity_kld(Path(a.bin_dir), Path(a.model), Path(a.kld_base), Path(a.result), Path(a.log),
+                   _eval_settings(a))
+
+
+def _summary(a) -> None:
+    from .summary import write_summary
+
+    entries = json.loads(Path(a.entries).read_text()) if a.entries.endswith(".json") else json.loads(a.entries)
+    rows = write_summary(entries, Path(a.csv), Path(a.md))
+    print(f"wrote {a.csv} and {a.md}: {len(rows)} rows")
+
+
+def _gguf_info(a) -> None:
+    from .gguf_table import read_table
+
+    t = read_table(a.model)
+    if a.json:
+        print(json.dumps({
+            "tensors": [{"name": x.name, "shape": list(x.shape), "type": x.type, "nbytes": x.nbytes} for x in t.tensors],
+            "total_bytes": t.total_bytes,
+            "bpw": t.bpw,
+        }, indent=1))
+        return
+    for x in t.tensors:
+        print(f"{x.name:48s} {str(list(x.shape)):24s} {x.type:10s} {x.nbytes:>14d}")
+    print(f"total {t.total_bytes} bytes = {t.total_bytes / 2**30:.3f} GiB, {t.bpw:.4f} bpw, {len(t.tensors)} tensors")
+
+
+def _add_eval_args(p) -> None:
+    p.add_argument("--bin-dir", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--kld-base", required=True, help="base logits file (written by 'eval base', read by 'eval kld')")
+    p.add_argument("--result", required=True, help="JSON record of the parsed results")
+    p.add_argument("--log", required=True)
+    p.add_argument("--ctx", type=int, default=512)
+    p.add_argument("--chunks", type=int, default=16)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--mla", type=int, default=1)
+    p.add_argument("--fa", default="off", choices=["on", "off", "auto"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="quantsweep", description=__doc__)
+    ap.add_argument("--version", action="version", version=f"quantsweep {__version__}")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    eng = sub.add_parser("engine", help="build or adopt the ik_llama.cpp tools").add_subparsers(dest="sub", required=True)
+    p = eng.add_parser("build", help="build (cached) and place bin/ + engine.json in --out")
+    p.add_argument("--spec", default="", help="JSON of the config's engine section")
+    p.add_argument("--out", required=True)
+    p.add_argument("--cache-dir", default="")
+    p.add_argument("--log", default="")
+    p.set_defaults(func=_engine_build)
+
+    p = sub.add_parser("tiny-model", help="write the embedded tiny DeepSeek2 GGUF")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split-kv-b", action="store_true", help="also write ik-style 2-D attn_k_b/attn_v_b")
+    p.add_argument("--train-text", default="", help="text for the bigram statistics (default: bundled)")
+    p.set_defaults(func=_tiny_model)
+
+    p = sub.add_parser("text", help="write a bundled text (train, calibration, evaluation)")
+    p.add_argument("name", choices=["train", "calibration", "evaluation"])
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(func=_text)
+
+    imx = sub.add_parser("imatrix", help="collect and fit importance matrices").add_subparsers(dest="sub", required=True)
+    p = imx.add_parser("collect", help="run one llama-imatrix pass")
+    p.add_argument("--bin-dir", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--text", required=True)
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--log", required=True)
+    p.add_argument("--mode", choices=["mla", "std"], default="mla")
+    p.add_argument("--ctx", type=int, default=512)
+    p.add_argument("--chunks", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--record", default="", help="JSON record of the run")
+    p.set_defaults(func=_imatrix_collect)
+    p = imx.add_parser("remap", help="merge imatrices and fit them to MODEL's tensors")
+    p.add_argument("--model", required=True)
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("inputs", nargs="+")
+    p.set_defaults(func=_imatrix_remap)
+
+    p = sub.add_parser("quantize", help="run llama-quantize for one ftype")
+    p.add_argument("--bin-dir", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--ftype", required=True)
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--log", required=True)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--imatrix", default="")
+    p.add_argument("--record", default="")
+    p.set_defaults(func=_quantize)
+
+    ev = sub.add_parser("eval", help="perplexity and KL divergence").add_subparsers(dest="sub", required=True)
+    p = ev.add_parser("base", help="baseline PPL; writes the KLD base logits")
+    _add_eval_args(p)
+    p.add_argument("--text", required=True)
+    p.set_defaults(func=_eval_base)
+    p = ev.add_parser("kld", help="PPL + KLD of a quant against the base logits")
+    _add_eval_args(p)
+    p.set_defaults(func=_eval_kld)
+
+    p = sub.add_parser("summary", help="write summary.csv and summary.md from evaluation records")
+    p.add_argument("--entries", required=True, help="JSON (or a .json file) listing models, baselines and quants")
+    p.add_argument("--csv", required=True)
+    p.add_argument("--md", required=True)
+    p.set_defaults(func=_summary)
+
+    gg = sub.add_parser("gguf", help="GGUF tensor tables").add_subparsers(dest="sub", required=True)
+    p = gg.add_parser("info", help="every tensor's name, shape, type and bytes (ik types included)")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_gguf_info)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        print(f"quantsweep: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

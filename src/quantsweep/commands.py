@@ -1,0 +1,95 @@
+"""Engine command lines, as argument lists (never shell strings).
+
+The flags follow what this engine version accepts (see docs/ik_llama.md of the project's
+reference): `-fa` takes a value, `-fmoe` no longer exists, fused ops are switched off with
+`-no-fmoe` / `-no-fug`. Keeping every command line here means a flag drift in a new engine
+version is fixed in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+# What each imatrix pass collects (ik_llama.md §1.5): `-mla 1 -fa off` gives per-head
+# attn_k_b/attn_v_b data, `-mla 0` gives attn_kv_b. Fused MoE/up-gate ops would hide the
+# gate tensors, so they stay off while collecting.
+IMATRIX_PASSES = {
+    "mla": ["-mla", "1", "-fa", "off"],
+    "std": ["-mla", "0", "-fa", "off"],
+}
+COLLECT_FLAGS = ["-no-fmoe", "-no-fug"]
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How every model of a sweep is evaluated; identical for the base and each quant."""
+
+    ctx: int = 512
+    chunks: int = 16
+    threads: int = 2
+    mla: int = 1
+    fa: str = "off"
+    batch: int = 0  # 0 = engine default
+
+    def attention_args(self) -> list[str]:
+        return ["-mla", str(self.mla), "-fa", self.fa]
+
+
+def imatrix_cmd(
+    bin_dir: Path, model: Path, text: Path, out: Path, mode: str, ctx: int, chunks: int, threads: int
+) -> list[str]:
+    if mode not in IMATRIX_PASSES:
+        raise ValueError(f"imatrix pass {mode!r} is not one of {sorted(IMATRIX_PASSES)}")
+    return [
+        str(Path(bin_dir) / "llama-imatrix"),
+        "-m", str(model),
+        "-f", str(text),
+        "-o", str(out),
+        "-c", str(ctx),
+        "--chunks", str(chunks),
+        "-t", str(threads),
+        *IMATRIX_PASSES[mode],
+        *COLLECT_FLAGS,
+    ]
+
+
+def quantize_cmd(
+    bin_dir: Path, model: Path, out: Path, ftype: str, threads: int, imatrix: Path | None = None,
+    extra: list[str] | None = None,
+) -> list[str]:
+    cmd = [str(Path(bin_dir) / "llama-quantize")]
+    if imatrix is not None:
+        cmd += ["--imatrix", str(imatrix)]
+    cmd += list(extra or [])
+    return cmd + [str(model), str(out), ftype, str(threads)]
+
+
+def perplexity_base_cmd(bin_dir: Path, model: Path, text: Path, kld_base: Path, ev: EvalSettings) -> list[str]:
+    """PPL of the reference model; also writes the base logits every quant is compared with."""
+    cmd = [
+        str(Path(bin_dir) / "llama-perplexity"),
+        "-m", str(model),
+        "-f", str(text),
+        "-c", str(ev.ctx),
+        "--chunks", str(ev.chunks),
+        "-t", str(ev.threads),
+        *ev.attention_args(),
+        "--kl-divergence-base", str(kld_base),
+    ]
+    return cmd + (["-b", str(ev.batch)] if ev.batch else [])
+
+
+def perplexity_kld_cmd(bin_dir: Path, model: Path, kld_base: Path, ev: EvalSettings) -> list[str]:
+    """PPL + KLD of a quant; tokens come from the base file, so no text argument."""
+    cmd = [
+        str(Path(bin_dir) / "llama-perplexity"),
+        "-m", str(model),
+        "-c", str(ev.ctx),
+        "--chunks", str(ev.chunks),
+        "-t", str(ev.threads),
+        *ev.attention_args(),
+        "--kl-divergence-base", str(kld_base),
+        "--kl-divergence",
+    ]
+    return cmd + (["-b", str(ev.batch)] if ev.batch else [])

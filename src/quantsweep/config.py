@@ -1,0 +1,73 @@
+"""Checks of the workflow config that a JSON schema cannot express, and its normalised form.
+
+The schema (workflow/schemas/config.schema.yaml) catches unknown keys and wrong types; this
+module catches what needs the engine's tables (quant type names) or cross-references, and
+names the offending key in one line.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .ggml_types import FTYPES, canonical_ftype
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Quant:
+    name: str
+    ftype: str
+    imatrix: bool
+
+    @property
+    def needs_imatrix(self) -> bool:
+        return FTYPES[self.ftype]
+
+
+def parse_quants(items: list, key: str = "quants") -> list[Quant]:
+    """Entries are an ftype name, or {name, ftype, imatrix}."""
+    out: list[Quant] = []
+    for i, item in enumerate(items):
+        where = f"{key}[{i}]"
+        if isinstance(item, str):
+            item = {"ftype": item}
+        try:
+            ftype = canonical_ftype(item["ftype"])
+        except KeyError as e:
+            raise ConfigError(f"config {where}.ftype: {e.args[0]}; known: {', '.join(sorted(FTYPES))}") from None
+        use_imatrix = bool(item.get("imatrix", True))
+        name = item.get("name") or (ftype if use_imatrix else f"{ftype}-noimatrix")
+        if not NAME_RE.match(name):
+            raise ConfigError(f"config {where}.name: {name!r} must match {NAME_RE.pattern}")
+        q = Quant(name, ftype, use_imatrix)
+        if q.needs_imatrix and not use_imatrix:
+            raise ConfigError(f"config {where}: {ftype} cannot be made without an imatrix (the engine refuses)")
+        out.append(q)
+    names = [q.name for q in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"config {key}: duplicate quant name(s) {', '.join(dup)}")
+    return out
+
+
+def check(config: dict) -> None:
+    """Semantic checks after schema validation; raises ConfigError naming the key."""
+    for name, m in config["models"].items():
+        if not NAME_RE.match(name):
+            raise ConfigError(f"config models.{name}: model names must match {NAME_RE.pattern}")
+        if m.get("source", "tiny") == "gguf" and not m.get("path"):
+            raise ConfigError(f"config models.{name}.path: required when source is 'gguf'")
+    parse_quants(config["quants"])
+    eng = config["engine"]
+    need = {"git": "git_commit", "path": "path", "bin_dir": "bin_dir"}.get(eng.get("source", "pypi"))
+    if need and not eng.get(need):
+        raise ConfigError(f"config engine.{need}: required when engine.source is {eng['source']!r}")
+    ev = config["eval"]
+    if ev["ctx"] < 128 or ev["ctx"] % 2:
+        raise ConfigError(f"config eval.ctx: {ev['ctx']} must be an even number >= 128")

@@ -1,0 +1,145 @@
+"""Parsers for what the engine prints. Exit codes lie (llama-perplexity exits 0 on failure),
+so a run counts as done only when its log carries the final lines parsed here."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+_NUM = r"[-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf)"
+
+# Both forms: "Final estimate: PPL over 16 chunks for n_ctx=512 = 12.3456 +/- 0.12345" and "... PPL = X +/- Y".
+_FINAL_PPL = re.compile(
+    rf"Final estimate: PPL(?: over (\d+) chunks for n_ctx=(\d+))? = ({_NUM}) \+/- ({_NUM})"
+)
+_CHUNK_PPL = re.compile(rf"\[(\d+)\]({_NUM}),")
+_META_SIZE = re.compile(rf"model size\s*=\s*({_NUM}) GiB \(({_NUM}) BPW\)")
+_META_PARAMS = re.compile(rf"model params\s*=\s*({_NUM}) ([KMBT])")
+_KLD_MEAN = re.compile(rf"^\s*Mean\s+KLD:\s+({_NUM})\s+±\s+({_NUM})", re.M)
+_KLD_PCT = re.compile(rf"^\s*({_NUM})%\s+KLD:\s+({_NUM})", re.M)
+_KLD_NAMED = re.compile(rf"^\s*(Maximum|Median|Minimum)\s+KLD:\s+({_NUM})", re.M)
+_PPL_Q = re.compile(rf"^Mean PPL\(Q\)\s*:\s*({_NUM})\s+±\s+({_NUM})", re.M)
+_PPL_BASE = re.compile(rf"^Mean PPL\(base\)\s*:\s*({_NUM})\s+±\s+({_NUM})", re.M)
+_LN_RATIO = re.compile(rf"^Mean ln\(PPL\(Q\)/PPL\(base\)\)\s*:\s*({_NUM})\s+±\s+({_NUM})", re.M)
+_SAME_TOP = re.compile(rf"^Same top p\s*:\s*({_NUM})\s+±\s+({_NUM})\s*%", re.M)
+_RMS_DP = re.compile(rf"^RMS Δp\s*:\s*({_NUM})\s+±\s+({_NUM})\s*%", re.M)
+_QUANT_SIZE = re.compile(rf"quant size\s*=\s*({_NUM}) MB")
+_MODEL_SIZE = re.compile(rf"model size\s*=\s*({_NUM}) MB")
+_IMATRIX_LOADED = re.compile(r"load_imatrix: loaded (\d+) importance matrix entries from (.+?) computed on (\d+) chunks")
+_NOT_FOUND = re.compile(r"did not find weights for (\S+)")
+_FALLBACK = re.compile(r"WARNING: (\d+) of (\d+) tensor\(s\) required fallback quantization")
+_IMATRIX_STORED = re.compile(r"stored collected data after (\d+) chunks in (\S+)")
+
+
+class EngineOutputError(RuntimeError):
+    """The log lacks the lines a successful run prints."""
+
+
+def _f(s: str) -> float:
+    return float(s)
+
+
+@dataclass
+class PerplexityResult:
+    """One llama-perplexity run: PPL always; the KLD block when run against a base file."""
+
+    ppl: float
+    ppl_err: float
+    chunks: int | None = None
+    n_ctx: int | None = None
+    chunk_ppl: list[float] = field(default_factory=list)
+    model_gib: float | None = None
+    bpw: float | None = None
+    kld_mean: float | None = None
+    kld_err: float | None = None
+    kld_percentiles: dict[str, float] = field(default_factory=dict)
+    ppl_base: float | None = None
+    ln_ratio: float | None = None
+    ln_ratio_err: float | None = None
+    same_top_p: float | None = None
+    same_top_p_err: float | None = None
+    rms_dp: float | None = None
+
+
+def parse_perplexity(text: str, expect_kld: bool = False) -> PerplexityResult:
+    """Parse a llama-perplexity log (stdout+stderr). Raises when the final statistics are missing."""
+    kld = _KLD_MEAN.search(text)
+    ppl_q = _PPL_Q.search(text)
+    final = _FINAL_PPL.search(text)
+    if expect_kld and not (kld and ppl_q):
+        raise EngineOutputError("no KL divergence statistics in the perplexity output (run failed or too few tokens)")
+    if not final and not ppl_q:
+        raise EngineOutputError("no 'Final estimate: PPL' line in the perplexity output")
+    if final:
+        res = PerplexityResult(ppl=_f(final.group(3)), ppl_err=_f(final.group(4)))
+        if final.group(1):
+            res.chunks, res.n_ctx = int(final.group(1)), int(final.group(2))
+    else:
+        res = PerplexityResult(ppl=_f(ppl_q.group(1)), ppl_err=_f(ppl_q.group(2)))
+    res.chunk_ppl = [_f(m.group(2)) for m in _CHUNK_PPL.finditer(text)]
+    meta = _META_SIZE.search(text)
+    if meta:
+        res.model_gib, res.bpw = _f(meta.group(1)), _f(meta.group(2))
+    if kld:
+        res.kld_mean, res.kld_err = _f(kld.group(1)), _f(kld.group(2))
+        res.kld_percentiles = {m.group(1): _f(m.group(2)) for m in _KLD_PCT.finditer(text)}
+        res.kld_percentiles.update({m.group(1).lower(): _f(m.group(2)) for m in _KLD_NAMED.finditer(text)})
+    if ppl_q:
+        res.ppl, res.ppl_err = _f(ppl_q.group(1)), _f(ppl_q.group(2))
+    if m := _PPL_BASE.search(text):
+        res.ppl_base = _f(m.group(1))
+    if m := _LN_RATIO.search(text):
+        res.ln_ratio, res.ln_ratio_err = _f(m.group(1)), _f(m.group(2))
+    if m := _SAME_TOP.search(text):
+        res.same_top_p, res.same_top_p_err = _f(m.group(1)), _f(m.group(2))
+    if m := _RMS_DP.search(text):
+        res.rms_dp = _f(m.group(1))
+    if not math.isfinite(res.ppl):
+        raise EngineOutputError(f"perplexity is {res.ppl}")
+    return res
+
+
+@dataclass
+class QuantizeResult:
+    model_mib: float
+    quant_mib: float
+    imatrix_entries: int | None = None
+    imatrix_chunks: int | None = None
+    not_found: list[str] = field(default_factory=list)
+    n_fallback: int = 0
+
+
+def parse_quantize(text: str) -> QuantizeResult:
+    """Parse a llama-quantize log; the 'quant size' line only appears after a complete run."""
+    q = _QUANT_SIZE.search(text)
+    m = _MODEL_SIZE.search(text)
+    if not q or not m or "failed to quantize" in text:
+        reason = next((ln.strip() for ln in text.splitlines() if "failed to quantize" in ln or "Missing importance" in ln), "")
+        raise EngineOutputError("quantize did not finish" + (f": {reason}" if reason else " (no 'quant size' line)"))
+    res = QuantizeResult(model_mib=_f(m.group(1)), quant_mib=_f(q.group(1)))
+    if lm := _IMATRIX_LOADED.search(text):
+        res.imatrix_entries, res.imatrix_chunks = int(lm.group(1)), int(lm.group(3))
+    res.not_found = [n for n in _NOT_FOUND.findall(text)]
+    if fb := _FALLBACK.search(text):
+        res.n_fallback = int(fb.group(1))
+    return res
+
+
+@dataclass
+class ImatrixRunResult:
+    chunks: int
+    ppl: float | None = None
+
+
+def parse_imatrix_run(text: str) -> ImatrixRunResult:
+    """A llama-imatrix run is complete when it stored its data and printed its final PPL."""
+    stored = _IMATRIX_STORED.findall(text)
+    final = _FINAL_PPL.search(text)
+    if "detected in" in text:
+        bad = next(ln.strip() for ln in text.splitlines() if "detected in" in ln)
+        raise EngineOutputError(f"imatrix aborted: {bad}")
+    if not stored and not final:
+        raise EngineOutputError("imatrix did not finish (no 'stored collected data' or final PPL line)")
+    chunks = int(stored[-1][0]) if stored else 0
+    return ImatrixRunResult(chunks=chunks, ppl=_f(final.group(3)) if final else None)

@@ -1,0 +1,156 @@
+import json
+import os
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+from quantsweep import config as qconfig
+
+validate(config, schema="../schemas/config.schema.yaml")
+try:
+    qconfig.check(config)
+except qconfig.ConfigError as e:
+    raise WorkflowError(str(e))
+
+MODELS = sorted(config["models"])
+QUANTS = {q.name: q for q in qconfig.parse_quants(config["quants"])}
+ENGINE_TOOLS = ["llama-imatrix", "llama-quantize", "llama-perplexity"]
+
+
+wildcard_constraints:
+    model="|".join(MODELS),
+    quant="|".join(QUANTS),
+    imatrix_pass="mla|std",
+    kind="calibration|evaluation",
+
+
+def get_final_output():
+    return ["results/summary.csv", "results/summary.md"]
+
+
+def get_engine_spec(wildcards):
+    """The engine section as JSON for `quantsweep engine build` (cache_dir travels apart)."""
+    spec = {k: v for k, v in config["engine"].items() if k != "cache_dir"}
+    return json.dumps(spec, sort_keys=True)
+
+
+def get_engine_env():
+    cuda = config["engine"].get("cuda", False)
+    return "../../envs/engine-cuda.yaml" if cuda else "../../envs/engine-cpu.yaml"
+
+
+def get_bin_dir(wildcards, input):
+    return os.path.dirname(input.quantize)
+
+
+def get_model(wildcards):
+    m = config["models"][wildcards.model]
+    if m.get("source", "tiny") == "gguf":
+        return m["path"]
+    return f"resources/models/{wildcards.model}.gguf"
+
+
+def get_text(kind):
+    path = config["texts"][kind]
+    return f"resources/text/{kind}.txt" if path == "builtin" else path
+
+
+def get_imatrix_passes(wildcards):
+    return expand(
+        "results/imatrix/{model}/{imatrix_pass}.dat",
+        model=wildcards.model,
+        imatrix_pass=config["imatrix"]["passes"],
+    )
+
+
+def get_quantize_input(wildcards):
+    inputs = {
+        "quantize": rules.engine_build.output.quantize,
+        "model": get_model(wildcards),
+    }
+    if QUANTS[wildcards.quant].imatrix:
+        inputs["imatrix"] = f"results/imatrix/{wildcards.model}/imatrix.dat"
+    return inputs
+
+
+def get_imatrix_arg(wildcards, input):
+    return ["--imatrix", input.imatrix] if "imatrix" in input.keys() else []
+
+
+def get_ftype(wildcards):
+    return QUANTS[wildcards.quant].ftype
+
+
+def get_summary_entries(wildcards):
+    entries = []
+    for model in MODELS:
+        entries.append(
+            {
+                "model": model,
+                "base": f"results/eval/{model}/baseline.json",
+                "quants": [
+                    {
+                        "name": q.name,
+                        "ftype": q.ftype,
+                        "imatrix": "yes" if q.imatrix else "no",
+                        "result": f"results/eval/{model}/{q.name}.json",
+                    }
+                    for q in QUANTS.values()
+                ],
+            }
+        )
+    return entries
+
+
+def get_summary_input(wildcards):
+    return [
+        path
+        for e in get_summary_entries(wildcards)
+        for path in [e["base"], *(q["result"] for q in e["quants"])]
+    ]
+
+
+def mem_mb_model(wildcards, attempt):
+    """Engine jobs hold the model in RAM: its size plus headroom, more on each retry."""
+    path = get_model(wildcards)
+    size_mb = os.path.getsize(path) // 2**20 if os.path.exists(path) else 1024
+    return int((size_mb * 1.2 + 1024) * attempt)
+
+
+def mem_mb_quantize(wildcards, attempt):
+    """Quantize reads the source and holds one tensor's buffers: model size bounds it."""
+    return mem_mb_model(wildcards, attempt)
+
+
+def runtime_engine(wildcards, attempt):
+    """Minutes: generous for the tiny demo, scaled by the model size (~1 min per GB)."""
+    path = get_model(wildcards)
+    size_gb = os.path.getsize(path) / 1e9 if os.path.exists(path) else 1.0
+    return int((30 + size_gb) * attempt)
+
+
+def get_eval_args(wildcards):
+    ev = config["eval"]
+    return [
+        "--ctx",
+        str(ev["ctx"]),
+        "--chunks",
+        str(ev["chunks"]),
+        "--mla",
+        str(ev["mla"]),
+        "--fa",
+        ev["fa"],
+    ]
+
+
+def get_tiny_model_args(wildcards):
+    m = config["models"][wildcards.model]
+    return ["--seed", str(m["seed"])] + (["--split-kv-b"] if m["split_kv_b"] else [])
+
+
+def get_engine_outdir(wildcards, output):
+    return os.path.dirname(output.meta)
+
+
+def get_summary_entries_json(wildcards):
+    return json.dumps(get_summary_entries(wildcards), sort_keys=True)

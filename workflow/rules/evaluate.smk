@@ -1,0 +1,49 @@
+rule eval_baseline:
+    input:
+        model=get_model,
+        quantize=rules.engine_build.output.quantize,
+        perplexity=rules.engine_build.output.perplexity,
+        text=get_text("evaluation"),
+    output:
+        kld_base="results/eval/{model}/baseline.kld",
+        result="results/eval/{model}/baseline.json",
+    log:
+        "logs/eval/{model}/baseline.log",
+    conda:
+        get_engine_env()
+    threads: workflow.cores
+    resources:
+        mem_mb=mem_mb_model,
+        runtime=runtime_engine,
+    params:
+        bin_dir=get_bin_dir,
+        ev=get_eval_args,
+    shell:
+        "quantsweep eval base --bin-dir {params.bin_dir:q} --model {input.model:q}"
+        " --text {input.text:q} --kld-base {output.kld_base:q} --result {output.result:q}"
+        " --log {log:q} --threads {threads} {params.ev:q}"
+
+
+rule eval_quant:
+    input:
+        model=rules.quantize.output.gguf,
+        kld_base=rules.eval_baseline.output.kld_base,
+        quantize=rules.engine_build.output.quantize,
+        perplexity=rules.engine_build.output.perplexity,
+    output:
+        result="results/eval/{model}/{quant}.json",
+    log:
+        "logs/eval/{model}/{quant}.log",
+    conda:
+        get_engine_env()
+    threads: workflow.cores
+    resources:
+        mem_mb=mem_mb_model,
+        runtime=runtime_engine,
+    params:
+        bin_dir=get_bin_dir,
+        ev=get_eval_args,
+    shell:
+        "quantsweep eval kld --bin-dir {params.bin_dir:q} --model {input.model:q}"
+        " --kld-base {input.kld_base:q} --result {output.result:q}"
+        " --log {log:q} --threads {threads} {params.ev:q}"

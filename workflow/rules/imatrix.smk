@@ -1,0 +1,41 @@
+rule imatrix_collect:
+    input:
+        model=get_model,
+        quantize=rules.engine_build.output.quantize,
+        imatrix_tool=rules.engine_build.output.imatrix,
+        text=get_text("calibration"),
+    output:
+        dat="results/imatrix/{model}/{imatrix_pass}.dat",
+        record="results/imatrix/{model}/{imatrix_pass}.json",
+    log:
+        "logs/imatrix_collect/{model}.{imatrix_pass}.log",
+    conda:
+        get_engine_env()
+    threads: workflow.cores
+    resources:
+        mem_mb=mem_mb_model,
+        runtime=runtime_engine,
+    params:
+        bin_dir=get_bin_dir,
+        ctx=config["imatrix"]["ctx"],
+        chunks=config["imatrix"]["chunks"],
+    shell:
+        "quantsweep imatrix collect --bin-dir {params.bin_dir:q} --model {input.model:q}"
+        " --text {input.text:q} -o {output.dat:q} --record {output.record:q} --log {log:q}"
+        " --mode {wildcards.imatrix_pass} --ctx {params.ctx} --chunks {params.chunks}"
+        " --threads {threads}"
+
+
+rule imatrix_remap:
+    input:
+        model=get_model,
+        passes=get_imatrix_passes,
+    output:
+        "results/imatrix/{model}/imatrix.dat",
+    log:
+        "logs/imatrix_remap/{model}.log",
+    conda:
+        "../../envs/quantsweep.yaml"
+    shell:
+        "quantsweep imatrix remap --model {input.model:q} -o {output:q} {input.passes:q}"
+        " > {log:q} 2>&1"
