@@ -53,13 +53,55 @@ def _imatrix_collect(a) -> None:
         write_json(a.record, rec)
 
 
+def _n_mat(model: str) -> dict[str, int]:
+    """Matrices per imatrix entry (experts / heads of 3-D tensors) from a model's header."""
+    if not model:
+        return {}
+    from .gguf_table import read_table
+
+    return {t.name: t.shape[2] for t in read_table(model).tensors if len(t.shape) > 2}
+
+
+def _imatrix_info(a) -> None:
+    from dataclasses import asdict
+
+    from . import imatrix as im
+
+    data = im.read_any(a.input)
+    rows = im.stats(data, _n_mat(a.model))
+    head = {"file": a.input, "entries": len(data.entries), "chunks": data.chunks, "dataset": data.dataset}
+    if a.json:
+        print(json.dumps({**head, "tensors": [asdict(r) for r in rows]}, indent=1))
+        return
+    print(" ".join(f"{k}={v}" for k, v in head.items()))
+    print(f"{'name':44s} {'ncall':>6s} {'nval':>8s} {'mean':>11s} {'max':>11s} {'zeros':>6s} {'nan/inf':>7s}  no data")
+    for r in rows:
+        empty = ",".join(map(str, r.empty_mats)) or "-"
+        print(f"{r.name:44s} {r.ncall:6d} {r.nval:8d} {r.mean:11.4g} {r.max:11.4g} {r.zeros:6d} {r.nonfinite:7d}  {empty}")
+
+
+def _imatrix_convert(a) -> None:
+    from . import imatrix as im
+
+    im.write_any(im.read_any(a.input), a.output, _n_mat(a.model))
+    print(f"wrote {a.output}")
+
+
+def _imatrix_merge(a) -> None:
+    from . import imatrix as im
+
+    merged = im.merge([im.read_any(p) for p in a.inputs], a.inputs)
+    im.write_any(merged, a.output, _n_mat(a.model))
+    print(f"wrote {a.output}: {len(merged.entries)} entries")
+
+
 def _imatrix_remap(a) -> None:
     from . import imatrix as im
     from .gguf_table import read_table
 
-    merged = im.merge([im.read_dat(p) for p in a.inputs])
+    merged = im.merge([im.read_any(p) for p in a.inputs], a.inputs)
     fitted, actions = im.remap(merged, read_table(a.model))
-    im.write_dat(fitted, a.output)
+    im.write_any(fitted, a.output, _n_mat(a.model))
     if a.json:
         print(json.dumps({"entries": len(fitted.entries), "actions": actions}, indent=2))
     else:
@@ -173,6 +215,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--record", default="", help="JSON record of the run")
     p.set_defaults(func=_imatrix_collect)
+    p = imx.add_parser("info", help="entries, ncall, per-tensor stats, experts without data")
+    p.add_argument("input")
+    p.add_argument("--model", default="", help="GGUF whose 3-D tensors tell experts/heads per entry")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_imatrix_info)
+    p = imx.add_parser("convert", help="legacy .dat <-> mainline GGUF imatrix (by content / output extension)")
+    p.add_argument("input")
+    p.add_argument("-o", "--output", required=True, help="*.gguf writes GGUF, anything else .dat")
+    p.add_argument("--model", default="", help="GGUF to split per-expert entries into matrices")
+    p.set_defaults(func=_imatrix_convert)
+    p = imx.add_parser("merge", help="ncall-weighted merge of imatrices (either format)")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--model", default="")
+    p.add_argument("inputs", nargs="+")
+    p.set_defaults(func=_imatrix_merge)
     p = imx.add_parser("remap", help="merge imatrices and fit them to MODEL's tensors")
     p.add_argument("--model", required=True)
     p.add_argument("-o", "--output", required=True)

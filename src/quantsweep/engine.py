@@ -317,6 +317,7 @@ def build_into_cache(spec: EngineSpec, cache: Path, log) -> Path:
                 "tools": {t: sha256_file(staged / "bin" / t) for t in TOOLS},
             }
             (staged / "engine.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+            os.chmod(staged, 0o755)
             os.replace(staged, entry)
         log.write(f"engine built in {time.monotonic() - t0:.1f} s\n")
         return entry
@@ -353,6 +354,7 @@ def install_engine(spec: EngineSpec, out_dir: Path, cache: Path | None = None, l
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    os.chmod(staged, 0o755)
     try:
         (staged / "bin").mkdir()
         for tool in TOOLS:

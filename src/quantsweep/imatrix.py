@@ -13,9 +13,9 @@ fallback for a 2-D attn_kv_b and aborts on the size mismatch.
 
 from __future__ import annotations
 
-import math
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,14 +29,33 @@ class ImatrixFormatError(ValueError):
     """Unreadable imatrix; the message names the file and the offset or entry."""
 
 
-@dataclass
 class Entry:
-    ncall: int
-    values: np.ndarray  # float32, mean-of-squares * ncall
+    """One matrix's statistics: ncall and values (= mean of x^2 * ncall, per expert/head slot).
+
+    Values may be lazy (a loader reading them from the file on each access), so converting,
+    merging or remapping a 1 GB imatrix holds one entry in memory at a time, not the file.
+    """
+
+    __slots__ = ("ncall", "nval", "_values", "_load")
+
+    def __init__(self, ncall: int, values: np.ndarray | None = None, *, nval: int | None = None,
+                 load: Callable[[], np.ndarray] | None = None):
+        self.ncall = ncall
+        self._values = None if values is None else np.asarray(values, dtype=np.float32)
+        self._load = load
+        self.nval = int(self._values.size if self._values is not None else nval)
+
+    @property
+    def values(self) -> np.ndarray:
+        return self._values if self._values is not None else self._load()
 
     @property
     def means(self) -> np.ndarray:
         return self.values / self.ncall if self.ncall > 0 else self.values
+
+    def raw(self) -> np.ndarray:
+        """Values without the finiteness check, for reporting on a bad file."""
+        return self._values if self._values is not None else self._load(check=False)
 
 
 @dataclass
@@ -47,45 +66,62 @@ class Imatrix:
 
 
 def read_dat(path: str | Path) -> Imatrix:
+    """Index a legacy .dat file; values are read (and checked for NaN/inf) when used."""
     path = Path(path)
-    data = path.read_bytes()
-    size = len(data)
-    if size >= 4 and data[:4] == b"GGUF":
-        raise ImatrixFormatError(f"{path}: is a GGUF imatrix, not the legacy .dat format (convert it first)")
-    pos = 0
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if f.read(4) == b"GGUF":
+            raise ImatrixFormatError(f"{path}: is a GGUF imatrix, not the legacy .dat format (convert it first)")
+        f.seek(0)
+        pos = 0
 
-    def take(n: int, what: str) -> bytes:
-        nonlocal pos
-        if pos + n > size:
-            raise ImatrixFormatError(f"{path}: truncated at offset {pos} reading {what}")
-        b = data[pos:pos + n]
-        pos += n
-        return b
+        def take(n: int, what: str) -> bytes:
+            nonlocal pos
+            if pos + n > size:
+                raise ImatrixFormatError(f"{path}: truncated at offset {pos} reading {what}")
+            b = f.read(n)
+            pos += n
+            return b
 
-    (n_entries,) = struct.unpack("<i", take(4, "entry count"))
-    if n_entries < 0 or n_entries > size // 16:
-        raise ImatrixFormatError(f"{path}: entry count {n_entries} at offset 0 is impossible for a {size}-byte file")
-    im = Imatrix()
-    for i in range(n_entries):
-        (nlen,) = struct.unpack("<i", take(4, f"name length of entry {i}"))
-        if nlen <= 0 or nlen > 4096:
-            raise ImatrixFormatError(f"{path}: entry {i} at offset {pos - 4} has name length {nlen}")
-        name = take(nlen, f"name of entry {i}").decode("utf-8", errors="replace")
-        ncall, nval = struct.unpack("<ii", take(8, f"ncall/nval of {name}"))
-        if nval < 1:
-            raise ImatrixFormatError(f"{path}: entry {i} ({name}) at offset {pos - 4} has nval {nval}")
-        vals = np.frombuffer(take(4 * nval, f"values of {name}"), dtype="<f4").astype(np.float32)
-        if not np.all(np.isfinite(vals)):
-            bad = int(np.flatnonzero(~np.isfinite(vals))[0])
-            raise ImatrixFormatError(f"{path}: entry {i} ({name}) has non-finite value at index {bad}")
-        im.entries[name] = Entry(ncall, vals)
-    if pos < size:
-        (im.chunks,) = struct.unpack("<i", take(4, "chunk count"))
-        (dlen,) = struct.unpack("<i", take(4, "dataset length"))
-        if dlen < 0:
-            raise ImatrixFormatError(f"{path}: dataset length {dlen} at offset {pos - 4}")
-        im.dataset = take(dlen, "dataset name").decode("utf-8", errors="replace")
+        (n_entries,) = struct.unpack("<i", take(4, "entry count"))
+        if n_entries < 0 or n_entries > size // 16:
+            raise ImatrixFormatError(f"{path}: entry count {n_entries} at offset 0 is impossible for a {size}-byte file")
+        im = Imatrix()
+        for i in range(n_entries):
+            (nlen,) = struct.unpack("<i", take(4, f"name length of entry {i}"))
+            if nlen <= 0 or nlen > 4096:
+                raise ImatrixFormatError(f"{path}: entry {i} at offset {pos - 4} has name length {nlen}")
+            name = take(nlen, f"name of entry {i}").decode("utf-8", errors="replace")
+            ncall, nval = struct.unpack("<ii", take(8, f"ncall/nval of {name}"))
+            if nval < 1:
+                raise ImatrixFormatError(f"{path}: entry {i} ({name}) at offset {pos - 4} has nval {nval}")
+            if pos + 4 * nval > size:
+                raise ImatrixFormatError(f"{path}: truncated at offset {size} in the values of entry {i} ({name})")
+            im.entries[name] = Entry(ncall, nval=nval, load=_dat_loader(path, pos, nval, i, name))
+            f.seek(4 * nval, 1)
+            pos += 4 * nval
+        if pos < size:
+            (im.chunks,) = struct.unpack("<i", take(4, "chunk count"))
+            (dlen,) = struct.unpack("<i", take(4, "dataset length"))
+            if dlen < 0:
+                raise ImatrixFormatError(f"{path}: dataset length {dlen} at offset {pos - 4}")
+            im.dataset = take(dlen, "dataset name").decode("utf-8", errors="replace")
+        if pos != size:
+            raise ImatrixFormatError(f"{path}: {size - pos} unexpected bytes at offset {pos}")
     return im
+
+
+def _dat_loader(path: Path, offset: int, nval: int, index: int, name: str) -> Callable[[], np.ndarray]:
+    def load(check: bool = True) -> np.ndarray:
+        vals = np.fromfile(path, dtype="<f4", count=nval, offset=offset).astype(np.float32, copy=False)
+        if vals.size != nval:
+            raise ImatrixFormatError(f"{path}: truncated in the values of entry {index} ({name})")
+        if check and not np.all(np.isfinite(vals)):
+            bad = int(np.flatnonzero(~np.isfinite(vals))[0])
+            raise ImatrixFormatError(f"{path}: entry {index} ({name}) has non-finite value at index {bad}")
+        return vals
+
+    return load
 
 
 def write_dat(im: Imatrix, path: str | Path) -> None:
@@ -95,28 +131,169 @@ def write_dat(im: Imatrix, path: str | Path) -> None:
         for name in sorted(im.entries):
             e = im.entries[name]
             b = name.encode()
-            f.write(struct.pack("<i", len(b)) + b + struct.pack("<ii", e.ncall, e.values.size))
+            f.write(struct.pack("<i", len(b)) + b + struct.pack("<ii", e.ncall, e.nval))
             f.write(np.ascontiguousarray(e.values, dtype="<f4").tobytes())
         ds = im.dataset.encode()
         f.write(struct.pack("<ii", im.chunks, len(ds)) + ds)
 
 
+# ---- mainline GGUF imatrix: <name>.in_sum2 {ne0, n_mat} (raw sums) + <name>.counts {n_mat} ----
+
+GGUF_CHUNK_SIZE = 512  # tokens per chunk assumed when a .dat (which has no token counts) becomes GGUF
+
+
+def read_gguf(path: str | Path) -> Imatrix:
+    """Index a mainline GGUF imatrix. Per-matrix means = in_sum2 / counts (1.0 where a count is 0);
+    ncall = max(counts) / chunk_size, so a .dat written from it has mean * ncall as ik expects."""
+    from .gguf_table import GGUFFormatError, read_table
+
+    path = Path(path)
+    try:
+        table = read_table(path, keep_arrays=True)
+    except GGUFFormatError as e:
+        raise ImatrixFormatError(str(e)) from None
+    kv = table.kv
+    chunk_size = int(kv.get("imatrix.chunk_size", GGUF_CHUNK_SIZE)) or GGUF_CHUNK_SIZE
+    ds = kv.get("imatrix.datasets") or []
+    im = Imatrix(chunks=int(kv.get("imatrix.chunk_count", 0)), dataset=ds[0] if ds else "")
+    infos = table.by_name()
+    size = path.stat().st_size
+    for t in table.tensors:
+        for suffix in (".in_sum2", ".sums"):
+            if t.name.endswith(suffix):
+                name = t.name[: -len(suffix)]
+                break
+        else:
+            continue
+        c = infos.get(name + ".counts")
+        if c is None:
+            raise ImatrixFormatError(f"{path}: tensor {t.name} has no {name}.counts")
+        if t.type_id != 0 or c.type_id != 0:
+            raise ImatrixFormatError(f"{path}: {t.name} / {c.name} are not F32")
+        ne0 = t.shape[0]
+        n_mat = t.n_elements // ne0
+        if c.n_elements != n_mat:
+            raise ImatrixFormatError(f"{path}: {c.name} has {c.n_elements} counts for {n_mat} matrices")
+        off_s, off_c = table.data_offset + t.offset, table.data_offset + c.offset
+        if off_s + 4 * t.n_elements > size or off_c + 4 * n_mat > size:
+            raise ImatrixFormatError(f"{path}: truncated in the data of {name}")
+        counts = np.fromfile(path, dtype="<f4", count=n_mat, offset=off_c)
+        ncall = max(1, int(round(float(counts.max()) / chunk_size))) if counts.size else 1
+        im.entries[name] = Entry(ncall, nval=t.n_elements,
+                                 load=_gguf_loader(path, off_s, ne0, n_mat, off_c, ncall, name))
+    return im
+
+
+def _gguf_loader(path, off_s, ne0, n_mat, off_c, ncall, name):
+    def load(check: bool = True) -> np.ndarray:
+        sums = np.fromfile(path, dtype="<f4", count=ne0 * n_mat, offset=off_s).reshape(n_mat, ne0)
+        counts = np.fromfile(path, dtype="<f4", count=n_mat, offset=off_c)
+        if check and not (np.all(np.isfinite(sums)) and np.all(np.isfinite(counts))):
+            raise ImatrixFormatError(f"{path}: entry {name} has non-finite values")
+        means = np.ones_like(sums)
+        ok = counts > 0
+        means[ok] = sums[ok] / counts[ok, None]
+        return (means * np.float32(ncall)).reshape(-1).astype(np.float32)
+
+    return load
+
+
+def write_gguf(im: Imatrix, path: str | Path, n_mat: dict[str, int] | None = None) -> None:
+    """Stream a mainline GGUF imatrix. counts = ncall * chunk_size tokens per matrix, so
+    in_sum2 / counts gives back the means; n_mat splits per-expert entries when known."""
+    n_mat = n_mat or {}
+    names = sorted(im.entries)
+    align = 32
+    kvs = [("general.type", 8, "imatrix"), ("imatrix.chunk_count", 4, im.chunks),
+           ("imatrix.chunk_size", 4, GGUF_CHUNK_SIZE), ("imatrix.datasets", 9, [im.dataset] if im.dataset else [])]
+    tensors = []  # (name, shape, nbytes)
+    for name in names:
+        e = im.entries[name]
+        m = n_mat.get(name, 1)
+        if e.nval % m:
+            raise ValueError(f"imatrix entry {name}: {e.nval} values do not split into {m} matrices")
+        tensors.append((name + ".counts", (m,), 4 * m))
+        tensors.append((name + ".in_sum2", (e.nval // m, m), 4 * e.nval))
+    with partial_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kvs)))
+        for key, vtype, val in kvs:
+            f.write(_gguf_str(key) + struct.pack("<I", vtype))
+            if vtype == 8:
+                f.write(_gguf_str(val))
+            elif vtype == 4:
+                f.write(struct.pack("<I", val))
+            else:
+                f.write(struct.pack("<IQ", 8, len(val)) + b"".join(_gguf_str(v) for v in val))
+        offset = 0
+        for tname, shape, nbytes in tensors:
+            f.write(_gguf_str(tname) + struct.pack("<I", len(shape)) + struct.pack(f"<{len(shape)}Q", *shape))
+            f.write(struct.pack("<IQ", 0, offset))
+            offset += (nbytes + align - 1) // align * align
+        f.write(b"\0" * (-f.tell() % align))
+        for name in names:
+            e = im.entries[name]
+            m = n_mat.get(name, 1)
+            tokens = np.float32(max(e.ncall, 1) * GGUF_CHUNK_SIZE)
+            counts = np.full(m, tokens, dtype="<f4")
+            sums = (e.values / np.float32(max(e.ncall, 1))) * tokens
+            for arr in (counts, sums.astype("<f4")):
+                f.write(arr.tobytes())
+                f.write(b"\0" * (-arr.nbytes % align))
+
+
+def _gguf_str(s: str) -> bytes:
+    b = s.encode()
+    return struct.pack("<Q", len(b)) + b
+
+
+def read_any(path: str | Path) -> Imatrix:
+    """Legacy .dat or mainline GGUF, told apart by content (the GGUF magic), not the extension."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    return read_gguf(path) if magic == b"GGUF" else read_dat(path)
+
+
+def write_any(im: Imatrix, path: str | Path, n_mat: dict[str, int] | None = None) -> None:
+    """By extension: .gguf writes mainline GGUF, anything else the legacy .dat."""
+    if str(path).endswith(".gguf"):
+        write_gguf(im, path, n_mat)
+    else:
+        write_dat(im, path)
+
+
 _SUFFIX = re.compile(r"^(.*?\.weight)(?: \((?:reshaped|view|permuted|transposed)\))+$")
 
 
-def merge(ims: list[Imatrix]) -> Imatrix:
-    """ncall-weighted merge (values and ncall add); disjoint entries are united."""
+def merge(ims: list[Imatrix], names: list[str] | None = None) -> Imatrix:
+    """ncall-weighted merge (values and ncall add); disjoint entries are united. Lazy."""
+    names = names or [f"input {i}" for i in range(len(ims))]
     out = Imatrix(chunks=sum(i.chunks for i in ims), dataset=",".join(dict.fromkeys(i.dataset for i in ims if i.dataset)))
-    for im in ims:
+    parts: dict[str, list[tuple[str, Entry]]] = {}
+    for label, im in zip(names, ims):
         for name, e in im.entries.items():
-            if name in out.entries:
-                prev = out.entries[name]
-                if prev.values.size != e.values.size:
-                    raise ValueError(f"imatrix entry {name}: sizes {prev.values.size} and {e.values.size} differ")
-                out.entries[name] = Entry(prev.ncall + e.ncall, prev.values + e.values)
-            else:
-                out.entries[name] = Entry(e.ncall, e.values.copy())
+            have = parts.setdefault(name, [])
+            if have and have[0][1].nval != e.nval:
+                raise ValueError(
+                    f"imatrix entry {name}: {have[0][0]} has {have[0][1].nval} values, {label} has {e.nval}"
+                )
+            have.append((label, e))
+    for name, es in parts.items():
+        if len(es) == 1:
+            out.entries[name] = es[0][1]
+        else:
+            group = [e for _, e in es]
+            out.entries[name] = Entry(sum(e.ncall for e in group), nval=group[0].nval, load=_sum_loader(group))
     return out
+
+
+def _sum_loader(group: list[Entry]) -> Callable[[], np.ndarray]:
+    def load(check: bool = True) -> np.ndarray:
+        acc = group[0].values.astype(np.float32, copy=True)
+        for e in group[1:]:
+            acc += e.values
+        return acc
+
+    return load
 
 
 def _expected_size(shape: tuple[int, ...]) -> int:
@@ -126,11 +303,11 @@ def _expected_size(shape: tuple[int, ...]) -> int:
 
 def _fit(e: Entry, want: int, ne0: int) -> Entry | None:
     """Collapse per-head data (k * ne0 values) to the ne0 a 2-D tensor needs (mean over heads)."""
-    n = e.values.size
+    n = e.nval
     if n == want:
         return e
     if want == ne0 and n % ne0 == 0:
-        return Entry(e.ncall, e.values.reshape(n // ne0, ne0).mean(axis=0).astype(np.float32))
+        return Entry(e.ncall, nval=ne0, load=lambda check=True: e.values.reshape(n // ne0, ne0).mean(axis=0, dtype=np.float32))
     return None
 
 
@@ -170,12 +347,12 @@ def remap(im: Imatrix, model: GGUFTable) -> tuple[Imatrix, list[str]]:
             continue
         e = _fit(fixed[src_name], want, t.shape[0])
         if e is None:
-            actions.append(f"skip {name}: {src_name} has {fixed[src_name].values.size} values, tensor needs {want}")
+            actions.append(f"skip {name}: {src_name} has {fixed[src_name].nval} values, tensor needs {want}")
             continue
         if src_name != name:
             actions.append(f"copy {src_name} -> {name}")
         if e is not fixed[src_name]:
-            actions.append(f"collapse {name}: {fixed[src_name].values.size} -> {want} values (mean over heads)")
+            actions.append(f"collapse {name}: {fixed[src_name].nval} -> {want} values (mean over heads)")
         out[name] = e
     for name in sorted(set(fixed) - set(out)):
         if name not in tensors:
@@ -183,5 +360,33 @@ def remap(im: Imatrix, model: GGUFTable) -> tuple[Imatrix, list[str]]:
     return Imatrix(out, im.chunks, im.dataset), actions
 
 
-def is_finite(im: Imatrix) -> bool:
-    return all(math.isfinite(float(e.values.sum())) for e in im.entries.values())
+
+@dataclass
+class EntryStats:
+    name: str
+    ncall: int
+    nval: int
+    n_mat: int
+    mean: float
+    max: float
+    zeros: int
+    nonfinite: int
+    empty_mats: list[int]  # experts/heads with no data (ik stores them as all-1 means)
+
+
+def stats(im: Imatrix, n_mat: dict[str, int] | None = None) -> list[EntryStats]:
+    """Per-entry statistics, one entry in memory at a time. NaN/inf are counted, not raised."""
+    out = []
+    for name in sorted(im.entries):
+        e = im.entries[name]
+        v = e.raw()
+        m = (n_mat or {}).get(name, 1)
+        means = (v / e.ncall if e.ncall > 0 else v).reshape(m, -1)
+        finite = np.isfinite(v)
+        empty = [i for i in range(m) if m > 1 and np.all(means[i] == 1.0)]
+        fv = v[finite]
+        out.append(EntryStats(name, e.ncall, e.nval, m,
+                              float(fv.mean() / max(e.ncall, 1)) if fv.size else float("nan"),
+                              float(fv.max() / max(e.ncall, 1)) if fv.size else float("nan"),
+                              int(np.count_nonzero(v == 0)), int(v.size - np.count_nonzero(finite)), empty))
+    return out

@@ -14,7 +14,8 @@ _FINAL_PPL = re.compile(
     rf"Final estimate: PPL(?: over (\d+) chunks for n_ctx=(\d+))? = ({_NUM}) \+/- ({_NUM})"
 )
 _CHUNK_PPL = re.compile(rf"\[(\d+)\]({_NUM}),")
-_META_SIZE = re.compile(rf"model size\s*=\s*({_NUM}) GiB \(({_NUM}) BPW\)")
+_META_SIZE = re.compile(rf"model size\s*=\s*({_NUM}) (KiB|MiB|GiB) \(({_NUM}) BPW\)")
+_UNIT = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
 _META_PARAMS = re.compile(rf"model params\s*=\s*({_NUM}) ([KMBT])")
 _KLD_MEAN = re.compile(rf"^\s*Mean\s+KLD:\s+({_NUM})\s+±\s+({_NUM})", re.M)
 _KLD_PCT = re.compile(rf"^\s*({_NUM})%\s+KLD:\s+({_NUM})", re.M)
@@ -49,7 +50,7 @@ class PerplexityResult:
     chunks: int | None = None
     n_ctx: int | None = None
     chunk_ppl: list[float] = field(default_factory=list)
-    model_gib: float | None = None
+    model_bytes: float | None = None  # as the engine's loader reports it (tensor data only)
     bpw: float | None = None
     kld_mean: float | None = None
     kld_err: float | None = None
@@ -80,7 +81,8 @@ def parse_perplexity(text: str, expect_kld: bool = False) -> PerplexityResult:
     res.chunk_ppl = [_f(m.group(2)) for m in _CHUNK_PPL.finditer(text)]
     meta = _META_SIZE.search(text)
     if meta:
-        res.model_gib, res.bpw = _f(meta.group(1)), _f(meta.group(2))
+        res.model_bytes = _f(meta.group(1)) * _UNIT[meta.group(2)]
+        res.bpw = _f(meta.group(3))
     if kld:
         res.kld_mean, res.kld_err = _f(kld.group(1)), _f(kld.group(2))
         res.kld_percentiles = {m.group(1): _f(m.group(2)) for m in _KLD_PCT.finditer(text)}

@@ -49,12 +49,13 @@ def make_rows(model: str, base: dict, quants: list[tuple[str, str, str, dict]]) 
     return rows
 
 
-def _fmt(v, digits: int) -> str:
+def _fmt(v, digits: int | None) -> str:
+    """CSV keeps the exact parsed value (shortest round-trip repr); Markdown rounds for reading."""
     if v is None:
         return ""
-    if isinstance(v, float):
+    if isinstance(v, float) and digits is not None:
         return f"{v:.{digits}f}"
-    return str(v)
+    return repr(v) if isinstance(v, float) else str(v)
 
 
 _DIGITS = {"bpw": 4, "ppl": 4, "ppl_err": 5, "dppl_pct": 3, "kld_mean": 6, "kld_err": 6, "same_top_p": 3}
@@ -65,7 +66,7 @@ def to_csv(rows: list[Row]) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(Row.columns())
     for r in rows:
-        w.writerow([_fmt(getattr(r, c), _DIGITS.get(c, 6)) for c in Row.columns()])
+        w.writerow([_fmt(getattr(r, c), None) for c in Row.columns()])
     return buf.getvalue()
 
 

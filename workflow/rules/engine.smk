@@ -14,5 +14,5 @@ rule engine_build:
         cache_dir=config["engine"]["cache_dir"],
         outdir=get_engine_outdir,
     shell:
-        "quantsweep engine build --spec {params.spec:q} --cache-dir {params.cache_dir:q}"
+        "quantsweep engine build --spec {params.spec:q} --cache-dir={params.cache_dir:q}"
         " --out {params.outdir:q} --log {log:q}"

@@ -1,0 +1,130 @@
+"""End to end: the default workflow (tiny DeepSeek model, bundled texts) on the real engine.
+
+The engine is built once into the user cache (~/.cache/quantsweep or $QUANTSWEEP_CACHE) and
+reused by later runs; the sweep itself runs once per session in a scratch work dir.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, make_workdir, smk
+from quantsweep import logparse
+from quantsweep.config import parse_quants
+from quantsweep.gguf_table import read_table
+from quantsweep.summary import read_csv
+
+import yaml
+
+pytestmark = pytest.mark.e2e
+
+QUANTS = parse_quants(yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["quants"])
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory) -> Path:
+    wd = make_workdir(tmp_path_factory.mktemp("demo"))
+    r = smk(wd, "--cores", "all")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
+    return wd
+
+
+@pytest.fixture(scope="session")
+def rows(demo) -> dict[str, dict]:
+    return {r["quant"]: r for r in read_csv(demo / "results" / "summary.csv")}
+
+
+def test_summary_has_one_row_per_quant_plus_baseline(demo, rows):
+    table = read_csv(demo / "results" / "summary.csv")
+    assert [r["quant"] for r in table] == ["baseline"] + [q.name for q in QUANTS]
+    assert {r["model"] for r in table} == {"tiny"}
+    for col in ("model", "quant", "size_bytes", "bpw", "ppl", "ppl_err", "dppl_pct", "kld_mean", "same_top_p"):
+        assert col in table[0]
+    md = (demo / "results" / "summary.md").read_text()
+    assert md.count("\n| tiny |") == len(QUANTS) + 1
+
+
+def _log_number(text: str, pattern: str) -> float:
+    m = re.search(pattern, text, re.M)
+    assert m, pattern
+    return float(m.group(1))
+
+
+def test_summary_numbers_equal_engine_logs(demo, rows):
+    """Each value in the table is the one the engine printed (checked with the test's own regexes)."""
+    base_log = (demo / "logs" / "eval" / "tiny" / "baseline.log").read_text()
+    assert float(rows["baseline"]["ppl"]) == _log_number(base_log, r"Final estimate: PPL over \d+ chunks for n_ctx=\d+ = (\S+)")
+    for q in QUANTS:
+        log = (demo / "logs" / "eval" / "tiny" / f"{q.name}.log").read_text()
+        row = rows[q.name]
+        assert float(row["kld_mean"]) == _log_number(log, r"^Mean\s+KLD:\s+(\S+)")
+        assert float(row["ppl"]) == _log_number(log, r"^Mean PPL\(Q\)\s*:\s+(\S+)")
+        assert float(row["same_top_p"]) == _log_number(log, r"^Same top p:\s+(\S+)")
+        assert float(row["bpw"]) == _log_number(log, r"model size\s*=\s*\S+ \w+ \((\S+) BPW\)")
+        gguf = demo / "results" / "quants" / "tiny" / f"tiny-{q.name}.gguf"
+        assert int(row["size_bytes"]) == gguf.stat().st_size
+        expect = 100 * (float(row["ppl"]) / float(rows["baseline"]["ppl"]) - 1)
+        assert float(row["dppl_pct"]) == pytest.approx(expect, rel=1e-12)
+
+
+def test_demo_model_behaves_like_an_llm(rows):
+    """What the demo exists to show: low baseline PPL, quality falling with bits, imatrix helping."""
+    vocab = 354
+    assert float(rows["baseline"]["ppl"]) < vocab / 10
+    ladder = [q.name for q in QUANTS if q.name in ("Q8_0", "IQ6_K", "IQ4_KS", "IQ3_K", "IQ2_KS")]
+    kld = [float(rows[n]["kld_mean"]) for n in ladder]
+    ppl = [float(rows[n]["ppl"]) for n in ladder]
+    assert kld == sorted(kld), dict(zip(ladder, kld))
+    assert ppl == sorted(ppl), dict(zip(ladder, ppl))
+    assert float(rows["IQ2_KS-noimatrix"]["kld_mean"]) > 1.5 * float(rows["IQ2_KS"]["kld_mean"])
+    assert float(rows["IQ2_XS"]["kld_mean"]) < 1.0
+
+
+def test_engine_metadata(demo):
+    meta = json.loads((demo / "resources" / "engine" / "engine.json").read_text())
+    assert meta["source"] == "pypi" and meta["version"] == "0.1.5"
+    assert len(meta["sdist_sha256"]) == 64
+    assert "-DBUILD_SHARED_LIBS=OFF" in meta["cmake_flags"]
+    assert meta["toolchain"]["cc"] and meta["build_time_s"] > 0
+    for tool in ("llama-imatrix", "llama-quantize", "llama-perplexity"):
+        assert len(meta["tools"][tool]) == 64
+
+
+def test_second_run_has_nothing_to_do(demo):
+    r = smk(demo, "-n")
+    assert r.returncode == 0
+    assert "Nothing to be done" in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
+
+
+def test_quantize_logs_show_imatrix_use(demo):
+    """Quants made with the fitted imatrix find data for every attention and FFN tensor."""
+    for q in QUANTS:
+        rec = json.loads((demo / "results" / "quants" / "tiny" / f"tiny-{q.name}.json").read_text())
+        if q.imatrix:
+            assert rec["imatrix_entries"] > 0
+            assert not [n for n in rec["not_found"] if n.startswith("blk.")], rec["not_found"]
+        else:
+            assert rec["imatrix_entries"] is None
+
+
+def test_tensor_table_reads_ik_types_and_matches_files(demo):
+    """Our GGUF reader (ik type ids included) accounts for every byte of each quantized file."""
+    for q in QUANTS:
+        path = demo / "results" / "quants" / "tiny" / f"tiny-{q.name}.gguf"
+        t = read_table(path)
+        align = int(t.kv.get("general.alignment", 32))
+        end = max(x.offset + x.nbytes for x in t.tensors)
+        assert path.stat().st_size == t.data_offset + end
+        for x in t.tensors:
+            assert x.offset % align == 0
+        log = (demo / "logs" / "eval" / "tiny" / f"{q.name}.log").read_text()
+        engine = logparse.parse_perplexity(log, expect_kld=True)
+        assert t.bpw == pytest.approx(engine.bpw, abs=0.0015)
+
+
+def test_no_partial_outputs_left(demo):
+    assert not list(demo.rglob("*.partial*"))

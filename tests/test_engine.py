@@ -1,0 +1,97 @@
+"""The engine build cache and the steps that run it, on the real binaries and the tiny model."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from quantsweep import engine, steps
+from quantsweep.cli import bundled_text
+from quantsweep.commands import EvalSettings
+from quantsweep.tinymodel import TinySpec, write_tiny_model
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="session")
+def bin_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("engine") / "engine"
+    engine.install_engine(engine.EngineSpec(), out, log=io.StringIO())
+    return out / "bin"
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("model") / "tiny.gguf"
+    write_tiny_model(path, bundled_text("train"), TinySpec())
+    return path
+
+
+def test_unchanged_spec_is_a_cache_hit(bin_dir, tmp_path):
+    log = io.StringIO()
+    meta = engine.install_engine(engine.EngineSpec(), tmp_path / "again", log=log)
+    assert "engine cache hit" in log.getvalue()
+    assert meta["tools"]["llama-quantize"] == engine.sha256_file(tmp_path / "again" / "bin" / "llama-quantize")
+
+
+def test_key_changes_with_flags():
+    tc = {"cc": "gcc 12"}
+    base = engine.cache_key(engine.EngineSpec(), tc)
+    assert engine.cache_key(engine.EngineSpec(cmake_flags=("-DGGML_SCHED_MAX_COPIES=1",)), tc) != base
+    assert engine.cache_key(engine.EngineSpec(cuda=True), tc) != base
+    assert engine.cache_key(engine.EngineSpec(), {"cc": "gcc 13"}) != base
+    assert engine.cache_key(engine.EngineSpec(), tc) == base
+
+
+def test_bin_dir_source_adopts_prebuilt_tools(bin_dir, tmp_path):
+    meta = engine.install_engine(engine.EngineSpec(source="bin_dir", bin_dir=str(bin_dir)), tmp_path / "e")
+    assert meta["source"] == "bin_dir"
+    assert json.loads((tmp_path / "e" / "engine.json").read_text())["tools"] == meta["tools"]
+    with pytest.raises(engine.EngineError, match="lacks executable llama-imatrix"):
+        engine.install_engine(engine.EngineSpec(source="bin_dir", bin_dir=str(tmp_path)), tmp_path / "f")
+
+
+def test_wrong_sdist_hash_is_refused(bin_dir):
+    """bin_dir's build downloaded the sdist into the cache; a different pin must not accept it."""
+    spec = engine.EngineSpec(pypi_sha256="0" * 64)
+    cache = engine.default_cache_dir()
+    assert (cache / "sources" / "ik_llama_cpp_python-0.1.5.tar.gz").exists()
+    with pytest.raises(engine.EngineError, match="pypi_sha256"):
+        engine.build_into_cache(spec, cache, io.StringIO())
+
+
+def test_perplexity_failure_with_exit_code_zero_is_caught(bin_dir, tiny, tmp_path):
+    """Too little text: llama-perplexity exits 0 but prints no final estimate."""
+    text = tmp_path / "short.txt"
+    text.write_text("too short for two contexts\n" * 3)
+    kld, result, log = tmp_path / "b.kld", tmp_path / "b.json", tmp_path / "b.log"
+    with pytest.raises(steps.StepError, match=r"exit code 0\).*Final estimate"):
+        steps.perplexity_base(bin_dir, tiny, text, kld, result, log, EvalSettings(chunks=4))
+    assert not kld.exists() and not result.exists()
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_raw_mla_imatrix_aborts_quantize_and_remap_fixes_it(bin_dir, tiny, tmp_path):
+    """The product's reason to exist, on the default (attn_kv_b only) layout."""
+    cal = tmp_path / "cal.txt"
+    cal.write_text(bundled_text("calibration"))
+    raw = tmp_path / "mla.dat"
+    steps.collect_imatrix(bin_dir, tiny, cal, raw, tmp_path / "imx.log", "mla", 512, 4, 2)
+    out = tmp_path / "q.gguf"
+    with pytest.raises(steps.StepError, match="imatrix size 2048 is different from tensor size 512"):
+        steps.quantize(bin_dir, tiny, out, tmp_path / "q.log", "IQ2_KS", 2, raw)
+    assert not out.exists()
+
+    from quantsweep import imatrix
+    from quantsweep.gguf_table import read_table
+
+    fitted, actions = imatrix.remap(imatrix.read_dat(raw), read_table(tiny))
+    assert any(a.startswith("collapse blk.0.attn_kv_b.weight: 2048 -> 512") for a in actions)
+    fit = tmp_path / "fit.dat"
+    imatrix.write_dat(fitted, fit)
+    rec = steps.quantize(bin_dir, tiny, out, tmp_path / "q2.log", "IQ2_KS", 2, fit)
+    assert out.exists() and rec["quant_mib"] > 0
+    assert not [n for n in rec["not_found"] if n.startswith("blk.")]

@@ -1,0 +1,144 @@
+"""imatrix .dat I/O and the remap, on a file the real engine wrote (tests/fixtures)."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+
+from conftest import FIXTURES
+from quantsweep import imatrix
+from quantsweep.cli import bundled_text
+from quantsweep.gguf_table import read_table
+from quantsweep.tinymodel import TinySpec, write_tiny_model
+
+RAW = FIXTURES / "tiny-mla.dat"
+
+
+@pytest.fixture(scope="module")
+def tiny_table(tmp_path_factory):
+    p = tmp_path_factory.mktemp("m") / "tiny.gguf"
+    write_tiny_model(p, bundled_text("train"), TinySpec())
+    return read_table(p)
+
+
+def test_read_engine_file():
+    im = imatrix.read_dat(RAW)
+    e = im.entries["blk.1.ffn_up_exps.weight"]
+    assert e.values.size == 512 * 8 and e.ncall == 8
+    assert im.entries["blk.0.attn_v_b.weight"].values.size == 512 * 4  # per head
+    assert im.entries["blk.0.attn_k_b.weight"].values.size == 128 * 4
+    assert im.chunks == 8 and im.dataset
+
+
+def test_write_read_round_trip(tmp_path):
+    im = imatrix.read_dat(RAW)
+    imatrix.write_dat(im, tmp_path / "a.dat")
+    back = imatrix.read_dat(tmp_path / "a.dat")
+    assert back.entries.keys() == im.entries.keys() and (back.chunks, back.dataset) == (im.chunks, im.dataset)
+    for k, e in im.entries.items():
+        assert back.entries[k].ncall == e.ncall and np.array_equal(back.entries[k].values, e.values)
+    imatrix.write_dat(back, tmp_path / "b.dat")
+    assert (tmp_path / "a.dat").read_bytes() == (tmp_path / "b.dat").read_bytes()
+    assert (tmp_path / "a.dat").stat().st_size == RAW.stat().st_size
+
+
+def test_merge_is_ncall_weighted():
+    im = imatrix.read_dat(RAW)
+    m = imatrix.merge([im, im])
+    e, e2 = im.entries["blk.0.ffn_up.weight"], m.entries["blk.0.ffn_up.weight"]
+    assert e2.ncall == 2 * e.ncall and np.allclose(e2.means, e.means)
+
+
+def test_remap_fits_every_entry_to_the_model(tiny_table):
+    fitted, actions = imatrix.remap(imatrix.read_dat(RAW), tiny_table)
+    shapes = {t.name: t.shape for t in tiny_table.tensors}
+    for name, e in fitted.entries.items():
+        shape = shapes[name]
+        assert e.values.size == shape[0] * (shape[2] if len(shape) > 2 else 1), name
+    # kv_b gets the head-mean of v_b's per-head data (same activations, PR 250)
+    vb = imatrix.read_dat(RAW).entries["blk.0.attn_v_b.weight"]
+    assert np.allclose(fitted.entries["blk.0.attn_kv_b.weight"].values, vb.values.reshape(4, 512).mean(0))
+    assert "drop blk.0.attn_k_b.weight: no such tensor in the model" in actions
+
+
+def test_remap_repairs_reshaped_names_and_copies_gate(tiny_table):
+    im = imatrix.read_dat(RAW)
+    im.entries["blk.0.attn_q_b.weight (reshaped)"] = im.entries.pop("blk.0.attn_q_b.weight")
+    del im.entries["blk.0.ffn_gate.weight"]
+    fitted, actions = imatrix.remap(im, tiny_table)
+    assert "rename 'blk.0.attn_q_b.weight (reshaped)' -> blk.0.attn_q_b.weight" in actions
+    assert "copy blk.0.ffn_up.weight -> blk.0.ffn_gate.weight" in actions
+    assert "blk.0.attn_q_b.weight" in fitted.entries and "blk.0.ffn_gate.weight" in fitted.entries
+
+
+@pytest.mark.parametrize("cut", [3, 10, 100])
+def test_truncated_file_names_offset(tmp_path, cut):
+    data = RAW.read_bytes()
+    p = tmp_path / "t.dat"
+    p.write_bytes(data[:cut])
+    with pytest.raises(imatrix.ImatrixFormatError, match=r"t\.dat: truncated at offset \d+"):
+        imatrix.read_dat(p)
+
+
+def test_lying_entry_count_and_nan(tmp_path):
+    data = bytearray(RAW.read_bytes())
+    p = tmp_path / "x.dat"
+    p.write_bytes(struct.pack("<i", 10**6) + data[4:])
+    with pytest.raises(imatrix.ImatrixFormatError, match="entry count 1000000"):
+        imatrix.read_dat(p)
+    (nlen,) = struct.unpack_from("<i", data, 4)
+    first_value = 4 + 4 + nlen + 8
+    struct.pack_into("<f", data, first_value, float("nan"))
+    p.write_bytes(bytes(data))
+    out = tmp_path / "out.dat"
+    with pytest.raises(imatrix.ImatrixFormatError, match=r"x\.dat: entry 0 \(.+\) has non-finite value at index 0"):
+        imatrix.write_dat(imatrix.read_dat(p), out)  # values are checked when streamed
+    assert not out.exists() and not list(tmp_path.glob(".*partial*"))
+    p.write_bytes(b"GGUF" + bytes(data[4:]))
+    with pytest.raises(imatrix.ImatrixFormatError, match="GGUF imatrix"):
+        imatrix.read_dat(p)
+
+
+def test_dat_gguf_dat_round_trip(tmp_path, tiny_table):
+    import gguf
+
+    n_mat = {t.name: t.shape[2] for t in tiny_table.tensors if len(t.shape) > 2}
+    im = imatrix.read_dat(RAW)
+    g = tmp_path / "x.gguf"
+    imatrix.write_gguf(im, g, n_mat)
+    # an independent reader (gguf-py) sees the mainline layout
+    r = gguf.GGUFReader(g)
+    t = {x.name: x for x in r.tensors}
+    up = t["blk.1.ffn_up_exps.weight.in_sum2"]
+    assert list(up.shape) == [512, 8] and list(t["blk.1.ffn_up_exps.weight.counts"].shape) == [8]
+    assert r.fields["general.type"].contents() == "imatrix"
+    assert r.fields["imatrix.chunk_count"].contents() == im.chunks
+    back = imatrix.read_gguf(g)
+    assert back.entries.keys() == im.entries.keys() and back.chunks == im.chunks and back.dataset == im.dataset
+    for k, e in im.entries.items():
+        assert back.entries[k].ncall == e.ncall
+        np.testing.assert_allclose(back.entries[k].values, e.values, rtol=1e-6)
+    imatrix.write_dat(imatrix.read_any(g), tmp_path / "y.dat")
+    assert (tmp_path / "y.dat").stat().st_size == RAW.stat().st_size
+
+
+def test_gguf_zero_count_expert_reads_as_one(tmp_path):
+    im = imatrix.Imatrix({"blk.1.ffn_up_exps.weight": imatrix.Entry(2, np.full(8, 6.0, np.float32))}, 2, "d")
+    g = tmp_path / "z.gguf"
+    imatrix.write_gguf(im, g, {"blk.1.ffn_up_exps.weight": 2})
+    data = bytearray(g.read_bytes())
+    table = __import__("quantsweep.gguf_table", fromlist=["read_table"]).read_table(g)
+    c = table.by_name()["blk.1.ffn_up_exps.weight.counts"]
+    struct.pack_into("<f", data, table.data_offset + c.offset + 4, 0.0)  # expert 1: no tokens
+    g.write_bytes(bytes(data))
+    v = imatrix.read_gguf(g).entries["blk.1.ffn_up_exps.weight"].values
+    assert np.allclose(v[:4], 6.0) and np.allclose(v[4:], 2.0)  # mean 1.0 * ncall 2
+
+
+def test_merge_conflict_names_both_files(tmp_path):
+    a = imatrix.Imatrix({"blk.0.ffn_up.weight": imatrix.Entry(1, np.ones(4, np.float32))})
+    b = imatrix.Imatrix({"blk.0.ffn_up.weight": imatrix.Entry(1, np.ones(8, np.float32))})
+    with pytest.raises(ValueError, match="a.dat has 4 values, b.dat has 8"):
+        imatrix.merge([a, b], ["a.dat", "b.dat"])

@@ -1,0 +1,66 @@
+"""Parsers on logs the real engine wrote (tests/fixtures/logs, see its README for how)."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import FIXTURES
+from quantsweep import logparse
+
+LOGS = FIXTURES / "logs"
+
+
+def _read(name: str) -> str:
+    return (LOGS / name).read_text(encoding="utf-8")
+
+
+def test_baseline_perplexity():
+    r = logparse.parse_perplexity(_read("ppl_base.log"))
+    text = _read("ppl_base.log")
+    assert f"= {r.ppl:.4f} +/- {r.ppl_err:.5f}" in text
+    assert r.chunks == 16 and r.n_ctx == 512
+    assert len(r.chunk_ppl) == 16 and r.chunk_ppl[-1] == pytest.approx(r.ppl, rel=1e-3)
+    assert r.bpw == 16.0 or 15.5 < r.bpw < 16.6  # bf16 weights + f32 norms
+    assert r.kld_mean is None
+
+
+def test_kld_block_with_utf8_plus_minus():
+    text = _read("ppl_kld.log")
+    r = logparse.parse_perplexity(text, expect_kld=True)
+    assert f"Mean    KLD: {r.kld_mean:10.6f} ± {r.kld_err:10.6f}" in text
+    assert f"Same top p: {r.same_top_p:6.3f} ± {r.same_top_p_err:5.3f} %" in text
+    assert set(r.kld_percentiles) >= {"99.9", "99.0", "95.0", "90.0", "10.0", "5.0", "1.0", "0.1", "maximum", "median", "minimum"}
+    assert r.kld_percentiles["minimum"] <= r.kld_percentiles["median"] <= r.kld_percentiles["maximum"]
+    assert r.ppl_base is not None and r.ln_ratio is not None and r.bpw is not None
+
+
+def test_kld_expected_but_missing_is_an_error():
+    with pytest.raises(logparse.EngineOutputError, match="KL divergence"):
+        logparse.parse_perplexity(_read("ppl_base.log"), expect_kld=True)
+
+
+def test_truncated_log_is_an_error():
+    text = _read("ppl_base.log")
+    cut = text[: text.index("Final estimate")]
+    with pytest.raises(logparse.EngineOutputError, match="Final estimate"):
+        logparse.parse_perplexity(cut)
+
+
+def test_old_final_line_format_and_imatrix_log():
+    r = logparse.parse_imatrix_run(_read("imatrix_mla.log"))
+    assert r.chunks == 8 and r.ppl is not None
+    p = logparse.parse_perplexity("Final estimate: PPL = 3.2130 +/- 0.01234\n")
+    assert (p.ppl, p.ppl_err, p.chunks) == (3.2130, 0.01234, None)
+
+
+def test_nan_perplexity_is_an_error():
+    with pytest.raises(logparse.EngineOutputError, match="nan"):
+        logparse.parse_perplexity("[1]nan,\nFinal estimate: PPL over 1 chunks for n_ctx=512 = nan +/- nan\n")
+
+
+def test_quantize_success_and_failure():
+    ok = logparse.parse_quantize(_read("quantize_ok.log"))
+    assert ok.quant_mib < ok.model_mib and ok.imatrix_entries > 0
+    assert ok.not_found == ["token_embd.weight", "output.weight"]
+    with pytest.raises(logparse.EngineOutputError, match="imatrix size 2048 is different from tensor size 512"):
+        logparse.parse_quantize(_read("quantize_size_mismatch.log"))
