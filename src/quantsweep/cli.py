@@ -110,6 +110,40 @@ def _imatrix_remap(a) -> None:
         print(f"wrote {a.output}: {len(fitted.entries)} entries")
 
 
+def _imatrix_check(a) -> None:
+    from dataclasses import asdict
+
+    from . import imatrix as im
+    from .fileio import write_text
+    from .gguf_table import read_table
+    from .steps import quantize_plan
+
+    if a.log:
+        plan = quantize_plan(Path(a.bin_dir), Path(a.model), a.type, Path(a.log))
+    else:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            plan = quantize_plan(Path(a.bin_dir), Path(a.model), a.type, Path(tmp) / "dry-run.log")
+    data = im.read_any(a.imatrix)
+    problems = im.check(data, read_table(a.model), plan, a.type)
+    n_typed = sum(1 for v in plan.values() if v)
+    if a.json:
+        report = json.dumps({"ftype": a.type, "tensors_quantized": n_typed,
+                             "problems": [asdict(p) for p in problems]}, indent=1) + "\n"
+    else:
+        lines = [f"{p.tensor:40s} {p.type:10s} {p.entry:40s} {p.problem}" for p in problems]
+        verdict = "FAIL" if problems else "OK"
+        report = "\n".join([f"{verdict}: {a.imatrix} for {a.model} at {a.type}: {n_typed} tensors quantized, "
+                            f"{len(problems)} problem(s)", *lines]) + "\n"
+    if problems:
+        sys.stderr.write(report)
+        raise RuntimeError(f"imatrix check failed: {len(problems)} problem(s) for {a.type} (table above)")
+    if a.output:
+        write_text(a.output, report)
+    sys.stdout.write(report)
+
+
 def _quantize(a) -> None:
     from .fileio import write_json
     from .steps import quantize
@@ -230,6 +264,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="")
     p.add_argument("inputs", nargs="+")
     p.set_defaults(func=_imatrix_merge)
+    p = imx.add_parser("check", help="pre-flight: does IMATRIX cover what quantizing MODEL at TYPE needs?")
+    p.add_argument("--bin-dir", required=True, help="engine bin dir (its --dry-run gives each tensor's type)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--type", required=True, help="llama-quantize FTYPE")
+    p.add_argument("--log", default="", help="keep the engine's --dry-run output here")
+    p.add_argument("-o", "--output", default="", help="write the report here when the check passes")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("imatrix")
+    p.set_defaults(func=_imatrix_check)
     p = imx.add_parser("remap", help="merge imatrices and fit them to MODEL's tensors")
     p.add_argument("--model", required=True)
     p.add_argument("-o", "--output", required=True)

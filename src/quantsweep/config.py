@@ -68,6 +68,9 @@ def check(config: dict) -> None:
     need = {"git": "git_commit", "path": "path", "bin_dir": "bin_dir"}.get(eng.get("source", "pypi"))
     if need and not eng.get(need):
         raise ConfigError(f"config engine.{need}: required when engine.source is {eng['source']!r}")
+    imx = config["imatrix"]
+    if not imx["passes"] and not imx["external"] and any(q.imatrix for q in parse_quants(config["quants"])):
+        raise ConfigError("config imatrix: passes and external are both empty, but quants want an imatrix")
     ev = config["eval"]
     if ev["ctx"] < 128 or ev["ctx"] % 2:
         raise ConfigError(f"config eval.ctx: {ev['ctx']} must be an even number >= 128")

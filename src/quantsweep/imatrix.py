@@ -390,3 +390,81 @@ def stats(im: Imatrix, n_mat: dict[str, int] | None = None) -> list[EntryStats]:
                               float(fv.max() / max(e.ncall, 1)) if fv.size else float("nan"),
                               int(np.count_nonzero(v == 0)), int(v.size - np.count_nonzero(finite)), empty))
     return out
+
+
+# Types llama-quantize refuses to make without imatrix data (src/llama-quantize.cpp, the
+# "Missing importance matrix ... very low-bit quantization" check); q2_K only under Q2_K_S.
+NEEDS_IMATRIX = frozenset({
+    "iq2_xxs", "iq2_xxs_r4", "iq2_xs", "iq2_xs_r4", "iq2_s", "iq2_s_r4", "iq1_s", "iq1_s_r4",
+    "iq1_m", "iq1_m_r4", "iq1_kt", "iq2_kt",
+})
+
+
+def engine_lookup(names, tensor: str) -> str | None:
+    """The imatrix entry llama-quantize uses for `tensor`: exact name, then its fallbacks."""
+    if tensor in names:
+        return tensor
+    for part in ("ffn_up_exps.weight", "ffn_gate_exps.weight"):
+        if part in tensor:
+            stem = tensor[: tensor.index(part)]
+            for alt in (stem + "ffn_gate_up_exps.weight", stem + "ffn_up_exps.weight"):
+                if alt in names:
+                    return alt
+            return None
+    if "ffn_gate_up_exps.weight" in tensor:
+        alt = tensor.replace("ffn_gate_up_exps.weight", "ffn_up_exps.weight")
+        return alt if alt in names else None
+    for a, b in ((".attn_v_b.weight", ".attn_kv_b.weight"), (".attn_kv_b.weight", ".attn_v_b.weight")):
+        if a in tensor:
+            alt = tensor[: tensor.index(a)] + b
+            return alt if alt in names else None
+    return None
+
+
+@dataclass
+class Problem:
+    tensor: str
+    type: str
+    entry: str
+    problem: str
+
+
+def check(im: Imatrix, model: GGUFTable, plan: dict[str, str | None], ftype: str = "") -> list[Problem]:
+    """What would make quantizing `model` with `im` fail or run blind, tensor by tensor.
+
+    plan: the type the engine converts each tensor to (from its --dry-run). A tensor whose
+    type needs an imatrix must have an entry of exactly ne0*ne2 finite values with data for
+    every expert; any found entry of the wrong size aborts the engine, so it is reported too;
+    zero values are reported because the engine's k-quant search divides by them."""
+    problems: list[Problem] = []
+    names = set(im.entries)
+    for t in model.tensors:
+        new = plan.get(t.name)
+        if new is None:
+            continue
+        requires = (new in NEEDS_IMATRIX or (new == "q2_K" and ftype.upper() == "Q2_K_S")) and t.name not in (
+            "token_embd.weight", "output.weight")
+        key = engine_lookup(names, t.name)
+        if key is None:
+            if requires:
+                problems.append(Problem(t.name, new, "-", "no imatrix data (the engine refuses this type without)"))
+            continue
+        e = im.entries[key]
+        n_mat = t.shape[2] if len(t.shape) > 2 else 1
+        want = t.shape[0] * n_mat
+        if e.nval != want:
+            if t.name != "token_embd.weight":
+                problems.append(Problem(t.name, new, key, f"{e.nval} values, tensor needs {want} (the engine aborts)"))
+            continue
+        v = e.raw()
+        if not np.all(np.isfinite(v)):
+            problems.append(Problem(t.name, new, key, f"{int(np.count_nonzero(~np.isfinite(v)))} NaN/inf values"))
+            continue
+        if np.any(v == 0) and not new.startswith(("q8_", "f", "bf")):
+            problems.append(Problem(t.name, new, key, f"{int(np.count_nonzero(v == 0))} zero values"))
+        if requires and n_mat > 1:
+            means = (v / max(e.ncall, 1)).reshape(n_mat, -1)
+            empty = [i for i in range(n_mat) if np.all(means[i] == 1.0)]
+            if empty:
+                problems.append(Problem(t.name, new, key, f"no data for expert(s) {','.join(map(str, empty))}"))
+    return problems

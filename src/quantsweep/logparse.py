@@ -33,6 +33,10 @@ _FALLBACK = re.compile(r"WARNING: (\d+) of (\d+) tensor\(s\) required fallback q
 _IMATRIX_STORED = re.compile(r"stored collected data after (\d+) chunks in (\S+)")
 
 
+_TENSOR_LINE = re.compile(r"^\[\s*\d+/\s*\d+\]\s+(\S+) - \[([\d,\s]+)\], type =\s*(\S+),(.*)$")
+_CONVERTING = re.compile(r"converting to (\S+) \.\.")
+
+
 class EngineOutputError(RuntimeError):
     """The log lacks the lines a successful run prints."""
 
@@ -126,6 +130,30 @@ def parse_quantize(text: str) -> QuantizeResult:
     if fb := _FALLBACK.search(text):
         res.n_fallback = int(fb.group(1))
     return res
+
+
+def parse_quantize_tensors(text: str) -> dict[str, str | None]:
+    """Per tensor, the type llama-quantize converts it to (None: kept as is), in file order.
+
+    The "converting to" part may come lines after the tensor's line when the engine logs
+    "did not find weights" or "Using custom type" in between."""
+    out: dict[str, str | None] = {}
+    pending = None
+    for line in text.splitlines():
+        if m := _TENSOR_LINE.match(line):
+            name, rest = m.group(1), m.group(4)
+            out[name] = None
+            if c := _CONVERTING.search(rest):
+                out[name] = c.group(1)
+                pending = None
+            else:
+                pending = None if "size =" in rest else name
+        elif pending and (c := _CONVERTING.search(line)):
+            out[pending] = c.group(1)
+            pending = None
+    if not out:
+        raise EngineOutputError("no per-tensor lines in the quantize output")
+    return out
 
 
 @dataclass

@@ -66,6 +66,19 @@ def quantize(bin_dir: Path, model: Path, out: Path, log: Path, ftype: str, threa
     return {**asdict(res), "wall_s": round(wall, 2)}
 
 
+def quantize_plan(bin_dir: Path, model: Path, ftype: str, log: Path, threads: int = 1) -> dict[str, str | None]:
+    """The type the engine gives each tensor for `ftype`: llama-quantize --dry-run (writes nothing,
+    reads only the header through mmap), with --ignore-imatrix-rules so it lists every tensor."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = commands.quantize_cmd(bin_dir, model, Path(tmp) / "dry-run.gguf", ftype, threads, None,
+                                    ["--dry-run", "--ignore-imatrix-rules"])
+        rc, text, _ = run_logged(cmd, log)
+    _check(rc, text, logparse.parse_quantize, log, f"quantize --dry-run {ftype}")
+    return logparse.parse_quantize_tensors(text)
+
+
 def _eval_record(model: Path, res: logparse.PerplexityResult, ev: commands.EvalSettings,
                  cmd: list[str], wall: float) -> dict:
     return {

@@ -55,12 +55,14 @@ def get_text(kind):
     return f"resources/text/{kind}.txt" if path == "builtin" else path
 
 
-def get_imatrix_passes(wildcards):
-    return expand(
+def get_imatrix_inputs(wildcards):
+    """Collected passes plus any external imatrix files, merged by the remap rule."""
+    passes = expand(
         "results/imatrix/{model}/{imatrix_pass}.dat",
         model=wildcards.model,
         imatrix_pass=config["imatrix"]["passes"],
     )
+    return passes + list(config["imatrix"]["external"])
 
 
 def get_quantize_input(wildcards):
@@ -70,6 +72,9 @@ def get_quantize_input(wildcards):
     }
     if QUANTS[wildcards.quant].imatrix:
         inputs["imatrix"] = f"results/imatrix/{wildcards.model}/imatrix.dat"
+        inputs["check"] = (
+            f"results/imatrix/{wildcards.model}/check/{wildcards.quant}.txt"
+        )
     return inputs
 
 

@@ -29,7 +29,7 @@ rule imatrix_collect:
 rule imatrix_remap:
     input:
         model=get_model,
-        passes=get_imatrix_passes,
+        imatrices=get_imatrix_inputs,
     output:
         "results/imatrix/{model}/imatrix.dat",
     log:
@@ -37,5 +37,24 @@ rule imatrix_remap:
     conda:
         "../../envs/quantsweep.yaml"
     shell:
-        "quantsweep imatrix remap --model {input.model:q} -o {output:q} {input.passes:q}"
+        "quantsweep imatrix remap --model {input.model:q} -o {output:q} {input.imatrices:q}"
         " > {log:q} 2>&1"
+
+
+rule imatrix_check:
+    input:
+        model=get_model,
+        imatrix=rules.imatrix_remap.output,
+        quantize=rules.engine_build.output.quantize,
+    output:
+        "results/imatrix/{model}/check/{quant}.txt",
+    log:
+        "logs/imatrix_check/{model}-{quant}.log",
+    conda:
+        get_engine_env()
+    params:
+        bin_dir=get_bin_dir,
+        ftype=get_ftype,
+    shell:
+        "quantsweep imatrix check --bin-dir {params.bin_dir:q} --model {input.model:q}"
+        " --type {params.ftype:q} -o {output:q} {input.imatrix:q} > {log:q} 2>&1"
