@@ -1,0 +1,149 @@
+"""Benchmark: convert, merge and remap of a DeepSeek-V3-sized imatrix against `cp`.
+
+Writes a DeepSeek-V3-shaped legacy imatrix (61 layers, 3 dense + 58 MoE with 256 experts,
+n_embd 7168, 128 heads with per-head attn_k_b/attn_v_b entries as an `-mla 1` pass stores
+them, plus attn_kv_b as a `-mla 0` pass does; about 1 GB) and a header-only DeepSeek-V3 GGUF
+(tensor table, no weights) for remap, then times each operation in its own process and
+reports wall time relative to `cp` of the same file and peak RSS relative to the input.
+
+Goal: each operation <= 1.5x the time of cp, peak RSS <= 1.2x the largest input.
+
+    python benchmarks/imatrix_io.py [--dir DIR] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+N_LAYER, N_DENSE, N_EMBD, N_HEAD, N_EXPERT = 61, 3, 7168, 128, 256
+Q_LORA, KV_LORA, NOPE, ROPE, V_HEAD, N_FF, N_FF_EXP, N_VOCAB = 1536, 512, 128, 64, 128, 18432, 2048, 129280
+
+
+def v3_tensors() -> list[tuple[str, tuple[int, ...]]]:
+    """DeepSeek-V3 tensor table in GGUF order (ne0 first), ik layout with 2-D k_b/v_b."""
+    t = [("token_embd.weight", (N_EMBD, N_VOCAB)), ("output_norm.weight", (N_EMBD,)), ("output.weight", (N_EMBD, N_VOCAB))]
+    for i in range(N_LAYER):
+        p = f"blk.{i}."
+        t += [(p + "attn_norm.weight", (N_EMBD,)), (p + "attn_q_a_norm.weight", (Q_LORA,)),
+              (p + "attn_kv_a_norm.weight", (KV_LORA,)), (p + "attn_q_a.weight", (N_EMBD, Q_LORA)),
+              (p + "attn_q_b.weight", (Q_LORA, N_HEAD * (NOPE + ROPE))),
+              (p + "attn_kv_a_mqa.weight", (N_EMBD, KV_LORA + ROPE)),
+              (p + "attn_kv_b.weight", (KV_LORA, N_HEAD * (NOPE + V_HEAD))),
+              (p + "attn_k_b.weight", (NOPE, N_HEAD * KV_LORA)), (p + "attn_v_b.weight", (KV_LORA, N_HEAD * V_HEAD)),
+              (p + "attn_output.weight", (N_HEAD * V_HEAD, N_EMBD)), (p + "ffn_norm.weight", (N_EMBD,))]
+        if i < N_DENSE:
+            t += [(p + "ffn_gate.weight", (N_EMBD, N_FF)), (p + "ffn_up.weight", (N_EMBD, N_FF)),
+                  (p + "ffn_down.weight", (N_FF, N_EMBD))]
+        else:
+            t += [(p + "ffn_gate_inp.weight", (N_EMBD, N_EXPERT)), (p + "exp_probs_b.bias", (N_EXPERT,)),
+                  (p + "ffn_gate_exps.weight", (N_EMBD, N_FF_EXP, N_EXPERT)),
+                  (p + "ffn_up_exps.weight", (N_EMBD, N_FF_EXP, N_EXPERT)),
+                  (p + "ffn_down_exps.weight", (N_FF_EXP, N_EMBD, N_EXPERT)),
+                  (p + "ffn_gate_shexp.weight", (N_EMBD, N_FF_EXP)), (p + "ffn_up_shexp.weight", (N_EMBD, N_FF_EXP)),
+                  (p + "ffn_down_shexp.weight", (N_FF_EXP, N_EMBD))]
+    return t
+
+
+def imatrix_entries() -> list[tuple[str, int]]:
+    """(name, nval) as the engine's -mla 1 pass stores them (+ attn_kv_b from a -mla 0 pass)."""
+    out = []
+    for i in range(N_LAYER):
+        p = f"blk.{i}."
+        out += [(p + "attn_q_a.weight", N_EMBD), (p + "attn_q_b.weight", Q_LORA), (p + "attn_kv_a_mqa.weight", N_EMBD),
+                (p + "attn_k_b.weight (reshaped)", NOPE * N_HEAD), (p + "attn_v_b.weight", KV_LORA * N_HEAD),
+                (p + "attn_kv_b.weight", KV_LORA), (p + "attn_output.weight", N_HEAD * V_HEAD)]
+        if i < N_DENSE:
+            out += [(p + "ffn_gate.weight", N_EMBD), (p + "ffn_up.weight", N_EMBD), (p + "ffn_down.weight", N_FF)]
+        else:  # fused ops off while collecting, so gate and up each get an entry
+            out += [(p + "ffn_gate_inp.weight", N_EMBD), (p + "ffn_gate_exps.weight", N_EMBD * N_EXPERT),
+                    (p + "ffn_up_exps.weight", N_EMBD * N_EXPERT), (p + "ffn_down_exps.weight", N_FF_EXP * N_EXPERT),
+                    (p + "ffn_gate_shexp.weight", N_EMBD), (p + "ffn_up_shexp.weight", N_EMBD),
+                    (p + "ffn_down_shexp.weight", N_FF_EXP)]
+    return out
+
+
+def write_dat(path: Path, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    entries = imatrix_entries()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<i", len(entries)))
+        for name, nval in entries:
+            b = name.encode()
+            f.write(struct.pack("<i", len(b)) + b + struct.pack("<ii", 100, nval))
+            f.write((rng.random(nval, dtype=np.float32) * 100 + 1).astype("<f4").tobytes())
+        f.write(struct.pack("<ii", 100, 12) + b"calibration1")
+
+
+def write_header_only_gguf(path: Path) -> None:
+    """A GGUF whose header lists DeepSeek-V3's tensors (bf16) and which holds no data."""
+    def s(x: str) -> bytes:
+        return struct.pack("<Q", len(x.encode())) + x.encode()
+
+    tensors = v3_tensors()
+    with open(path, "wb") as f:
+        f.write(b"GGUF" + struct.pack("<IQQ", 3, len(tensors), 1))
+        f.write(s("general.architecture") + struct.pack("<I", 8) + s("deepseek2"))
+        off = 0
+        for name, shape in tensors:
+            f.write(s(name) + struct.pack("<I", len(shape)) + struct.pack(f"<{len(shape)}Q", *shape))
+            f.write(struct.pack("<IQ", 30, off))
+            n = int(np.prod(shape)) * 2
+            off += (n + 31) // 32 * 32
+
+
+def timed(cmd: list[str]) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of one command, by GNU time (ru_maxrss of a child
+    forked from this process would count this process's memory before the exec)."""
+    t0 = time.monotonic()
+    r = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wall = time.monotonic() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{r.stderr}")
+    return wall, int(r.stderr.strip().splitlines()[-1]) * 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", default="")
+    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per operation; the best is reported")
+    a = ap.parse_args()
+    work = Path(a.dir or tempfile.mkdtemp(prefix="qs-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        dat, model = work / "v3.dat", work / "v3-header.gguf"
+        write_dat(dat)
+        write_header_only_gguf(model)
+        size = dat.stat().st_size
+        qs = [sys.executable, "-m", "quantsweep.cli", "imatrix"]
+        ops = {
+            "cp": ["cp", str(dat), str(work / "copy.dat")],
+            "convert dat->gguf": qs + ["convert", str(dat), "-o", str(work / "v3.gguf"), "--model", str(model)],
+            "convert gguf->dat": qs + ["convert", str(work / "v3.gguf"), "-o", str(work / "back.dat")],
+            "merge (2 inputs)": qs + ["merge", "-o", str(work / "merged.dat"), str(dat), str(work / "copy.dat")],
+            "remap": qs + ["remap", "--model", str(model), "-o", str(work / "remapped.dat"), str(dat)],
+        }
+        print(f"imatrix: {size / 1e9:.3f} GB, {len(imatrix_entries())} entries; machine: {os.cpu_count()} cores")
+        print(f"{'operation':20s} {'wall s':>8s} {'x cp':>6s} {'peak RSS MB':>12s} {'x input':>8s}")
+        base = None
+        for name, cmd in ops.items():
+            best = min((timed(cmd) for _ in range(a.repeat)), key=lambda r: r[0])
+            base = base or best[0]
+            print(f"{name:20s} {best[0]:8.2f} {best[0] / base:6.2f} {best[1] / 2**20:12.1f} {best[1] / size:8.3f}")
+    finally:
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
