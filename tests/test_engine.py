@@ -95,3 +95,95 @@ def test_raw_mla_imatrix_aborts_quantize_and_remap_fixes_it(bin_dir, tiny, tmp_p
     rec = steps.quantize(bin_dir, tiny, out, tmp_path / "q2.log", "IQ2_KS", 2, fit)
     assert out.exists() and rec["quant_mib"] > 0
     assert not [n for n in rec["not_found"] if n.startswith("blk.")]
+
+
+@pytest.fixture(scope="session")
+def tiny_split(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("model") / "tiny-split.gguf"
+    write_tiny_model(path, bundled_text("train"), TinySpec(split_kv_b=True))
+    return path
+
+
+@pytest.fixture(scope="session")
+def split_passes(bin_dir, tiny_split, tmp_path_factory) -> dict[str, Path]:
+    """Both imatrix passes on the 2-D attn_k_b/attn_v_b layout (4 chunks each)."""
+    d = tmp_path_factory.mktemp("split-imatrix")
+    cal = d / "cal.txt"
+    cal.write_text(bundled_text("calibration"))
+    out = {}
+    for mode in ("mla", "std"):
+        out[mode] = d / f"{mode}.dat"
+        steps.collect_imatrix(bin_dir, tiny_split, cal, out[mode], d / f"{mode}.log", mode, 512, 4, 2)
+    return out
+
+
+def test_split_layout_mla_pass_names(split_passes):
+    """What the engine stores for ik-style 2-D k_b/v_b (the problem remap solves)."""
+    from quantsweep import imatrix
+
+    names = set(imatrix.read_dat(split_passes["mla"]).entries)
+    assert "blk.0.attn_k_b.weight (reshaped)" in names
+    assert not any("attn_v_b" in n for n in names) and not any("attn_kv_b" in n for n in names)
+    assert "blk.0.attn_kv_b.weight" in set(imatrix.read_dat(split_passes["std"]).entries)
+
+
+def test_split_layout_raw_fails_remapped_quantizes(bin_dir, tiny_split, split_passes, tmp_path):
+    from quantsweep import imatrix
+    from quantsweep.gguf_table import read_table
+
+    out = tmp_path / "q.gguf"
+    with pytest.raises(steps.StepError, match="Missing importance matrix for tensor blk.0.attn_v_b.weight"):
+        steps.quantize(bin_dir, tiny_split, out, tmp_path / "raw.log", "IQ2_XS", 2, split_passes["mla"])
+    assert not out.exists()
+    merged = imatrix.merge([imatrix.read_dat(split_passes[m]) for m in ("mla", "std")])
+    fitted, actions = imatrix.remap(merged, read_table(tiny_split))
+    assert "rename 'blk.0.attn_k_b.weight (reshaped)' -> blk.0.attn_k_b.weight" in actions
+    assert "collapse blk.0.attn_k_b.weight: 512 -> 128 values (mean over heads)" in actions
+    assert "copy blk.0.attn_kv_b.weight -> blk.0.attn_v_b.weight" in actions
+    fit = tmp_path / "fit.dat"
+    imatrix.write_dat(fitted, fit)
+    rec = steps.quantize(bin_dir, tiny_split, out, tmp_path / "fit.log", "IQ2_XS", 2, fit)
+    assert rec["not_found"] == ["token_embd.weight", "output.weight"]
+
+
+@pytest.mark.parametrize("layout", ["kv_b", "split"])
+def test_check_catches_a_removed_entry(bin_dir, tiny, tiny_split, split_passes, layout, tmp_path):
+    """The pre-flight check passes on the fitted imatrix and names the tensor once an entry is gone."""
+    from quantsweep import imatrix
+    from quantsweep.gguf_table import read_table
+
+    model = tiny if layout == "kv_b" else tiny_split
+    if layout == "kv_b":
+        cal = tmp_path / "cal.txt"
+        cal.write_text(bundled_text("calibration"))
+        raw = [tmp_path / "mla.dat"]
+        steps.collect_imatrix(bin_dir, model, cal, raw[0], tmp_path / "imx.log", "mla", 512, 4, 2)
+    else:
+        raw = [split_passes["mla"], split_passes["std"]]
+    table = read_table(model)
+    fitted, _ = imatrix.remap(imatrix.merge([imatrix.read_dat(p) for p in raw]), table)
+    plan = steps.quantize_plan(bin_dir, model, "IQ2_XS", tmp_path / "plan.log")
+    assert imatrix.check(fitted, table, plan, "IQ2_XS") == []
+    victim = "blk.2.ffn_down_exps.weight"
+    assert plan[victim] in imatrix.NEEDS_IMATRIX
+    del fitted.entries[victim]
+    problems = imatrix.check(fitted, table, plan, "IQ2_XS")
+    assert [(p.tensor, p.problem) for p in problems] == [
+        (victim, "no imatrix data (the engine refuses this type without)")]
+
+
+def test_check_cli_fails_with_a_table_on_the_raw_imatrix(bin_dir, tiny_split, split_passes, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "report.txt"
+    r = subprocess.run([sys.executable, "-m", "quantsweep.cli", "imatrix", "check", "--bin-dir", str(bin_dir),
+                        "--model", str(tiny_split), "--type", "IQ2_XS", "-o", str(out), str(split_passes["mla"])],
+                       capture_output=True, text=True)
+    assert r.returncode == 1
+    assert r.stderr.startswith("FAIL: ")
+    table = r.stderr.splitlines()
+    assert any(ln.startswith("blk.0.attn_v_b.weight") and "no imatrix data" in ln for ln in table)
+    assert not any(ln.startswith("blk.0.attn_k_b.weight") for ln in table)  # 128 columns: iq4_nl fallback
+    assert table[-1] == "quantsweep: error: imatrix check failed: 4 problem(s) for IQ2_XS (table above)"
+    assert not out.exists()
