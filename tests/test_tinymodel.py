@@ -1,0 +1,320 @@
+"""Tests of the tiny DeepSeek2 GGUF generator (numpy + gguf-py only, no engine)."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+import gguf
+import numpy as np
+import pytest
+
+from quantsweep import tinymodel as tm
+from quantsweep.tinymodel import TinySpec, tokenize, write_tiny_model
+
+SPEC = TinySpec(split_kv_b=True)
+
+
+def _bundled(name: str) -> str:
+    return resources.files("quantsweep").joinpath("data", f"{name}.txt").read_text(encoding="utf-8")
+
+
+def _field(reader: gguf.GGUFReader, key: str):
+    f = reader.fields[key]
+    if f.types[0] == gguf.GGUFValueType.ARRAY:
+        if f.types[-1] == gguf.GGUFValueType.STRING:
+            return [bytes(f.parts[i]).decode("utf-8") for i in f.data]
+        return [f.parts[i].tolist()[0] for i in f.data]
+    if f.types[0] == gguf.GGUFValueType.STRING:
+        return bytes(f.parts[f.data[0]]).decode("utf-8")
+    return f.parts[f.data[0]].tolist()[0]
+
+
+def _weights(reader: gguf.GGUFReader) -> dict[str, np.ndarray]:
+    out = {}
+    for t in reader.tensors:
+        a = gguf.quants.dequantize(t.data, t.tensor_type)
+        out[t.name] = np.asarray(a, dtype=np.float64).reshape([int(x) for x in reversed(t.shape)])
+    return out
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
+    write_tiny_model(path, _bundled("train"), SPEC)
+    reader = gguf.GGUFReader(path)
+    return path, reader, _weights(reader)
+
+
+# ---------------------------------------------------------------------------
+# tokenizer
+# ---------------------------------------------------------------------------
+
+
+def test_vocab_layout():
+    v = tm.vocab()
+    assert len(v) == tm.N_VOCAB == 354
+    assert len(set(v)) == len(v)
+    assert v[:3] == ["<unk>", "<s>", "</s>"]
+    assert v[3] == "<0x00>" and v[3 + 0x0A] == "<0x0A>" and v[258] == "<0xFF>"
+    assert v[259] == "\u2581"
+    assert v[260:] == [chr(c) for c in range(0x21, 0x7F)]
+
+
+def test_tokenize_expectations():
+    v = tm.vocab()
+    ids = {t: i for i, t in enumerate(v)}
+    assert tokenize("") == []
+    # space -> '▁', no prefix space, no BOS
+    assert tokenize("a b") == [ids["a"], ids["\u2581"], ids["b"]]
+    assert tokenize("  ") == [ids["\u2581"]] * 2
+    # newline, tab, CR and DEL fall back to byte tokens
+    assert tokenize("\n\t\r\x7f") == [3 + 0x0A, 3 + 0x09, 3 + 0x0D, 3 + 0x7F]
+    # non-ASCII: one byte token per UTF-8 byte
+    assert tokenize("é") == [3 + 0xC3, 3 + 0xA9]
+    assert tokenize("中") == [3 + b for b in "中".encode()]
+    # control-token text is not special, a literal '▁' is the space piece
+    assert tokenize("<s>") == [ids["<"], ids["s"], ids[">"]]
+    assert tokenize("\u2581") == tokenize(" ")
+
+
+def test_tokenize_round_trip():
+    text = 'def f(x):\n    return {"a": x}  # ünï 😀\r\n'
+    v = tm.vocab()
+    raw = bytearray()
+    for i in tokenize(text):
+        piece = v[i]
+        if piece.startswith("<0x") and len(piece) == 6:
+            raw.append(int(piece[3:5], 16))
+        else:
+            raw += piece.replace("\u2581", " ").encode()
+    assert raw.decode("utf-8") == text
+    assert len(tokenize(_bundled("evaluation"))) == len(_bundled("evaluation").encode())  # ASCII-only text
+
+
+# ---------------------------------------------------------------------------
+# file contents
+# ---------------------------------------------------------------------------
+
+
+def test_hparams(model):
+    _, r, _ = model
+    a = "deepseek2"
+    expect = {
+        "general.architecture": a,
+        "general.name": "quantsweep-tiny-deepseek",
+        "general.file_type": 32,
+        f"{a}.block_count": SPEC.n_layer,
+        f"{a}.context_length": 4096,
+        f"{a}.embedding_length": SPEC.n_embd,
+        f"{a}.feed_forward_length": SPEC.n_ff,
+        f"{a}.attention.head_count": SPEC.n_head,
+        f"{a}.attention.head_count_kv": SPEC.n_head,
+        f"{a}.attention.key_length": 192,
+        f"{a}.attention.value_length": 128,
+        f"{a}.rope.dimension_count": 64,
+        f"{a}.leading_dense_block_count": SPEC.n_dense,
+        f"{a}.attention.q_lora_rank": SPEC.q_lora_rank,
+        f"{a}.attention.kv_lora_rank": SPEC.kv_lora_rank,
+        f"{a}.expert_feed_forward_length": SPEC.n_ff_exp,
+        f"{a}.expert_count": SPEC.n_expert,
+        f"{a}.expert_used_count": SPEC.n_expert_used,
+        f"{a}.expert_shared_count": SPEC.n_shared,
+        f"{a}.expert_weights_norm": True,
+        f"{a}.expert_gating_func": 2,
+        f"{a}.vocab_size": 354,
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.unknown_token_id": 0,
+        "tokenizer.ggml.add_bos_token": True,
+        "tokenizer.ggml.add_eos_token": False,
+        "tokenizer.ggml.add_space_prefix": False,
+    }
+    for k, want in expect.items():
+        assert _field(r, k) == want, k
+    assert _field(r, f"{a}.rope.freq_base") == pytest.approx(10000.0)
+    assert _field(r, f"{a}.attention.layer_norm_rms_epsilon") == pytest.approx(1e-6)
+    assert _field(r, f"{a}.expert_weights_scale") == pytest.approx(1.0)
+    assert _field(r, "tokenizer.ggml.tokens") == tm.vocab()
+    types = _field(r, "tokenizer.ggml.token_type")
+    assert types[:3] == [2, 3, 3] and set(types[3:259]) == {6} and set(types[259:]) == {1}
+    assert len(_field(r, "tokenizer.ggml.scores")) == 354
+
+
+def _expected_shapes(s: TinySpec) -> dict[str, tuple[int, ...]]:
+    """ggml shapes (ne0, ne1, ne2) per ik_llama.md 5.2."""
+    D, V, H = s.n_embd, 354, s.n_head
+    sh = {"token_embd.weight": (D, V), "output_norm.weight": (D,), "output.weight": (D, V)}
+    for i in range(s.n_layer):
+        p = f"blk.{i}."
+        sh |= {
+            p + "attn_norm.weight": (D,),
+            p + "attn_q_a.weight": (D, s.q_lora_rank),
+            p + "attn_q_a_norm.weight": (s.q_lora_rank,),
+            p + "attn_q_b.weight": (s.q_lora_rank, H * (s.qk_nope + s.qk_rope)),
+            p + "attn_kv_a_mqa.weight": (D, s.kv_lora_rank + s.qk_rope),
+            p + "attn_kv_a_norm.weight": (s.kv_lora_rank,),
+            p + "attn_kv_b.weight": (s.kv_lora_rank, H * (s.qk_nope + s.v_head)),
+            p + "attn_output.weight": (H * s.v_head, D),
+            p + "ffn_norm.weight": (D,),
+        }
+        if s.split_kv_b:
+            sh[p + "attn_k_b.weight"] = (s.qk_nope, H * s.kv_lora_rank)
+            sh[p + "attn_v_b.weight"] = (s.kv_lora_rank, H * s.v_head)
+        if i < s.n_dense:
+            sh |= {
+                p + "ffn_gate.weight": (D, s.n_ff),
+                p + "ffn_up.weight": (D, s.n_ff),
+                p + "ffn_down.weight": (s.n_ff, D),
+            }
+        else:
+            E, F = s.n_expert, s.n_ff_exp
+            sh |= {
+                p + "ffn_gate_inp.weight": (D, E),
+                p + "exp_probs_b.bias": (E,),
+                p + "ffn_gate_exps.weight": (D, F, E),
+                p + "ffn_up_exps.weight": (D, F, E),
+                p + "ffn_down_exps.weight": (F, D, E),
+                p + "ffn_gate_shexp.weight": (D, F * s.n_shared),
+                p + "ffn_up_shexp.weight": (D, F * s.n_shared),
+                p + "ffn_down_shexp.weight": (F * s.n_shared, D),
+            }
+    return sh
+
+
+def test_tensor_shapes_and_types(model):
+    _, r, _ = model
+    want = _expected_shapes(SPEC)
+    got = {t.name: tuple(int(x) for x in t.shape) for t in r.tensors}
+    assert got == want
+    for t in r.tensors:
+        if t.name.endswith(("_norm.weight", ".bias")):
+            assert t.tensor_type == gguf.GGMLQuantizationType.F32, t.name
+        else:
+            assert t.tensor_type == gguf.GGMLQuantizationType.BF16, t.name
+
+
+def test_split_kv_b_matches_convert_script(model):
+    _, _, W = model
+    s = SPEC
+    per_head = s.qk_nope + s.v_head
+    for i in range(s.n_layer):
+        p = f"blk.{i}."
+        kv_b, k_b, v_b = W[p + "attn_kv_b.weight"], W[p + "attn_k_b.weight"], W[p + "attn_v_b.weight"]
+        assert kv_b.shape == (s.n_head * per_head, s.kv_lora_rank)
+        assert k_b.shape == (s.n_head * s.kv_lora_rank, s.qk_nope)
+        assert v_b.shape == (s.n_head * s.v_head, s.kv_lora_rank)
+        for h in range(s.n_head):
+            rows = kv_b[h * per_head : (h + 1) * per_head]  # per head: nope rows, then v rows
+            np.testing.assert_array_equal(k_b[h * s.kv_lora_rank : (h + 1) * s.kv_lora_rank], rows[: s.qk_nope].T)
+            np.testing.assert_array_equal(v_b[h * s.v_head : (h + 1) * s.v_head], rows[s.qk_nope :])
+        # and the torch-style derivation of the brief
+        t = kv_b.reshape(s.n_head, per_head, s.kv_lora_rank)
+        k_ref = t[:, : s.qk_nope].transpose(0, 2, 1).reshape(-1, s.qk_nope)
+        v_ref = t[:, s.qk_nope :].reshape(-1, s.kv_lora_rank)
+        np.testing.assert_array_equal(k_b, k_ref)
+        np.testing.assert_array_equal(v_b, v_ref)
+
+
+def test_no_all_zero_input_channel(model):
+    _, _, W = model
+    for name, a in W.items():
+        assert np.all(np.isfinite(a)), name
+        if name.endswith(("_norm.weight", ".bias")):
+            if name.endswith("_norm.weight"):
+                assert np.all(a > 0), name
+            continue
+        # input channels are the last numpy axis (ggml ne0)
+        col_max = np.abs(a.reshape(-1, a.shape[-1])).max(axis=0)
+        assert np.all(col_max > 0), name
+    emb = W["token_embd.weight"]
+    assert np.all(np.abs(emb).max(axis=0) > 0)
+    # every embedding row has the same norm (RMS 1)
+    np.testing.assert_allclose(np.sqrt(np.mean(emb**2, axis=1)), 1.0, rtol=1e-2)
+
+
+def test_norm_gains_heavy_tailed(model):
+    _, _, W = model
+    g = W["blk.1.ffn_norm.weight"]
+    assert g.max() / np.median(g) > 5  # outlier channels exist
+
+
+def test_deterministic_bytes(tmp_path):
+    spec = TinySpec(fit_tokens=1024, seed=3)
+    text = _bundled("train")
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    write_tiny_model(a, text, spec)
+    write_tiny_model(str(b), text, spec)
+    assert a.read_bytes() == b.read_bytes()
+    assert not (tmp_path / "a.gguf.tmp").exists() and not (tmp_path / "b.gguf.tmp").exists()
+    c = tmp_path / "c.gguf"
+    write_tiny_model(c, text, TinySpec(fit_tokens=1024, seed=4))
+    assert c.read_bytes() != a.read_bytes()
+
+
+def test_rejects_bad_input(tmp_path):
+    with pytest.raises(ValueError):
+        write_tiny_model(tmp_path / "x.gguf", "too short", TinySpec())
+    with pytest.raises(ValueError):
+        write_tiny_model(tmp_path / "y.gguf", _bundled("train"), TinySpec(n_dense=4))
+    assert not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------
+# behaviour (numpy reference forward pass on the weights read back from the file)
+# ---------------------------------------------------------------------------
+
+
+def _chunk(name: str, n: int = 512) -> np.ndarray:
+    ids = np.asarray([1] + tokenize(_bundled(name))[: n - 1])
+    return ids
+
+
+def test_model_reproduces_bigram(model):
+    _, _, W = model
+    train_ids = tokenize(_bundled("train"))
+    L = tm._log_bigram(train_ids, SPEC.smoothing)
+    ids = _chunk("evaluation")
+    logits = tm.forward_logits(W, SPEC, ids)
+    logp = logits - logits.max(1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+    pos = np.arange(256, len(ids) - 1)  # the positions llama-perplexity scores
+    cur, nxt = ids[pos], ids[pos + 1]
+    # predictions follow the bigram
+    agree = np.mean(np.argmax(logp[pos], 1) == np.argmax(L[cur], 1))
+    assert agree > 0.9
+    kl = np.mean(np.sum(np.exp(L[cur]) * (L[cur] - logp[pos]), axis=1))
+    assert kl < 0.1
+    # and the perplexity is far below the vocab size, close to the bigram's
+    ppl_model = np.exp(-np.mean(logp[pos, nxt]))
+    ppl_bigram = np.exp(-np.mean(L[cur, nxt]))
+    assert ppl_model < 20
+    assert ppl_model < 1.1 * ppl_bigram
+
+
+def test_blocks_matter(model):
+    """The knowledge lives in the layer-0 FFN memory: removing it destroys the predictions."""
+    _, _, W = model
+    ids = _chunk("evaluation", 256)
+    base = tm.forward_logits(W, SPEC, ids)
+    W2 = dict(W)
+    W2["blk.0.ffn_down.weight"] = np.zeros_like(W["blk.0.ffn_down.weight"])
+    broken = tm.forward_logits(W2, SPEC, ids)
+    agree = np.mean(np.argmax(base, 1) == np.argmax(broken, 1))
+    assert agree < 0.5
+
+
+def test_all_experts_receive_tokens(model):
+    _, _, W = model
+    s = SPEC
+    ids = _chunk("calibration")
+    h = W["token_embd.weight"][ids]
+    for il in range(s.n_layer):
+        h = h + tm._layer_attn(W, s, il, h)
+        if il >= s.n_dense:
+            x = tm._rmsnorm(h, W[f"blk.{il}.ffn_norm.weight"], s.rms_eps)
+            sel, w = tm._moe_route(W, s, il, x)
+            load = np.bincount(sel.ravel(), minlength=s.n_expert) / sel.size
+            assert load.min() > 0.03, (il, load)
+            np.testing.assert_allclose(w.sum(1), 1.0)
+        h = h + tm._layer_ffn(W, s, il, h)
