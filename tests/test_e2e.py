@@ -126,5 +126,6 @@ def test_tensor_table_reads_ik_types_and_matches_files(demo):
         assert t.bpw == pytest.approx(engine.bpw, abs=0.0015)
 
 
-def test_no_partial_outputs_left(demo):
+def test_no_partial_outputs_or_stray_engine_logs_left(demo):
     assert not list(demo.rglob("*.partial*"))
+    assert not list(demo.rglob("llama.log"))  # the engine's own log file is switched off

@@ -19,6 +19,9 @@ IMATRIX_PASSES = {
     "std": ["-mla", "0", "-fa", "off"],
 }
 COLLECT_FLAGS = ["-no-fmoe", "-no-fug"]
+# The common-arg tools otherwise also write ./llama.log into whatever directory they run in;
+# their stdout/stderr (which is parsed and kept in the step's log) is unaffected.
+NO_LOG_FILE = ["--log-disable"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ def imatrix_cmd(
         "-t", str(threads),
         *IMATRIX_PASSES[mode],
         *COLLECT_FLAGS,
+        *NO_LOG_FILE,
     ]
 
 
@@ -76,6 +80,7 @@ def perplexity_base_cmd(bin_dir: Path, model: Path, text: Path, kld_base: Path, 
         "-t", str(ev.threads),
         *ev.attention_args(),
         "--kl-divergence-base", str(kld_base),
+        *NO_LOG_FILE,
     ]
     return cmd + (["-b", str(ev.batch)] if ev.batch else [])
 
@@ -91,5 +96,6 @@ def perplexity_kld_cmd(bin_dir: Path, model: Path, kld_base: Path, ev: EvalSetti
         *ev.attention_args(),
         "--kl-divergence-base", str(kld_base),
         "--kl-divergence",
+        *NO_LOG_FILE,
     ]
     return cmd + (["-b", str(ev.batch)] if ev.batch else [])
