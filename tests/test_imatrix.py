@@ -40,8 +40,7 @@ def test_write_read_round_trip(tmp_path):
     for k, e in im.entries.items():
         assert back.entries[k].ncall == e.ncall and np.array_equal(back.entries[k].values, e.values)
     imatrix.write_dat(back, tmp_path / "b.dat")
-    assert (tmp_path / "a.dat").read_bytes() == (tmp_path / "b.dat").read_bytes()
-    assert (tmp_path / "a.dat").stat().st_size == RAW.stat().st_size
+    assert (tmp_path / "a.dat").read_bytes() == (tmp_path / "b.dat").read_bytes() == RAW.read_bytes()
 
 
 def test_merge_is_ncall_weighted():
@@ -142,3 +141,36 @@ def test_merge_conflict_names_both_files(tmp_path):
     b = imatrix.Imatrix({"blk.0.ffn_up.weight": imatrix.Entry(1, np.ones(8, np.float32))})
     with pytest.raises(ValueError, match="a.dat has 4 values, b.dat has 8"):
         imatrix.merge([a, b], ["a.dat", "b.dat"])
+
+
+def _value_offset(data: bytes, wanted: str) -> int:
+    """Byte offset of the first value of entry `wanted` in a .dat file."""
+    pos = 4
+    for _ in range(struct.unpack_from("<i", data, 0)[0]):
+        (n,) = struct.unpack_from("<i", data, pos)
+        name = data[pos + 4:pos + 4 + n].decode()
+        _, nval = struct.unpack_from("<ii", data, pos + 4 + n)
+        if name == wanted:
+            return pos + 12 + n
+        pos += 12 + n + 4 * nval
+    raise KeyError(wanted)
+
+
+@pytest.mark.parametrize("cmd", ["convert", "remap"])
+def test_cli_corrupt_input_one_line_error_no_output(tmp_path, tiny_table, cmd):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.dat"
+    data = bytearray(RAW.read_bytes())
+    struct.pack_into("<f", data, _value_offset(data, "blk.1.ffn_up_exps.weight") + 40, float("inf"))
+    bad.write_bytes(bytes(data))
+    out = tmp_path / ("out.gguf" if cmd == "convert" else "out.dat")
+    args = ["convert", str(bad), "-o", str(out)] if cmd == "convert" else \
+        ["remap", "--model", str(tiny_table.path), "-o", str(out), str(bad)]
+    r = subprocess.run([sys.executable, "-m", "quantsweep.cli", "imatrix", *args], capture_output=True, text=True)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"quantsweep: error: {bad}: entry ")
+    assert "(blk.1.ffn_up_exps.weight) has non-finite value at index 10" in lines[0]
+    assert not out.exists() and not list(tmp_path.glob(".*partial*"))

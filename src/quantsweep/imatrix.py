@@ -99,6 +99,7 @@ class Imatrix:
     entries: dict[str, Entry] = field(default_factory=dict)
     chunks: int = 0
     dataset: str = ""
+    trailer: bool = True  # the optional "chunks + dataset" tail of a .dat
 
 
 def read_dat(path: str | Path) -> Imatrix:
@@ -137,7 +138,8 @@ def read_dat(path: str | Path) -> Imatrix:
             im.entries[name] = Entry(ncall, nval=nval, load=_dat_loader(reader, pos, nval, i, name))
             f.seek(4 * nval, 1)
             pos += 4 * nval
-        if pos < size:
+        im.trailer = pos < size
+        if im.trailer:
             (im.chunks,) = struct.unpack("<i", take(4, "chunk count"))
             (dlen,) = struct.unpack("<i", take(4, "dataset length"))
             if dlen < 0:
@@ -160,16 +162,17 @@ def _dat_loader(reader: _FileReader, offset: int, nval: int, index: int, name: s
 
 
 def write_dat(im: Imatrix, path: str | Path) -> None:
-    """Entries in sorted name order so equal data gives equal bytes."""
+    """Entries in the Imatrix's order (a file read and written back is byte-identical)."""
     with partial_path(path) as tmp, open(tmp, "wb") as f:
         f.write(struct.pack("<i", len(im.entries)))
-        for name in sorted(im.entries):
+        for name in im.entries:
             e = im.entries[name]
             b = name.encode()
             f.write(struct.pack("<i", len(b)) + b + struct.pack("<ii", e.ncall, e.nval))
             f.write(memoryview(np.ascontiguousarray(e.values, dtype="<f4")).cast("B"))
-        ds = im.dataset.encode()
-        f.write(struct.pack("<ii", im.chunks, len(ds)) + ds)
+        if im.trailer:
+            ds = im.dataset.encode()
+            f.write(struct.pack("<ii", im.chunks, len(ds)) + ds)
 
 
 # ---- mainline GGUF imatrix: <name>.in_sum2 {ne0, n_mat} (raw sums) + <name>.counts {n_mat} ----
