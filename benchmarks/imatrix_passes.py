@@ -30,8 +30,9 @@ def run_variant(work: Path, passes: list[str], quants: list, split: bool) -> lis
     r = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
                         "--directory", str(work), "--cores", "all"], capture_output=True, text=True)
     if r.returncode != 0:
-        tail = (r.stdout + r.stderr).strip().splitlines()[-15:]
-        return [{"quant": "FAILED", "error": " | ".join(tail)}]
+        why = [ln for log in sorted((work / "logs").rglob("*.log")) for ln in log.read_text().splitlines()
+               if ln.startswith(("FAIL:", "quantsweep: error:"))]
+        return [{"quant": "FAILED", "error": " | ".join(why[:2]) or "see the work dir's logs"}]
     from quantsweep.summary import read_csv
 
     return read_csv(work / "results" / "summary.csv")
