@@ -72,3 +72,18 @@ def test_conda_env_paths_resolve():
             assert env.exists(), f"{smk_file.name}: {rel}"
             spec = yaml.safe_load(env.read_text())
             assert "conda-forge" in spec["channels"] and spec["dependencies"], env
+
+
+def test_external_imatrix_replaces_the_passes(tmp_path):
+    from conftest import FIXTURES
+
+    ext = str(FIXTURES / "tiny-mla.dat")
+    wd = make_workdir(tmp_path / "wd", {"imatrix": {"passes": [], "external": [ext]}})
+    r = smk(wd, "-n", "-p", "results/imatrix/tiny/imatrix.dat")
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert "imatrix_collect" not in out
+    assert f"-o results/imatrix/tiny/imatrix.dat {ext}" in out
+    bad = make_workdir(tmp_path / "bad", {"imatrix": {"passes": [], "external": []}})
+    r = smk(bad, "-n")
+    assert r.returncode != 0 and "config imatrix: passes and external are both empty" in r.stdout + r.stderr

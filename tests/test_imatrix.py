@@ -174,3 +174,27 @@ def test_cli_corrupt_input_one_line_error_no_output(tmp_path, tiny_table, cmd):
     assert len(lines) == 1 and lines[0].startswith(f"quantsweep: error: {bad}: entry ")
     assert "(blk.1.ffn_up_exps.weight) has non-finite value at index 10" in lines[0]
     assert not out.exists() and not list(tmp_path.glob(".*partial*"))
+
+
+def test_info_json_reports_stats_and_experts_without_data(tmp_path, tiny_table):
+    import json
+    import subprocess
+    import sys
+
+    im = imatrix.read_dat(RAW)
+    up = im.entries["blk.1.ffn_up_exps.weight"]
+    vals = up.values.copy().reshape(8, 512)
+    vals[5] = up.ncall  # what ik stores for an expert that got no tokens: mean 1.0
+    im.entries["blk.1.ffn_up_exps.weight"] = imatrix.Entry(up.ncall, vals.reshape(-1))
+    p = tmp_path / "e.dat"
+    imatrix.write_dat(im, p)
+    r = subprocess.run([sys.executable, "-m", "quantsweep.cli", "imatrix", "info", str(p), "--json",
+                        "--model", str(tiny_table.path)], capture_output=True, text=True, check=True)
+    info = json.loads(r.stdout)
+    assert info["entries"] == len(im.entries) and info["chunks"] == 8
+    rows = {t["name"]: t for t in info["tensors"]}
+    assert rows["blk.1.ffn_up_exps.weight"]["empty_mats"] == [5] and rows["blk.1.ffn_up_exps.weight"]["n_mat"] == 8
+    assert rows["blk.2.ffn_up_exps.weight"]["empty_mats"] == []
+    q = imatrix.read_dat(RAW).entries["blk.0.attn_q_a.weight"]
+    assert rows["blk.0.attn_q_a.weight"]["mean"] == pytest.approx(float(q.values.mean() / q.ncall), rel=1e-6)
+    assert rows["blk.0.attn_q_a.weight"]["nonfinite"] == 0
