@@ -34,7 +34,11 @@ def test_unchanged_spec_is_a_cache_hit(bin_dir, tmp_path):
     log = io.StringIO()
     meta = engine.install_engine(engine.EngineSpec(), tmp_path / "again", log=log)
     assert "engine cache hit" in log.getvalue()
-    assert meta["tools"]["llama-quantize"] == engine.sha256_file(tmp_path / "again" / "bin" / "llama-quantize")
+    again = tmp_path / "again" / "bin" / "llama-quantize"
+    assert meta["tools"]["llama-quantize"] == engine.sha256_file(again)
+    # own inode: touching one work dir's copy must not make another work dir out of date
+    assert again.stat().st_ino != (bin_dir / "llama-quantize").stat().st_ino
+    assert again.stat().st_nlink == 1
 
 
 def test_key_changes_with_flags():

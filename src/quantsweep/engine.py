@@ -358,7 +358,9 @@ def install_engine(spec: EngineSpec, out_dir: Path, cache: Path | None = None, l
     try:
         (staged / "bin").mkdir()
         for tool in TOOLS:
-            _link_or_copy(bin_src / tool, staged / "bin" / tool)
+            # A copy, not a hard link: Snakemake touches outputs, and a shared inode would make
+            # every other work dir using the same cache entry look out of date.
+            shutil.copy2(bin_src / tool, staged / "bin" / tool)
         (staged / "engine.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -368,9 +370,3 @@ def install_engine(spec: EngineSpec, out_dir: Path, cache: Path | None = None, l
         raise
     return meta
 
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
