@@ -5,14 +5,18 @@
 # resources/text/{kind}.txt    bundled calibration / evaluation text
 # results/imatrix/{model}/     one .dat per pass, then imatrix.dat fitted to the model
 # results/quants/{model}/      {model}-{quant}.gguf (+ .json: parsed quantize log)
-# results/eval/{model}/        baseline.kld (base logits), baseline.json, {quant}.json
-# results/summary.{csv,md}     one row per (model, quant) plus each baseline
+# results/eval/{model}/        baseline.kld (base logits of the reference), baseline.json, {quant}.json
+# results/report/              summary.{csv,md,html}: one row per (model, quant) plus each
+#                              reference, gate and Pareto marks; size_vs_{lnppl,kld}.png
 from snakemake.utils import min_version
 
 min_version("9.19")
 
 
 configfile: "config/config.yaml"
+
+
+report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"

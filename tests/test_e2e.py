@@ -35,16 +35,16 @@ def demo(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def rows(demo) -> dict[str, dict]:
-    return {r["quant"]: r for r in read_csv(demo / "results" / "summary.csv")}
+    return {r["quant"]: r for r in read_csv(demo / "results" / "report" / "summary.csv")}
 
 
 def test_summary_has_one_row_per_quant_plus_baseline(demo, rows):
-    table = read_csv(demo / "results" / "summary.csv")
+    table = read_csv(demo / "results" / "report" / "summary.csv")
     assert [r["quant"] for r in table] == ["baseline"] + [q.name for q in QUANTS]
     assert {r["model"] for r in table} == {"tiny"}
     for col in ("model", "quant", "size_bytes", "bpw", "ppl", "ppl_err", "dppl_pct", "kld_mean", "same_top_p"):
         assert col in table[0]
-    md = (demo / "results" / "summary.md").read_text()
+    md = (demo / "results" / "report" / "summary.md").read_text()
     assert md.count("\n| tiny |") == len(QUANTS) + 1
 
 
@@ -129,3 +129,95 @@ def test_tensor_table_reads_ik_types_and_matches_files(demo):
 def test_no_partial_outputs_or_stray_engine_logs_left(demo):
     assert not list(demo.rglob("*.partial*"))
     assert not list(demo.rglob("llama.log"))  # the engine's own log file is switched off
+
+
+# ---- report (results/report/) ------------------------------------------------------------------
+
+REPORT_FILES = ("summary.csv", "summary.md", "summary.html", "size_vs_lnppl.png", "size_vs_kld.png")
+CONFIG = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+
+
+def test_report_plots_show_the_tables_numbers(demo):
+    """Each PNG's points (stored in it when drawn, read back from the figure's artists) are the
+    CSV's values: x = size_gib / bpw, y = ln_ppl_ratio / kld_mean; every quant once, no baseline."""
+    from quantsweep.report import png_points
+
+    out = demo / "results" / "report"
+    for name in REPORT_FILES:
+        assert (out / name).stat().st_size > 0, name
+    table = read_csv(out / "summary.csv")
+    for png, ycol in (("size_vs_lnppl.png", "ln_ppl_ratio"), ("size_vs_kld.png", "kld_mean")):
+        drawn = {(p["quant"], p["x_col"]): (p["x"], p["y"]) for p in png_points(out / png)}
+        want = {(r["quant"], xcol): (float(r[xcol]), float(r[ycol]))
+                for r in table if r["quant"] != "baseline" for xcol in ("size_gib", "bpw")}
+        assert drawn == want, png
+        assert len(drawn) == 2 * len(QUANTS)
+
+
+def test_report_gate_and_values_match_records(demo):
+    """The gate column is what the configured limits say (recomputed here), the new columns are
+    the evaluation records' values, and the report names the smallest passing quant."""
+    gate = CONFIG["gate"]
+    table = read_csv(demo / "results" / "report" / "summary.csv")
+    assert {r["reference"] for r in table} == {"base"}
+    passing = []
+    for r in table[1:]:
+        rec = json.loads((demo / "results" / "eval" / "tiny" / f"{r['quant']}.json").read_text())
+        assert float(r["ln_ppl_ratio"]) == rec["ln_ratio"]
+        assert float(r["kld_p99"]) == rec["kld_percentiles"]["99.0"]
+        assert float(r["size_gib"]) == int(r["size_bytes"]) / 2**30
+        ok = float(r["dppl_pct"]) <= gate["max_dppl_pct"] and float(r["kld_mean"]) <= gate["max_kld"]
+        assert r["gate"] == ("pass" if ok else "fail"), r
+        if ok:
+            passing.append((int(r["size_bytes"]), r["quant"]))
+    assert table[0]["gate"] == ""
+    best = min(passing)[1]
+    md = (demo / "results" / "report" / "summary.md").read_text()
+    html = (demo / "results" / "report" / "summary.html").read_text()
+    assert f"smallest passing quant: **{best}**" in md
+    assert f"smallest passing quant: <b>{best}</b>" in html
+    assert "reference: unquantized model (resources/models/tiny.gguf)" in md
+    ev = CONFIG["eval"]
+    assert f"ctx {ev['ctx']}, {ev['chunks']} chunks, -mla {ev['mla']} -fa {ev['fa']}" in md
+    assert html.count("data:image/png;base64,") == 2
+
+
+def test_snakemake_report_bundles_table_and_plots(demo, tmp_path):
+    out = tmp_path / "report.html"
+    r = smk(demo, "--cores", "1", "--report", str(out))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    page = out.read_text()
+    for name in ("summary.csv", "summary.html", "size_vs_lnppl.png", "size_vs_kld.png"):
+        assert f'"results/report/{name}"' in page, name
+    assert "Pareto front" in page and "Quality gate" in page  # captions and workflow description
+
+
+@pytest.fixture(scope="session")
+def ref_demo(tmp_path_factory) -> Path:
+    """A small sweep whose reference is the Q8_0 quant instead of the unquantized model."""
+    wd = make_workdir(tmp_path_factory.mktemp("refdemo"),
+                      {"eval": {"reference": "Q8_0"}, "quants": ["Q8_0", "IQ4_KS", "IQ2_KS"]})
+    r = smk(wd, "--cores", "all")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
+    return wd
+
+
+def test_reference_quant_writes_the_base_logits(ref_demo):
+    log = (ref_demo / "logs" / "eval_reference" / "tiny.log").read_text()
+    first = next(ln for ln in log.splitlines() if ln.startswith("+ "))
+    assert "-m results/quants/tiny/tiny-Q8_0.gguf" in first and "--kl-divergence-base" in first
+    assert not (ref_demo / "logs" / "eval" / "tiny" / "baseline.log").exists()  # base model not evaluated
+    assert not (ref_demo / "results" / "eval" / "tiny" / "Q8_0.json").exists()
+    ref_ppl = logparse.parse_perplexity(log).ppl
+    table = read_csv(ref_demo / "results" / "report" / "summary.csv")
+    assert [r["quant"] for r in table] == ["Q8_0", "IQ4_KS", "IQ2_KS"]
+    assert {r["reference"] for r in table} == {"Q8_0"}
+    assert float(table[0]["ppl"]) == ref_ppl and table[0]["gate"] == "" and table[0]["kld_mean"] == ""
+    for r in table[1:]:
+        rec = json.loads((ref_demo / "results" / "eval" / "tiny" / f"{r['quant']}.json").read_text())
+        assert "results/eval/tiny/baseline.kld" in rec["cmd"] and "--kl-divergence" in rec["cmd"]
+        assert rec["ppl_base"] == pytest.approx(ref_ppl, abs=1e-4)  # the engine compared with Q8_0's logits
+        assert float(r["kld_mean"]) == rec["kld_mean"] > 0
+    md = (ref_demo / "results" / "report" / "summary.md").read_text()
+    assert "reference: reference quant Q8_0 (results/quants/tiny/tiny-Q8_0.gguf)" in md
+    assert "| tiny | Q8_0 (reference) |" in md

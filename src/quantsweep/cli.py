@@ -174,12 +174,29 @@ def _eval_kld(a) -> None:
                    _eval_settings(a))
 
 
+def _json_arg(value: str):
+    """A JSON argument given inline or as a .json file."""
+    return json.loads(Path(value).read_text()) if value.endswith(".json") else json.loads(value)
+
+
 def _summary(a) -> None:
+    from .report import Gate
     from .summary import write_summary
 
-    entries = json.loads(Path(a.entries).read_text()) if a.entries.endswith(".json") else json.loads(a.entries)
-    rows = write_summary(entries, Path(a.csv), Path(a.md))
+    rows = write_summary(_json_arg(a.entries), Path(a.csv), Path(a.md), Gate.from_dict(_json_arg(a.gate)))
     print(f"wrote {a.csv} and {a.md}: {len(rows)} rows")
+
+
+def _report(a) -> None:
+    from .report import Gate, smallest_passing, write_report
+
+    gate = Gate.from_dict(_json_arg(a.gate))
+    rows = write_report(_json_arg(a.entries), gate, a.csv, a.md, a.html, {"lnppl": a.plot_lnppl, "kld": a.plot_kld})
+    print(f"wrote {a.csv}, {a.md}, {a.html}, {a.plot_lnppl}, {a.plot_kld}: {len(rows)} rows; gate: {gate.describe()}")
+    for model in dict.fromkeys(r.model for r in rows):
+        best = smallest_passing(rows, model)
+        if gate.active:
+            print(f"{model}: smallest passing quant: {best.quant if best else 'none'}")
 
 
 def _gguf_info(a) -> None:
@@ -301,10 +318,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_eval_kld)
 
     p = sub.add_parser("summary", help="write summary.csv and summary.md from evaluation records")
-    p.add_argument("--entries", required=True, help="JSON (or a .json file) listing models, baselines and quants")
+    p.add_argument("--entries", required=True, help="JSON (or a .json file) listing models, references and quants")
+    p.add_argument("--gate", default="{}", help='JSON (or a .json file): {"max_dppl_pct": X, "max_kld": Y}')
     p.add_argument("--csv", required=True)
     p.add_argument("--md", required=True)
     p.set_defaults(func=_summary)
+
+    p = sub.add_parser("report", help="summary.csv/.md, size-vs-quality plots (PNG) and a self-contained HTML page")
+    p.add_argument("--entries", required=True, help="JSON (or a .json file) listing models, references and quants")
+    p.add_argument("--gate", default="{}", help='JSON (or a .json file): {"max_dppl_pct": X, "max_kld": Y}')
+    p.add_argument("--csv", required=True)
+    p.add_argument("--md", required=True)
+    p.add_argument("--html", required=True)
+    p.add_argument("--plot-lnppl", required=True, help="PNG: size vs ln(PPL(Q)/PPL(ref))")
+    p.add_argument("--plot-kld", required=True, help="PNG: size vs mean KLD")
+    p.set_defaults(func=_report)
 
     gg = sub.add_parser("gguf", help="GGUF tensor tables").add_subparsers(dest="sub", required=True)
     p = gg.add_parser("info", help="every tensor's name, shape, type and bytes (ik types included)")

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from .ggml_types import FTYPES, canonical_ftype
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+# eval.reference value meaning "the unquantized model writes the KLD base logits"
+BASE_REFERENCE = "base"
 
 
 class ConfigError(ValueError):
@@ -74,3 +76,16 @@ def check(config: dict) -> None:
     ev = config["eval"]
     if ev["ctx"] < 128 or ev["ctx"] % 2:
         raise ConfigError(f"config eval.ctx: {ev['ctx']} must be an even number >= 128")
+    names = [q.name for q in parse_quants(config["quants"])]
+    for model, m in config["models"].items():
+        ref, key = (m["reference"], f"models.{model}.reference") if m.get("reference") else (
+            ev.get("reference", BASE_REFERENCE), "eval.reference")
+        if ref != BASE_REFERENCE and ref not in names:
+            raise ConfigError(f"config {key}: {ref!r} is neither {BASE_REFERENCE!r} nor a quant name of the sweep "
+                              f"({', '.join(names)})")
+
+
+def reference_of(config: dict, model: str) -> str:
+    """What a model's KLD base logits come from: 'base' (the unquantized model) or a quant's name;
+    models.<model>.reference, else eval.reference, else 'base'."""
+    return config["models"][model].get("reference") or config["eval"].get("reference") or BASE_REFERENCE

@@ -15,6 +15,12 @@ except qconfig.ConfigError as e:
 MODELS = sorted(config["models"])
 QUANTS = {q.name: q for q in qconfig.parse_quants(config["quants"])}
 ENGINE_TOOLS = ["llama-imatrix", "llama-quantize", "llama-perplexity"]
+# What each model's KLD base logits come from: "base" (the unquantized model) or a quant name.
+REFERENCES = {m: qconfig.reference_of(config, m) for m in MODELS}
+# Models whose reference is a quant (rule eval_reference); a regex that matches nothing if none.
+REFERENCE_QUANT_MODELS = (
+    "|".join(m for m in MODELS if REFERENCES[m] != "base") or "(?!)"
+)
 
 
 wildcard_constraints:
@@ -25,7 +31,13 @@ wildcard_constraints:
 
 
 def get_final_output():
-    return ["results/summary.csv", "results/summary.md"]
+    return [
+        "results/report/summary.csv",
+        "results/report/summary.md",
+        "results/report/summary.html",
+        "results/report/size_vs_lnppl.png",
+        "results/report/size_vs_kld.png",
+    ]
 
 
 def get_engine_spec(wildcards):
@@ -86,25 +98,44 @@ def get_ftype(wildcards):
     return QUANTS[wildcards.quant].ftype
 
 
+def _quant_entry(model, q):
+    return {
+        "name": q.name,
+        "ftype": q.ftype,
+        "imatrix": "yes" if q.imatrix else "no",
+        "result": f"results/eval/{model}/{q.name}.json",
+    }
+
+
 def get_summary_entries(wildcards):
+    """Per model: its reference ("base" or the reference quant, whose PPL run wrote the base
+    logits and the baseline.json record) and every other quant's evaluation record."""
     entries = []
     for model in MODELS:
+        ref = REFERENCES[model]
         entries.append(
             {
                 "model": model,
+                "reference": (
+                    "base" if ref == "base" else _quant_entry(model, QUANTS[ref])
+                ),
                 "base": f"results/eval/{model}/baseline.json",
                 "quants": [
-                    {
-                        "name": q.name,
-                        "ftype": q.ftype,
-                        "imatrix": "yes" if q.imatrix else "no",
-                        "result": f"results/eval/{model}/{q.name}.json",
-                    }
-                    for q in QUANTS.values()
+                    _quant_entry(model, q) for q in QUANTS.values() if q.name != ref
                 ],
             }
         )
     return entries
+
+
+def get_reference_quant(wildcards):
+    """The quantized GGUF whose PPL run writes the KLD base logits (eval.reference)."""
+    ref = REFERENCES[wildcards.model]
+    return f"results/quants/{wildcards.model}/{wildcards.model}-{ref}.gguf"
+
+
+def get_gate_json(wildcards):
+    return json.dumps(config["gate"], sort_keys=True)
 
 
 def get_summary_input(wildcards):

@@ -24,6 +24,23 @@ rule eval_baseline:
         " --log {log:q} --threads {threads} {params.ev:q}"
 
 
+# eval.reference = <quant>: that quant's PPL run writes the KLD base logits (and baseline.json)
+# instead of the unquantized model's; eval_quant then compares every other quant with it.
+use rule eval_baseline as eval_reference with:
+    input:
+        model=get_reference_quant,
+        quantize=rules.engine_build.output.quantize,
+        perplexity=rules.engine_build.output.perplexity,
+        text=get_text("evaluation"),
+    log:
+        "logs/eval_reference/{model}.log",
+    wildcard_constraints:
+        model=REFERENCE_QUANT_MODELS,
+
+
+ruleorder: eval_reference > eval_baseline
+
+
 rule eval_quant:
     input:
         model=rules.quantize.output.gguf,

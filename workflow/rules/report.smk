@@ -1,16 +1,41 @@
-rule summary:
+rule report:
     input:
         get_summary_input,
     output:
-        csv="results/summary.csv",
-        md="results/summary.md",
+        csv=report(
+            "results/report/summary.csv",
+            caption="../report/summary.rst",
+            category="Summary",
+            labels={"file": "summary.csv"},
+        ),
+        md="results/report/summary.md",
+        html=report(
+            "results/report/summary.html",
+            caption="../report/summary_html.rst",
+            category="Summary",
+            labels={"file": "summary.html"},
+        ),
+        lnppl=report(
+            "results/report/size_vs_lnppl.png",
+            caption="../report/size_vs_lnppl.rst",
+            category="Plots",
+            labels={"plot": "size vs ln(PPL(Q)/PPL(ref))"},
+        ),
+        kld=report(
+            "results/report/size_vs_kld.png",
+            caption="../report/size_vs_kld.rst",
+            category="Plots",
+            labels={"plot": "size vs mean KLD"},
+        ),
     log:
-        "logs/summary.log",
+        "logs/report.log",
     localrule: True
     conda:
         "../../envs/quantsweep.yaml"
     params:
         entries=get_summary_entries_json,
+        gate=get_gate_json,
     shell:
-        "quantsweep summary --entries {params.entries:q} --csv {output.csv:q}"
-        " --md {output.md:q} > {log:q} 2>&1"
+        "quantsweep report --entries {params.entries:q} --gate {params.gate:q}"
+        " --csv {output.csv:q} --md {output.md:q} --html {output.html:q}"
+        " --plot-lnppl {output.lnppl:q} --plot-kld {output.kld:q} > {log:q} 2>&1"
