@@ -32,6 +32,11 @@ def test_kld_block_with_utf8_plus_minus():
     assert set(r.kld_percentiles) >= {"99.9", "99.0", "95.0", "90.0", "10.0", "5.0", "1.0", "0.1", "maximum", "median", "minimum"}
     assert r.kld_percentiles["minimum"] <= r.kld_percentiles["median"] <= r.kld_percentiles["maximum"]
     assert r.ppl_base is not None and r.ln_ratio is not None and r.bpw is not None
+    # per-chunk rows (running values): 16 chunks, the last one equals the final statistics
+    assert len(r.chunk_kld) == len(r.chunk_ppl) == 16
+    assert r.chunk_kld[-1] == pytest.approx(r.kld_mean, abs=1e-5)
+    assert r.chunk_ppl[-1] == pytest.approx(r.ppl, abs=1e-4)
+    assert "   1      " + f"{r.chunk_ppl[0]:.4f}" in text
 
 
 def test_kld_expected_but_missing_is_an_error():

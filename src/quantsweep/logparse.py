@@ -14,6 +14,10 @@ _FINAL_PPL = re.compile(
     rf"Final estimate: PPL(?: over (\d+) chunks for n_ctx=(\d+))? = ({_NUM}) \+/- ({_NUM})"
 )
 _CHUNK_PPL = re.compile(rf"\[(\d+)\]({_NUM}),")
+# KLD mode, one row per chunk (running values): chunk, PPL, ln ratio, KLD, Δp RMS %, same top p %
+_CHUNK_KLD = re.compile(
+    rf"^\s*(\d+)\s+({_NUM}) ±\s+{_NUM}\s+({_NUM}) ±\s+{_NUM}\s+({_NUM}) ±\s+{_NUM}\s+"
+    rf"({_NUM}) ±\s+{_NUM} %\s+({_NUM}) ±\s+{_NUM} %", re.M)
 _META_SIZE = re.compile(rf"model size\s*=\s*({_NUM}) (KiB|MiB|GiB) \(({_NUM}) BPW\)")
 _UNIT = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
 _META_PARAMS = re.compile(rf"model params\s*=\s*({_NUM}) ([KMBT])")
@@ -54,6 +58,7 @@ class PerplexityResult:
     chunks: int | None = None
     n_ctx: int | None = None
     chunk_ppl: list[float] = field(default_factory=list)
+    chunk_kld: list[float] = field(default_factory=list)  # running mean KLD after each chunk
     model_bytes: float | None = None  # as the engine's loader reports it (tensor data only)
     bpw: float | None = None
     kld_mean: float | None = None
@@ -83,6 +88,9 @@ def parse_perplexity(text: str, expect_kld: bool = False) -> PerplexityResult:
     else:
         res = PerplexityResult(ppl=_f(ppl_q.group(1)), ppl_err=_f(ppl_q.group(2)))
     res.chunk_ppl = [_f(m.group(2)) for m in _CHUNK_PPL.finditer(text)]
+    if kld_rows := list(_CHUNK_KLD.finditer(text)):
+        res.chunk_ppl = [_f(m.group(2)) for m in kld_rows]
+        res.chunk_kld = [_f(m.group(4)) for m in kld_rows]
     meta = _META_SIZE.search(text)
     if meta:
         res.model_bytes = _f(meta.group(1)) * _UNIT[meta.group(2)]
