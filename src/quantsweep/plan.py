@@ -926,7 +926,12 @@ def plan(table: GGUFTable, recipe_or_ftype: Any, imatrix: Any = None, *, has_ima
     name = str(getattr(table, "path", "") or "model")
     p = Plan(model=name, ftype=ft, options=opts, tensors=out, n_fallback=qs.n_fallback, has_imatrix=has_im,
              recipe=recipe_name)
+    requant = [t for t in out if t.quantized and t.src_type not in NOT_QUANTIZED]
+    if requant:
+        p.warnings.append(f"{len(requant)} tensor(s) are already quantized (e.g. {requant[0].name}: "
+                          f"{requant[0].src_type}); llama-quantize needs --allow-requantize")
     _rule_report(p, opts, table, recipe_or_ftype, strict)
+    _override_report(p, opts)
     _imatrix_report(p, im, has_im)
     return p
 
@@ -944,8 +949,10 @@ def _rule_report(p: Plan, opts: EngineOptions, table: GGUFTable, spec: Any, stri
     for i, (rx, ty) in enumerate(opts.custom):
         hits = [n for n in names if re.search(rx, n)]
         if not hits:
-            if strict and not optional[i]:
-                raise RecipeError(f"{where}: rules[{i}].match {rx!r} matches no tensor of {p.model}")
+            if not optional[i]:
+                if strict:
+                    raise RecipeError(f"{where}: rules[{i}].match {rx!r} matches no tensor of {p.model}")
+                p.warnings.append(f"rules[{i}] {rx}={ty} matches no tensor")
             continue
         if i not in won:
             p.warnings.append(f"rules[{i}] {rx}={ty} never applies: its {len(hits)} tensor(s) "
@@ -963,10 +970,27 @@ def _rule_report(p: Plan, opts: EngineOptions, table: GGUFTable, spec: Any, stri
         p.warnings.append(f"the engine ignores --custom-q with {'--pure' if opts.pure else 'ftype ' + opts.ftype}")
 
 
+def _override_report(p: Plan, opts: EngineOptions) -> None:
+    """CLI type overrides the engine does not honour as asked (interleaving constraints)."""
+    for flag, want, match in (("token_embd", opts.token_embd, lambda n: n == "token_embd.weight"),
+                              ("output", opts.output, lambda n: n == "output.weight"),
+                              ("ffn_gate_inp", opts.ffn_gate_inp, lambda n: "ffn_gate_inp.weight" in n)):
+        if want is None:
+            continue
+        got = [t for t in p.tensors if match(t.name) and t.type != want and (t.quantized or t.src_type != want)]
+        if got:
+            t = got[0]
+            why = ("token embeddings cannot be row-interleaved" if t.name == "token_embd.weight"
+                   else f"{t.shape[1] if len(t.shape) > 1 else 1} rows are not a multiple of the interleave")
+            p.warnings.append(f"{flag}: {want} asked, the engine writes {t.type} for {len(got)} tensor(s) "
+                              f"(e.g. {t.name}: {why})")
+
+
 def _imatrix_report(p: Plan, im: Any, has_im: bool) -> None:
-    need = [t for t in p.tensors if t.quantized and needs_imatrix(t.selected, p.ftype)
-            and t.name not in ("token_embd.weight", "output.weight")]
+    """What the engine's per-tensor imatrix lookup (1462-1537) would do, in file order."""
+    exempt = ("token_embd.weight", "output.weight")
     if im is None:
+        need = [t for t in p.tensors if t.quantized and needs_imatrix(t.selected, p.ftype) and t.name not in exempt]
         if not has_im:
             if p.ftype in FTYPES_NEED_IMATRIX:
                 p.warnings.append(f"llama-quantize refuses ftype {p.ftype} without --imatrix")
@@ -977,22 +1001,22 @@ def _imatrix_report(p: Plan, im: Any, has_im: bool) -> None:
     from .imatrix import engine_lookup
 
     names = set(im.entries)
-    missing = [t for t in need if engine_lookup(names, t.name) is None]
-    if missing:
-        t = missing[0]
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise ImatrixError(f"imatrix has no data for {t.name} ({t.selected} needs it){more}: "
-                           "llama-quantize would abort with 'Missing importance matrix'")
+    problems: list[str] = []
     for t in p.tensors:
-        if not t.quantized or t.name == "token_embd.weight":
+        if not t.quantized:
             continue
         key = engine_lookup(names, t.name)
-        if key is None:
-            continue
-        want = t.shape[0] * (t.shape[2] if len(t.shape) > 2 else 1)
-        if im.entries[key].nval != want:
-            raise ImatrixError(f"imatrix entry {key} has {im.entries[key].nval} values, {t.name} needs {want}: "
-                               "llama-quantize would abort (remap the imatrix for this model)")
+        if key is not None:
+            want = t.shape[0] * (t.shape[2] if len(t.shape) > 2 else 1)
+            if im.entries[key].nval != want and t.name != "token_embd.weight":
+                problems.append(f"imatrix entry {key} has {im.entries[key].nval} values but {t.name} needs {want} "
+                                "(llama-quantize aborts; remap the imatrix for this model)")
+        elif needs_imatrix(t.selected, p.ftype) and t.name not in exempt:
+            problems.append(f"imatrix has no data for {t.name}, planned as {t.selected} which needs it "
+                            "(llama-quantize aborts with 'Missing importance matrix')")
+    if problems:
+        more = f" [and {len(problems) - 1} more]" if len(problems) > 1 else ""
+        raise ImatrixError(problems[0] + more)
 
 
 # --------------------------------------------------------------------------------------
@@ -1046,7 +1070,13 @@ V3 = {
 
 
 def deepseek_v3_table(layout: str = "ik", source_type: str = "bf16") -> GGUFTable:
-    """The tensor table of a DeepSeek-V3/R1 GGUF, from shapes alone.
+    """The tensor table of a DeepSeek-V3/R1 GGUF, from shapes alone (see deepseek2_table)."""
+    return deepseek2_table(layout=layout, source_type=source_type)
+
+
+def deepseek2_table(layout: str = "ik", source_type: str = "bf16", **dims: int) -> GGUFTable:
+    """The tensor table of a DeepSeek-V3/R1 GGUF, from shapes alone; `dims` override V3's sizes
+    (keys of V3, e.g. n_embd=256, n_expert=8 for a small model with V3's names and layer count).
 
     layout "ik" (default): attn_kv_b plus 2-D attn_k_b/attn_v_b, 1147 tensors, in the order of
     the ik/evshiron-converted BF16 GGUFs (as logged in ik_llama.cpp issue #296 / PR #185);
@@ -1056,7 +1086,10 @@ def deepseek_v3_table(layout: str = "ik", source_type: str = "bf16") -> GGUFTabl
     """
     if layout not in ("ik", "kv_b", "mainline"):
         raise ValueError(f"layout {layout!r} is not one of ik, kv_b, mainline")
-    c = V3
+    unknown = set(dims) - set(V3)
+    if unknown:
+        raise ValueError(f"unknown dimension(s) {sorted(unknown)}; known: {sorted(V3)}")
+    c = {**V3, **dims}
     src = BY_NAME[source_type].id
     f32 = BY_NAME["f32"].id
     E, H = c["n_embd"], c["n_head"]
@@ -1110,7 +1143,7 @@ def deepseek_v3_table(layout: str = "ik", source_type: str = "bf16") -> GGUFTabl
     a = "deepseek2"
     kv = {
         "general.architecture": a,
-        "general.name": "DeepSeek-V3 (shapes only)",
+        "general.name": "DeepSeek-V3 (shapes only)" if not dims else "DeepSeek2 (shapes only)",
         "general.file_type": {"bf16": 32, "f16": 1, "f32": 0}.get(source_type, 32),
         f"{a}.block_count": c["n_layer"],
         f"{a}.context_length": 163840,
@@ -1128,7 +1161,7 @@ def deepseek_v3_table(layout: str = "ik", source_type: str = "bf16") -> GGUFTabl
         f"{a}.attention.kv_lora_rank": c["kv_lora"],
         f"{a}.expert_feed_forward_length": c["n_ff_exp"],
         f"{a}.expert_count": c["n_expert"],
-        f"{a}.expert_used_count": c["n_expert_used"],
+        f"{a}.expert_used_count": min(c["n_expert_used"], c["n_expert"]),
         f"{a}.expert_shared_count": 1,
         f"{a}.expert_weights_scale": 2.5,
         f"{a}.expert_weights_norm": True,
@@ -1138,8 +1171,8 @@ def deepseek_v3_table(layout: str = "ik", source_type: str = "bf16") -> GGUFTabl
     if layout == "mainline":
         kv[f"{a}.attention.key_length_mla"] = c["qk_nope"] + c["qk_rope"]
         kv[f"{a}.attention.value_length_mla"] = c["v_head"]
-    return GGUFTable(path=Path(f"DeepSeek-V3-{layout}-{source_type}"), version=3, kv=kv, tensors=tensors,
-                     data_offset=0)
+    label = "DeepSeek-V3" if not dims else "DeepSeek2-" + "-".join(f"{k}{v}" for k, v in sorted(dims.items()))
+    return GGUFTable(path=Path(f"{label}-{layout}-{source_type}"), version=3, kv=kv, tensors=tensors, data_offset=0)
 
 
 def write_shape_gguf(table: GGUFTable, path: str | Path, alignment: int = 32) -> int:
