@@ -87,3 +87,38 @@ def test_external_imatrix_replaces_the_passes(tmp_path):
     bad = make_workdir(tmp_path / "bad", {"imatrix": {"passes": [], "external": []}})
     r = smk(bad, "-n")
     assert r.returncode != 0 and "config imatrix: passes and external are both empty" in r.stdout + r.stderr
+
+
+def test_recipe_quant_wiring(tmp_path):
+    """A recipe entry compiles to the engine flags in both the check and the quantize command."""
+    wd = make_workdir(tmp_path / "wd", {"quants": [{"recipe": "config/recipes/tiny-mix-iq2.yaml"}]})
+    r = smk(wd, "-n", "-p")
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    recipe = str(ROOT / "config" / "recipes" / "tiny-mix-iq2.yaml")  # found beside the workflow
+    assert f"quantsweep quantize --bin-dir resources/engine/bin --model resources/models/tiny.gguf --recipe {recipe}" in out
+    assert f"quantsweep imatrix check --bin-dir resources/engine/bin --model resources/models/tiny.gguf --recipe {recipe}" in out
+    assert "results/quants/tiny/tiny-tiny-mix-iq2.gguf" in out
+    bad = make_workdir(tmp_path / "bad", {"quants": [{"recipe": "config/recipes/nope.yaml"}]})
+    r = smk(bad, "-n")
+    assert r.returncode != 0 and "config quants[0].recipe: " in r.stdout + r.stderr
+
+
+def test_recipe_cli_plan_json_and_args(tmp_path):
+    import json
+
+    from quantsweep.recipes import engine_args, load_recipe
+
+    rec = ROOT / "config" / "recipes" / "deepseek-v3-iq4_ks_r4.yaml"
+    r = subprocess.run([sys.executable, "-m", "quantsweep.cli", "recipe", "plan", "--model", "deepseek-v3", str(rec),
+                        "--json"], capture_output=True, text=True, check=True)
+    p = json.loads(r.stdout)
+    assert {"name", "type", "nbytes"} <= set(p["tensors"][0]) and len(p["tensors"]) == 1147
+    assert p["total_bytes"] == sum(t["nbytes"] for t in p["tensors"])
+    assert p["gib"] == pytest.approx(p["total_bytes"] / 2**30)
+    assert round(p["gib"], 3) == 338.456  # published size of this recipe (see its header)
+    r = subprocess.run([sys.executable, "-m", "quantsweep.cli", "recipe", "args", str(rec)],
+                       capture_output=True, text=True, check=True)
+    import shlex
+
+    assert shlex.split(r.stdout) == engine_args(load_recipe(rec))

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import ROOT, make_workdir, smk
 from quantsweep import logparse
-from quantsweep.config import parse_quants
+from quantsweep.config import parse_quants, resolve_recipe_paths
 from quantsweep.gguf_table import read_table
 from quantsweep.summary import read_csv
 
@@ -22,7 +22,8 @@ import yaml
 
 pytestmark = pytest.mark.e2e
 
-QUANTS = parse_quants(yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["quants"])
+QUANTS = parse_quants(resolve_recipe_paths(yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["quants"],
+                                           str(ROOT)))
 
 
 @pytest.fixture(scope="session")
@@ -221,3 +222,15 @@ def test_reference_quant_writes_the_base_logits(ref_demo):
     md = (ref_demo / "results" / "report" / "summary.md").read_text()
     assert "reference: reference quant Q8_0 (results/quants/tiny/tiny-Q8_0.gguf)" in md
     assert "| tiny | Q8_0 (reference) |" in md
+
+
+def test_predicted_sizes_match_engine_and_files(demo):
+    """For every quant (recipes included): our plan's bytes equal the tensor data the engine
+    wrote, and the engine's own 'quant size' agrees within its print rounding."""
+    assert any(q.recipe for q in QUANTS)
+    for q in QUANTS:
+        rec = json.loads((demo / "results" / "quants" / "tiny" / f"tiny-{q.name}.json").read_text())
+        assert rec["predicted_bytes"] == rec["tensor_bytes"], q.name
+        assert rec["file_bytes"] == (demo / "results" / "quants" / "tiny" / f"tiny-{q.name}.gguf").stat().st_size
+        assert abs(rec["quant_mib"] * 2**20 - rec["predicted_bytes"]) <= 0.005 * 2**20 + 1, q.name
+        assert abs(rec["file_bytes"] - rec["predicted_bytes"]) / rec["file_bytes"] < 0.005, q.name

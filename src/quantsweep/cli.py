@@ -118,40 +118,80 @@ def _imatrix_check(a) -> None:
     from .gguf_table import read_table
     from .steps import quantize_plan
 
+    ftype, extra = _recipe_args(a.recipe, a.type)
     if a.log:
-        plan = quantize_plan(Path(a.bin_dir), Path(a.model), a.type, Path(a.log))
+        plan = quantize_plan(Path(a.bin_dir), Path(a.model), ftype, Path(a.log), extra=extra)
     else:
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
-            plan = quantize_plan(Path(a.bin_dir), Path(a.model), a.type, Path(tmp) / "dry-run.log")
+            plan = quantize_plan(Path(a.bin_dir), Path(a.model), ftype, Path(tmp) / "dry-run.log", extra=extra)
     data = im.read_any(a.imatrix)
-    problems = im.check(data, read_table(a.model), plan, a.type)
+    problems = im.check(data, read_table(a.model), plan, ftype)
     n_typed = sum(1 for v in plan.values() if v)
     if a.json:
-        report = json.dumps({"ftype": a.type, "tensors_quantized": n_typed,
+        report = json.dumps({"ftype": ftype, "recipe": a.recipe or None, "tensors_quantized": n_typed,
                              "problems": [asdict(p) for p in problems]}, indent=1) + "\n"
     else:
         lines = [f"{p.tensor:40s} {p.type:10s} {p.entry:40s} {p.problem}" for p in problems]
         verdict = "FAIL" if problems else "OK"
-        report = "\n".join([f"{verdict}: {a.imatrix} for {a.model} at {a.type}: {n_typed} tensors quantized, "
+        what = a.recipe or ftype
+        report = "\n".join([f"{verdict}: {a.imatrix} for {a.model} at {what}: {n_typed} tensors quantized, "
                             f"{len(problems)} problem(s)", *lines]) + "\n"
     if problems:
         sys.stderr.write(report)
-        raise RuntimeError(f"imatrix check failed: {len(problems)} problem(s) for {a.type} (table above)")
+        raise RuntimeError(f"imatrix check failed: {len(problems)} problem(s) for {a.recipe or ftype} (table above)")
     if a.output:
         write_text(a.output, report)
     sys.stdout.write(report)
 
 
+def _recipe_args(recipe: str, ftype: str) -> tuple[str, list[str]]:
+    """(positional ftype, option flags) for a recipe file, or (ftype, []) without one."""
+    if not recipe:
+        return ftype, []
+    from .recipes import engine_args, load_recipe
+
+    args = engine_args(load_recipe(recipe))
+    return args[-1], args[:-1]
+
+
 def _quantize(a) -> None:
     from .fileio import write_json
+    from .gguf_table import read_table
+    from .plan import plan
+    from .recipes import recipe_or_ftype
     from .steps import quantize
 
-    rec = quantize(Path(a.bin_dir), Path(a.model), Path(a.output), Path(a.log), a.ftype, a.threads,
-                   Path(a.imatrix) if a.imatrix else None)
+    ftype, extra = _recipe_args(a.recipe, a.ftype)
+    # the size we predict from the header alone, kept beside what the engine then reports
+    predicted = plan(read_table(a.model), recipe_or_ftype(a.recipe or a.ftype),
+                     has_imatrix=bool(a.imatrix), strict=False)
+    rec = quantize(Path(a.bin_dir), Path(a.model), Path(a.output), Path(a.log), ftype, a.threads,
+                   Path(a.imatrix) if a.imatrix else None, extra)
+    out = read_table(a.output)
+    rec.update(predicted_bytes=predicted.total_bytes, tensor_bytes=out.total_bytes,
+               file_bytes=Path(a.output).stat().st_size, recipe=a.recipe or None, ftype=ftype)
     if a.record:
         write_json(a.record, rec)
+
+
+def _recipe_plan(a) -> None:
+    from .gguf_table import read_table
+    from .plan import deepseek_v3_table
+    from .recipes import plan, recipe_or_ftype
+
+    table = deepseek_v3_table() if a.model == "deepseek-v3" else read_table(a.model)
+    p = plan(table, recipe_or_ftype(a.recipe), a.imatrix or None)
+    print(p.to_json() if a.json else p.summary())
+
+
+def _recipe_args_cmd(a) -> None:
+    import shlex
+
+    from .recipes import engine_args, load_recipe
+
+    print(shlex.join(engine_args(load_recipe(a.recipe))))
 
 
 def _eval_settings(a):
@@ -284,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = imx.add_parser("check", help="pre-flight: does IMATRIX cover what quantizing MODEL at TYPE needs?")
     p.add_argument("--bin-dir", required=True, help="engine bin dir (its --dry-run gives each tensor's type)")
     p.add_argument("--model", required=True)
-    p.add_argument("--type", required=True, help="llama-quantize FTYPE")
+    p.add_argument("--type", default="", help="llama-quantize FTYPE (or give --recipe)")
+    p.add_argument("--recipe", default="", help="recipe YAML: its base ftype and rules decide the types")
     p.add_argument("--log", default="", help="keep the engine's --dry-run output here")
     p.add_argument("-o", "--output", default="", help="write the report here when the check passes")
     p.add_argument("--json", action="store_true")
@@ -300,13 +341,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="run llama-quantize for one ftype")
     p.add_argument("--bin-dir", required=True)
     p.add_argument("--model", required=True)
-    p.add_argument("--ftype", required=True)
+    p.add_argument("--ftype", default="", help="llama-quantize FTYPE (or give --recipe)")
+    p.add_argument("--recipe", default="", help="recipe YAML (config/recipes/): base ftype + per-tensor rules")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--log", required=True)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--imatrix", default="")
     p.add_argument("--record", default="")
     p.set_defaults(func=_quantize)
+
+    rc = sub.add_parser("recipe", help="quantization recipes").add_subparsers(dest="sub", required=True)
+    p = rc.add_parser("plan", help="per tensor: the type the engine will use and its bytes; totals")
+    p.add_argument("--model", required=True, help="GGUF (header only is read), or 'deepseek-v3' for a V3-shaped table")
+    p.add_argument("--imatrix", default="", help="fitted imatrix: tensors needing one must have data")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("recipe", help="recipe YAML or an ftype name")
+    p.set_defaults(func=_recipe_plan)
+    p = rc.add_parser("args", help="the llama-quantize arguments a recipe compiles to")
+    p.add_argument("recipe")
+    p.set_defaults(func=_recipe_args_cmd)
 
     ev = sub.add_parser("eval", help="perplexity and KL divergence").add_subparsers(dest="sub", required=True)
     p = ev.add_parser("base", help="baseline PPL; writes the KLD base logits")

@@ -26,28 +26,55 @@ class Quant:
     name: str
     ftype: str
     imatrix: bool
+    recipe: str | None = None  # recipe YAML path (its base is `ftype`)
 
     @property
     def needs_imatrix(self) -> bool:
         return FTYPES[self.ftype]
 
 
+def resolve_recipe_paths(items: list, fallback_dir: str) -> list:
+    """Recipe paths are relative to the working directory; one not found there is looked up
+    relative to `fallback_dir` (the workflow's own directory, which ships config/recipes/)."""
+    import os
+
+    out = []
+    for item in items:
+        if isinstance(item, dict) and item.get("recipe") and not os.path.exists(item["recipe"]):
+            alt = os.path.join(fallback_dir, item["recipe"])
+            if os.path.exists(alt):
+                item = {**item, "recipe": alt}
+        out.append(item)
+    return out
+
+
 def parse_quants(items: list, key: str = "quants") -> list[Quant]:
-    """Entries are an ftype name, or {name, ftype, imatrix}."""
+    """Entries are an ftype name, or {name, ftype, imatrix}, or {name, recipe, imatrix}."""
     out: list[Quant] = []
     for i, item in enumerate(items):
         where = f"{key}[{i}]"
         if isinstance(item, str):
             item = {"ftype": item}
-        try:
-            ftype = canonical_ftype(item["ftype"])
-        except KeyError as e:
-            raise ConfigError(f"config {where}.ftype: {e.args[0]}; known: {', '.join(sorted(FTYPES))}") from None
+        recipe = item.get("recipe")
+        if recipe:
+            from .recipes import RecipeError, load_recipe
+
+            try:
+                r = load_recipe(recipe)
+            except (RecipeError, OSError) as e:
+                raise ConfigError(f"config {where}.recipe: {e}") from None
+            ftype, default_name = r.base, r.name
+        else:
+            try:
+                ftype = canonical_ftype(item["ftype"])
+            except KeyError as e:
+                raise ConfigError(f"config {where}.ftype: {e.args[0]}; known: {', '.join(sorted(FTYPES))}") from None
+            default_name = ftype
         use_imatrix = bool(item.get("imatrix", True))
-        name = item.get("name") or (ftype if use_imatrix else f"{ftype}-noimatrix")
+        name = item.get("name") or (default_name if use_imatrix else f"{default_name}-noimatrix")
         if not NAME_RE.match(name):
             raise ConfigError(f"config {where}.name: {name!r} must match {NAME_RE.pattern}")
-        q = Quant(name, ftype, use_imatrix)
+        q = Quant(name, ftype, use_imatrix, recipe or None)
         if q.needs_imatrix and not use_imatrix:
             raise ConfigError(f"config {where}: {ftype} cannot be made without an imatrix (the engine refuses)")
         out.append(q)

@@ -58,22 +58,24 @@ def collect_imatrix(bin_dir: Path, model: Path, text: Path, out: Path, log: Path
 
 
 def quantize(bin_dir: Path, model: Path, out: Path, log: Path, ftype: str, threads: int,
-             imatrix: Path | None = None) -> dict:
+             imatrix: Path | None = None, extra: list[str] | None = None) -> dict:
+    """extra: recipe options (--custom-q, --token-embedding-type, ...) before the positionals."""
     with partial_path(out) as tmp:
-        cmd = commands.quantize_cmd(bin_dir, model, tmp, ftype, threads, imatrix)
+        cmd = commands.quantize_cmd(bin_dir, model, tmp, ftype, threads, imatrix, extra)
         rc, text, wall = run_logged(cmd, log)
         res = _check(rc, text, logparse.parse_quantize, log, f"quantize {ftype}")
-    return {**asdict(res), "wall_s": round(wall, 2)}
+    return {**asdict(res), "wall_s": round(wall, 2), "cmd": cmd}
 
 
-def quantize_plan(bin_dir: Path, model: Path, ftype: str, log: Path, threads: int = 1) -> dict[str, str | None]:
+def quantize_plan(bin_dir: Path, model: Path, ftype: str, log: Path, threads: int = 1,
+                  extra: list[str] | None = None) -> dict[str, str | None]:
     """The type the engine gives each tensor for `ftype`: llama-quantize --dry-run (writes nothing,
     reads only the header through mmap), with --ignore-imatrix-rules so it lists every tensor."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         cmd = commands.quantize_cmd(bin_dir, model, Path(tmp) / "dry-run.gguf", ftype, threads, None,
-                                    ["--dry-run", "--ignore-imatrix-rules"])
+                                    [*(extra or []), "--dry-run", "--ignore-imatrix-rules"])
         rc, text, _ = run_logged(cmd, log)
     _check(rc, text, logparse.parse_quantize, log, f"quantize --dry-run {ftype}")
     return logparse.parse_quantize_tensors(text)

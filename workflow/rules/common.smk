@@ -7,6 +7,7 @@ from snakemake.utils import validate
 from quantsweep import config as qconfig
 
 validate(config, schema="../schemas/config.schema.yaml")
+config["quants"] = qconfig.resolve_recipe_paths(config["quants"], workflow.basedir)
 try:
     qconfig.check(config)
 except qconfig.ConfigError as e:
@@ -94,8 +95,20 @@ def get_imatrix_arg(wildcards, input):
     return ["--imatrix", input.imatrix] if "imatrix" in input.keys() else []
 
 
-def get_ftype(wildcards):
-    return QUANTS[wildcards.quant].ftype
+def get_type_args(wildcards):
+    """`--recipe FILE` for a recipe quant, else `--ftype FTYPE` (quantize; check uses --type)."""
+    q = QUANTS[wildcards.quant]
+    return ["--recipe", q.recipe] if q.recipe else ["--ftype", q.ftype]
+
+
+def get_check_input(wildcards):
+    q = QUANTS[wildcards.quant]
+    return {"recipe": q.recipe} if q.recipe else {}
+
+
+def get_check_type_args(wildcards):
+    q = QUANTS[wildcards.quant]
+    return ["--recipe", q.recipe] if q.recipe else ["--type", q.ftype]
 
 
 def _quant_entry(model, q):

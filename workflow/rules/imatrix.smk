@@ -43,6 +43,7 @@ rule imatrix_remap:
 
 rule imatrix_check:
     input:
+        unpack(get_check_input),
         model=get_model,
         imatrix=rules.imatrix_remap.output,
         quantize=rules.engine_build.output.quantize,
@@ -54,7 +55,7 @@ rule imatrix_check:
         get_engine_env()
     params:
         bin_dir=get_bin_dir,
-        ftype=get_ftype,
+        type_args=get_check_type_args,
     shell:
         "quantsweep imatrix check --bin-dir {params.bin_dir:q} --model {input.model:q}"
-        " --type {params.ftype:q} -o {output:q} {input.imatrix:q} > {log:q} 2>&1"
+        " {params.type_args:q} -o {output:q} {input.imatrix:q} > {log:q} 2>&1"

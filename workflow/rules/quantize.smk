@@ -14,9 +14,9 @@ rule quantize:
         runtime=runtime_engine,
     params:
         bin_dir=get_bin_dir,
-        ftype=get_ftype,
+        type_args=get_type_args,
         imatrix=get_imatrix_arg,
     shell:
         "quantsweep quantize --bin-dir {params.bin_dir:q} --model {input.model:q}"
-        " --ftype {params.ftype:q} {params.imatrix:q} -o {output.gguf:q}"
+        " {params.type_args:q} {params.imatrix:q} -o {output.gguf:q}"
         " --record {output.record:q} --log {log:q} --threads {threads}"
