@@ -101,9 +101,12 @@ def write_header_only_gguf(path: Path) -> None:
             off += (n + 31) // 32 * 32
 
 
-def timed(cmd: list[str]) -> tuple[float, int]:
+def timed(cmd: list[str], output: Path) -> tuple[float, int]:
     """Wall seconds and peak RSS (bytes) of one command, by GNU time (ru_maxrss of a child
-    forked from this process would count this process's memory before the exec)."""
+    forked from this process would count this process's memory before the exec). The output
+    is removed first, so cp and quantsweep both write a fresh file (quantsweep writes a temp
+    name and renames it; replacing an existing 1 GB file would add the cost of freeing it)."""
+    output.unlink(missing_ok=True)
     t0 = time.monotonic()
     r = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wall = time.monotonic() - t0
@@ -128,7 +131,7 @@ def main() -> None:
         qs = [sys.executable, "-m", "quantsweep.cli", "imatrix"]
         ops = {
             "cp": ["cp", str(dat), str(work / "copy.dat")],
-            "python startup": [sys.executable, "-c", "import quantsweep.cli, numpy"],
+            "python startup": [sys.executable, "-c", "import quantsweep.cli, numpy", str(work / "none")],
             "convert dat->gguf": qs + ["convert", str(dat), "-o", str(work / "v3.gguf"), "--model", str(model)],
             "convert gguf->dat": qs + ["convert", str(work / "v3.gguf"), "-o", str(work / "back.dat")],
             "merge (2 inputs)": qs + ["merge", "-o", str(work / "merged.dat"), str(dat), str(work / "copy.dat")],
@@ -138,7 +141,8 @@ def main() -> None:
         print(f"{'operation':20s} {'wall s':>8s} {'x cp':>6s} {'peak RSS MB':>12s} {'x input':>8s}")
         base = None
         for name, cmd in ops.items():
-            best = min((timed(cmd) for _ in range(a.repeat)), key=lambda r: r[0])
+            out = Path(cmd[cmd.index("-o") + 1]) if "-o" in cmd else Path(cmd[-1])
+            best = min((timed(cmd, out) for _ in range(a.repeat)), key=lambda r: r[0])
             base = base or best[0]
             # merge reads two 1 GB inputs: its fair baseline is cp of both (2x cp)
             ratio = best[0] / (2 * base if name.startswith("merge") else base)
