@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .ggml_types import FTYPES, canonical_ftype
+from .ggml_types import FTYPES
+from .plan import FTYPES_NEED_IMATRIX, PlanError, canonical_ftype
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 # eval.reference value meaning "the unquantized model writes the KLD base logits"
@@ -30,7 +31,7 @@ class Quant:
 
     @property
     def needs_imatrix(self) -> bool:
-        return FTYPES[self.ftype]
+        return self.ftype in FTYPES_NEED_IMATRIX
 
 
 def resolve_recipe_paths(items: list, fallback_dir: str) -> list:
@@ -67,8 +68,9 @@ def parse_quants(items: list, key: str = "quants") -> list[Quant]:
         else:
             try:
                 ftype = canonical_ftype(item["ftype"])
-            except KeyError as e:
-                raise ConfigError(f"config {where}.ftype: {e.args[0]}; known: {', '.join(sorted(FTYPES))}") from None
+            except PlanError:
+                raise ConfigError(f"config {where}.ftype: unknown quant type {item['ftype']!r}; "
+                                  f"known: {', '.join(sorted(FTYPES))}") from None
             default_name = ftype
         use_imatrix = bool(item.get("imatrix", True))
         name = item.get("name") or (default_name if use_imatrix else f"{default_name}-noimatrix")

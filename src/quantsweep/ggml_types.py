@@ -101,10 +101,3 @@ FTYPES: dict[str, bool] = {
     ], True),
 }
 
-
-def canonical_ftype(name: str) -> str:
-    """The engine's ftype spelling for a case-insensitive name; KeyError names the bad one."""
-    up = name.upper()
-    if up not in FTYPES:
-        raise KeyError(f"unknown quant type {name!r}")
-    return up

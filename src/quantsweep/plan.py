@@ -163,9 +163,7 @@ NEEDS_IMATRIX = frozenset({
     G.IQ1_M, G.IQ1_M_R4, G.IQ1_KT, G.IQ2_KT,
 })
 # quantize.cpp:611-623: ftypes refused outright without --imatrix.
-FTYPES_NEED_IMATRIX = frozenset({
-    "IQ2_XS", "IQ2_XXS", "IQ2_S", "IQ2_XXS_R4", "Q2_K_S", "IQ2_XS_R4", "IQ1_S", "IQ1_S_R4", "IQ1_M_R4", "IQ1_M",
-})
+FTYPES_NEED_IMATRIX = frozenset(name for name, needs in ggml_types.FTYPES.items() if needs)
 
 
 def needs_imatrix(type_name: str, ftype: str) -> bool:
