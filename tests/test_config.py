@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -122,3 +123,18 @@ def test_recipe_cli_plan_json_and_args(tmp_path):
     import shlex
 
     assert shlex.split(r.stdout) == engine_args(load_recipe(rec))
+
+
+def test_several_models_fan_out(tmp_path):
+    """Every quant of the sweep is made and evaluated for every model of the config."""
+    wd = make_workdir(tmp_path / "wd", {"models": {"tiny": {"source": "tiny"},
+                                                   "tiny2d": {"source": "tiny", "split_kv_b": True}}})
+    r = smk(wd, "-n")
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    n_quants = len(yaml.safe_load((ROOT / "config/config.yaml").read_text())["quants"])
+    stats = dict(re.findall(r"^(\w+)\s+(\d+)$", out, re.M))
+    assert int(stats["quantize"]) == 2 * n_quants and int(stats["eval_quant"]) == 2 * n_quants
+    assert int(stats["tiny_model"]) == 2 and int(stats["imatrix_collect"]) == 4
+    for model in ("tiny", "tiny2d"):
+        assert f"results/quants/{model}/{model}-IQ2_XS.gguf" in out
