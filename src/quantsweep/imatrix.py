@@ -444,6 +444,11 @@ NEEDS_IMATRIX = frozenset({
 })
 
 
+def needs_imatrix(type_name: str, ftype: str) -> bool:
+    """Does the engine refuse to quantize a tensor to `type_name` (under `ftype`) without data?"""
+    return type_name in NEEDS_IMATRIX or (type_name == "q2_K" and ftype.upper() == "Q2_K_S")
+
+
 def engine_lookup(names, tensor: str) -> str | None:
     """The imatrix entry llama-quantize uses for `tensor`: exact name, then its fallbacks."""
     if tensor in names:
@@ -486,7 +491,7 @@ def check(im: Imatrix, model: GGUFTable, plan: dict[str, str | None], ftype: str
         new = plan.get(t.name)
         if new is None:
             continue
-        requires = (new in NEEDS_IMATRIX or (new == "q2_K" and ftype.upper() == "Q2_K_S")) and t.name not in (
+        requires = needs_imatrix(new, ftype) and t.name not in (
             "token_embd.weight", "output.weight")
         key = engine_lookup(names, t.name)
         if key is None:

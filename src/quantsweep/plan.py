@@ -48,6 +48,7 @@ from typing import Any, Iterable
 from . import ggml_types
 from .ggml_types import BY_NAME
 from .gguf_table import GGUFTable, TensorInfo
+from .imatrix import needs_imatrix
 
 # --------------------------------------------------------------------------------------
 # errors
@@ -156,18 +157,8 @@ def change_type_if_necessary(new_type: str, ne0: int, name: str = "") -> str:
     return _FALLBACK[new_type]
 
 
-# Types the engine refuses to make without imatrix data ("Missing importance matrix ... very
-# low-bit quantization"); q2_K only under ftype Q2_K_S. token_embd/output are exempt.
-NEEDS_IMATRIX = frozenset({
-    G.IQ2_XXS, G.IQ2_XXS_R4, G.IQ2_XS, G.IQ2_XS_R4, G.IQ2_S, G.IQ2_S_R4, G.IQ1_S, G.IQ1_S_R4,
-    G.IQ1_M, G.IQ1_M_R4, G.IQ1_KT, G.IQ2_KT,
-})
 # quantize.cpp:611-623: ftypes refused outright without --imatrix.
 FTYPES_NEED_IMATRIX = frozenset(name for name, needs in ggml_types.FTYPES.items() if needs)
-
-
-def needs_imatrix(type_name: str, ftype: str) -> bool:
-    return type_name in NEEDS_IMATRIX or (type_name == G.Q2_K and ftype == "Q2_K_S")
 
 
 def canonical_ftype(name: str) -> str:

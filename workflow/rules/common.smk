@@ -15,7 +15,6 @@ except qconfig.ConfigError as e:
 
 MODELS = sorted(config["models"])
 QUANTS = {q.name: q for q in qconfig.parse_quants(config["quants"])}
-ENGINE_TOOLS = ["llama-imatrix", "llama-quantize", "llama-perplexity"]
 # What each model's KLD base logits come from: "base" (the unquantized model) or a quant name.
 REFERENCES = {m: qconfig.reference_of(config, m) for m in MODELS}
 # Models whose reference is a quant (rule eval_reference); a regex that matches nothing if none.
