@@ -26,32 +26,7 @@ from pathlib import Path
 import numpy as np
 
 N_LAYER, N_DENSE, N_EMBD, N_HEAD, N_EXPERT = 61, 3, 7168, 128, 256
-Q_LORA, KV_LORA, NOPE, ROPE, V_HEAD, N_FF, N_FF_EXP, N_VOCAB = 1536, 512, 128, 64, 128, 18432, 2048, 129280
-
-
-def v3_tensors() -> list[tuple[str, tuple[int, ...]]]:
-    """DeepSeek-V3 tensor table in GGUF order (ne0 first), ik layout with 2-D k_b/v_b."""
-    t = [("token_embd.weight", (N_EMBD, N_VOCAB)), ("output_norm.weight", (N_EMBD,)), ("output.weight", (N_EMBD, N_VOCAB))]
-    for i in range(N_LAYER):
-        p = f"blk.{i}."
-        t += [(p + "attn_norm.weight", (N_EMBD,)), (p + "attn_q_a_norm.weight", (Q_LORA,)),
-              (p + "attn_kv_a_norm.weight", (KV_LORA,)), (p + "attn_q_a.weight", (N_EMBD, Q_LORA)),
-              (p + "attn_q_b.weight", (Q_LORA, N_HEAD * (NOPE + ROPE))),
-              (p + "attn_kv_a_mqa.weight", (N_EMBD, KV_LORA + ROPE)),
-              (p + "attn_kv_b.weight", (KV_LORA, N_HEAD * (NOPE + V_HEAD))),
-              (p + "attn_k_b.weight", (NOPE, N_HEAD * KV_LORA)), (p + "attn_v_b.weight", (KV_LORA, N_HEAD * V_HEAD)),
-              (p + "attn_output.weight", (N_HEAD * V_HEAD, N_EMBD)), (p + "ffn_norm.weight", (N_EMBD,))]
-        if i < N_DENSE:
-            t += [(p + "ffn_gate.weight", (N_EMBD, N_FF)), (p + "ffn_up.weight", (N_EMBD, N_FF)),
-                  (p + "ffn_down.weight", (N_FF, N_EMBD))]
-        else:
-            t += [(p + "ffn_gate_inp.weight", (N_EMBD, N_EXPERT)), (p + "exp_probs_b.bias", (N_EXPERT,)),
-                  (p + "ffn_gate_exps.weight", (N_EMBD, N_FF_EXP, N_EXPERT)),
-                  (p + "ffn_up_exps.weight", (N_EMBD, N_FF_EXP, N_EXPERT)),
-                  (p + "ffn_down_exps.weight", (N_FF_EXP, N_EMBD, N_EXPERT)),
-                  (p + "ffn_gate_shexp.weight", (N_EMBD, N_FF_EXP)), (p + "ffn_up_shexp.weight", (N_EMBD, N_FF_EXP)),
-                  (p + "ffn_down_shexp.weight", (N_FF_EXP, N_EMBD))]
-    return t
+Q_LORA, KV_LORA, NOPE, V_HEAD, N_FF, N_FF_EXP = 1536, 512, 128, 128, 18432, 2048
 
 
 def imatrix_entries() -> list[tuple[str, int]]:
@@ -89,7 +64,9 @@ def write_header_only_gguf(path: Path) -> None:
     def s(x: str) -> bytes:
         return struct.pack("<Q", len(x.encode())) + x.encode()
 
-    tensors = v3_tensors()
+    from quantsweep.plan import deepseek_v3_table
+
+    tensors = [(t.name, t.shape) for t in deepseek_v3_table().tensors]
     with open(path, "wb") as f:
         f.write(b"GGUF" + struct.pack("<IQQ", 3, len(tensors), 1))
         f.write(s("general.architecture") + struct.pack("<I", 8) + s("deepseek2"))
