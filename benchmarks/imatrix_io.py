@@ -82,8 +82,14 @@ def timed(cmd: list[str], output: Path) -> tuple[float, int]:
     """Wall seconds and peak RSS (bytes) of one command, by GNU time (ru_maxrss of a child
     forked from this process would count this process's memory before the exec). The output
     is removed first, so cp and quantsweep both write a fresh file (quantsweep writes a temp
-    name and renames it; replacing an existing 1 GB file would add the cost of freeing it)."""
+    name and renames it; replacing an existing 1 GB file would add the cost of freeing it).
+    This machine's timings of a 1 GB write vary up to 5x from run to run (page reclaim,
+    writeback): compare best against best."""
     output.unlink(missing_ok=True)
+    # write back what earlier steps wrote (inputs, the last output) outside the timed span,
+    # else that writeback competes with whichever command runs next
+    os.sync()
+    time.sleep(0.5)
     t0 = time.monotonic()
     r = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wall = time.monotonic() - t0
@@ -96,7 +102,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default="")
     ap.add_argument("--keep", action="store_true")
-    ap.add_argument("--repeat", type=int, default=3, help="runs per operation; the best is reported")
+    ap.add_argument("--repeat", type=int, default=5, help="rounds; the best of each operation is compared")
     a = ap.parse_args()
     work = Path(a.dir or tempfile.mkdtemp(prefix="qs-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -115,17 +121,23 @@ def main() -> None:
             "remap": qs + ["remap", "--model", str(model), "-o", str(work / "remapped.dat"), str(dat)],
         }
         print(f"imatrix: {size / 1e9:.3f} GB, {len(imatrix_entries())} entries; machine: {os.cpu_count()} cores")
-        print(f"{'operation':20s} {'wall s':>8s} {'x cp':>6s} {'peak RSS MB':>12s} {'x input':>8s}")
-        base = None
-        for name, cmd in ops.items():
-            out = Path(cmd[cmd.index("-o") + 1]) if "-o" in cmd else Path(cmd[-1])
-            best = min((timed(cmd, out) for _ in range(a.repeat)), key=lambda r: r[0])
-            base = base or best[0]
+        print(f"{'operation':20s} {'best s':>8s} {'median':>8s} {'x cp':>6s} {'peak RSS MB':>12s} {'x input':>8s}")
+        runs: dict[str, list[tuple[float, int]]] = {name: [] for name in ops}
+        # rounds of every operation in turn, so a slow spell of the machine (page reclaim, a
+        # neighbour) hits all of them alike; the best of each is compared
+        for _ in range(a.repeat):
+            for name, cmd in ops.items():
+                out = Path(cmd[cmd.index("-o") + 1]) if "-o" in cmd else Path(cmd[-1])
+                runs[name].append(timed(cmd, out))
+        base = min(w for w, _ in runs["cp"])
+        for name, rs in runs.items():
+            best, median = min(w for w, _ in rs), sorted(w for w, _ in rs)[len(rs) // 2]
+            rss = max(m for _, m in rs)
             # merge reads two 1 GB inputs: its fair baseline is cp of both (2x cp)
-            ratio = best[0] / (2 * base if name.startswith("merge") else base)
-            print(f"{name:20s} {best[0]:8.2f} {ratio:6.2f} {best[1] / 2**20:12.1f} {best[1] / size:8.3f}")
-        print("x cp: wall time over cp of the same bytes (merge: over cp of both inputs);"
-              " x input: peak RSS over the largest input file")
+            ratio = best / (2 * base if name.startswith("merge") else base)
+            print(f"{name:20s} {best:8.2f} {median:8.2f} {ratio:6.2f} {rss / 2**20:12.1f} {rss / size:8.3f}")
+        print("wall s: best and median of the rounds; x cp: best over cp's best for the same bytes"
+              " (merge: over cp of both inputs); x input: peak RSS (worst round) over the largest input")
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -1,12 +1,18 @@
-"""Write-then-rename helpers: a step that fails leaves no half-written output behind."""
+"""Write-then-rename helpers (a step that fails leaves no half-written output behind) and a
+pipelined writer for large binary outputs."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import queue
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
 
 
 @contextlib.contextmanager
@@ -30,3 +36,131 @@ def write_text(path: str | Path, text: str) -> None:
 
 def write_json(path: str | Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+class PipeWriter:
+    """Writes a file from a background thread while the caller produces the next part.
+
+    Writing a new 1 GB file costs as much as cp does (page-cache allocation); reading,
+    checking and converting an imatrix entry costs about as much again. Done one after the
+    other that is 2x cp; overlapped on two cores it is close to 1x. The caller fills float32
+    buffers lent by buffer() (a pool of `nbuf`, grown to the largest entry, so memory stays a
+    few entries) and hands each back with commit(); small byte strings go through write();
+    copy() queues bytes taken unchanged from another file, which the kernel copies
+    (copy_file_range, as cp does) while the caller checks them. Order is kept. `f` must be
+    unbuffered (open(..., buffering=0)) so copies and writes share one file position. An
+    error in the thread is raised in the caller at its next call."""
+
+    COPY_BATCH = 16 << 20
+    COPY_STEP = 2 << 20
+
+    def __init__(self, f: BinaryIO, nbuf: int = 3):
+        self._f = f
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(nbuf):
+            self._free.put(np.empty(0, dtype=np.float32))
+        self._todo: queue.Queue = queue.Queue()
+        self._lent: np.ndarray | None = None
+        self._pending: tuple[int, int, int] | None = None  # a copy that the next may extend
+        self.pos = 0  # bytes queued so far: the file offset the next part lands at
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="PipeWriter", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._todo.get()) is not None:
+            data, buf = item
+            if self._error is None:
+                try:
+                    if isinstance(data, tuple):
+                        self._copy(*data)
+                    else:
+                        self._f.write(data)
+                except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                    self._error = e
+            if buf is not None:
+                self._free.put(buf)
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _copy(self, fd: int, offset: int, n: int) -> None:
+        out = self._f.fileno()
+        end = offset + n
+        while offset < end:
+            # calls that end on 2 MiB boundaries of the source: measured 1.3x faster here
+            # than the same bytes in calls of arbitrary (entry-sized) lengths
+            step = min(end, (offset // self.COPY_STEP + 1) * self.COPY_STEP) - offset
+            try:
+                got = os.copy_file_range(fd, out, step, offset)
+            except (AttributeError, OSError):  # not Linux, or a filesystem pair it cannot copy
+                got = os.write(out, os.pread(fd, min(end - offset, 1 << 24), offset))
+            if got <= 0:
+                raise OSError(f"copying {n} bytes at offset {offset}: source ended early")
+            offset += got
+
+    def _put(self, data, buf: np.ndarray | None = None) -> None:
+        self._raise()
+        if self._pending is not None:
+            self._todo.put((self._pending, None))
+            self._pending = None
+        if data is not None:
+            self._todo.put((data, buf))
+            self.pos += len(data)
+
+    def copy_fits(self, offset: int) -> bool:
+        """Would bytes at `offset` of the source land at the same offset within a page here?
+        The kernel copies those at cp's speed; shifted ones (measured) up to 1.5x slower
+        than reading them and writing them from a buffer."""
+        return (offset - self.pos) % 4096 == 0
+
+    def write(self, data: bytes) -> None:
+        self._put(data)
+
+    def copy(self, fd: int, offset: int, n: int) -> None:
+        """Queue n bytes of open file `fd` from `offset` (the fd must stay open until close()).
+        Adjacent ranges are joined: one large kernel copy runs at cp's speed, many small ones not."""
+        self.pos += n
+        p = self._pending
+        if p is not None and p[0] == fd and p[1] + p[2] == offset:
+            self._pending = (fd, p[1], p[2] + n)
+        else:
+            self._put(None)
+            self._pending = (fd, offset, n)
+        if self._pending[2] >= self.COPY_BATCH:  # start it now: the thread must not wait for the end
+            self._put(None)
+
+    def buffer(self, n: int) -> np.ndarray:
+        """A float32 array of n values to fill; valid until commit()."""
+        self._raise()
+        buf = self._free.get()
+        if buf.size < n:
+            buf = np.empty(max(n, 2 * buf.size), dtype=np.float32)
+        self._lent = buf
+        return buf[:n]
+
+    def commit(self, arr: np.ndarray) -> None:
+        """Queue the array last lent by buffer() (or a view of it) for writing."""
+        buf, self._lent = self._lent, None
+        if buf is None or arr.base is not buf and arr is not buf:
+            raise ValueError("commit() takes the array lent by the last buffer() call")
+        self._put(memoryview(np.ascontiguousarray(arr)).cast("B"), buf)
+
+    def close(self) -> None:
+        """Wait until everything is written; raise what the writer thread hit."""
+        if self._thread.is_alive():
+            self._put(None)
+            self._todo.put(None)
+            self._thread.join()
+        self._raise()
+
+    def __enter__(self) -> PipeWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._thread.is_alive():  # the caller failed: stop the thread, keep its exception
+            self._todo.put(None)
+            self._thread.join()

@@ -13,6 +13,7 @@ fallback for a 2-D attn_kv_b and aborts on the size mismatch.
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .fileio import partial_path
+from .fileio import PipeWriter, partial_path
 from .gguf_table import GGUFTable
 
 
@@ -51,13 +52,17 @@ class _FileReader:
         self._f = open(path, "rb")
         self._buf = _Buffer()
 
-    def read(self, offset: int, n: int, what: str) -> np.ndarray:
-        out = self._buf.get(n)
+    def read(self, offset: int, n: int, what: str, out: np.ndarray | None = None) -> np.ndarray:
+        """n float32 values at offset, into `out` if given, else into this reader's buffer."""
+        out = self._buf.get(n) if out is None else out
         self._f.seek(offset)
         got = self._f.readinto(memoryview(out).cast("B"))
         if got != 4 * n:
             raise ImatrixFormatError(f"{self.path}: truncated at offset {offset + got} in the values of {what}")
         return out
+
+    def fileno(self) -> int:
+        return self._f.fileno()
 
     def __del__(self) -> None:
         self._f.close()
@@ -69,14 +74,16 @@ class Entry:
     Values may be lazy (a loader reading them from the file on each access), so converting,
     merging or remapping a 1 GB imatrix holds one entry in memory at a time, not the file.
     A lazy entry's values are a view into a buffer its file reuses: copy them to keep them
-    beyond the next read of the same file.
+    beyond the next read of the same file. A loader is `load(check=True, out=None)`: with
+    `out` it fills and returns that array, so a writer's own buffers take the data directly.
     """
 
-    __slots__ = ("ncall", "nval", "_values", "_load")
+    __slots__ = ("ncall", "nval", "_values", "_load", "source")
 
     def __init__(self, ncall: int, values: np.ndarray | None = None, *, nval: int | None = None,
-                 load: Callable[[], np.ndarray] | None = None):
+                 load: Callable[[], np.ndarray] | None = None, source: tuple[_FileReader, int] | None = None):
         self.ncall = ncall
+        self.source = source  # (file, offset) where these values lie as .dat bytes, if they do
         self._values = None if values is None else np.asarray(values, dtype=np.float32)
         self._load = load
         self.nval = int(self._values.size if self._values is not None else nval)
@@ -88,6 +95,13 @@ class Entry:
     @property
     def means(self) -> np.ndarray:
         return self.values / self.ncall if self.ncall > 0 else self.values
+
+    def into(self, out: np.ndarray) -> np.ndarray:
+        """The (checked) values, written into `out`."""
+        if self._values is not None:
+            np.copyto(out, self._values)
+            return out
+        return self._load(out=out)
 
     def raw(self) -> np.ndarray:
         """Values without the finiteness check, for reporting on a bad file."""
@@ -135,7 +149,8 @@ def read_dat(path: str | Path) -> Imatrix:
                 raise ImatrixFormatError(f"{path}: entry {i} ({name}) at offset {pos - 4} has nval {nval}")
             if pos + 4 * nval > size:
                 raise ImatrixFormatError(f"{path}: truncated at offset {size} in the values of entry {i} ({name})")
-            im.entries[name] = Entry(ncall, nval=nval, load=_dat_loader(reader, pos, nval, i, name))
+            im.entries[name] = Entry(ncall, nval=nval, load=_dat_loader(reader, pos, nval, i, name),
+                                     source=(reader, pos))
             f.seek(4 * nval, 1)
             pos += 4 * nval
         im.trailer = pos < size
@@ -151,8 +166,8 @@ def read_dat(path: str | Path) -> Imatrix:
 
 
 def _dat_loader(reader: _FileReader, offset: int, nval: int, index: int, name: str) -> Callable[..., np.ndarray]:
-    def load(check: bool = True) -> np.ndarray:
-        vals = reader.read(offset, nval, f"entry {index} ({name})")
+    def load(check: bool = True, out: np.ndarray | None = None) -> np.ndarray:
+        vals = reader.read(offset, nval, f"entry {index} ({name})", out)
         if check and not np.isfinite(vals).all():
             bad = int(np.flatnonzero(~np.isfinite(vals))[0])
             raise ImatrixFormatError(f"{reader.path}: entry {index} ({name}) has non-finite value at index {bad}")
@@ -163,16 +178,28 @@ def _dat_loader(reader: _FileReader, offset: int, nval: int, index: int, name: s
 
 def write_dat(im: Imatrix, path: str | Path) -> None:
     """Entries in the Imatrix's order (a file read and written back is byte-identical)."""
-    with partial_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(struct.pack("<i", len(im.entries)))
+    with partial_path(path) as tmp, open(tmp, "wb", buffering=0) as f, PipeWriter(f) as w:
+        w.write(struct.pack("<i", len(im.entries)))
         for name in im.entries:
             e = im.entries[name]
             b = name.encode()
-            f.write(struct.pack("<i", len(b)) + b + struct.pack("<ii", e.ncall, e.nval))
-            f.write(memoryview(np.ascontiguousarray(e.values, dtype="<f4")).cast("B"))
+            head = struct.pack("<i", len(b)) + b + struct.pack("<ii", e.ncall, e.nval)
+            if e.source is None or not w.copy_fits(e.source[1] - len(head)):
+                w.write(head)
+                w.commit(e.into(w.buffer(e.nval)))
+                continue
+            # unchanged .dat values (and their header, when that is unchanged too): the kernel
+            # copies them while we read them to check them (NaN/inf raise)
+            fd, off = e.source[0].fileno(), e.source[1]
+            if off >= len(head) and os.pread(fd, len(head), off - len(head)) == head:
+                w.copy(fd, off - len(head), len(head) + 4 * e.nval)
+            else:
+                w.write(head)
+                w.copy(fd, off, 4 * e.nval)
+            e.values  # noqa: B018
         if im.trailer:
             ds = im.dataset.encode()
-            f.write(struct.pack("<ii", im.chunks, len(ds)) + ds)
+            w.write(struct.pack("<ii", im.chunks, len(ds)) + ds)
 
 
 # ---- mainline GGUF imatrix: <name>.in_sum2 {ne0, n_mat} (raw sums) + <name>.counts {n_mat} ----
@@ -225,8 +252,8 @@ def read_gguf(path: str | Path) -> Imatrix:
 
 def _gguf_loader(reader: _FileReader, off_s: int, ne0: int, n_mat: int, counts: np.ndarray, ncall: int,
                  name: str) -> Callable[..., np.ndarray]:
-    def load(check: bool = True) -> np.ndarray:
-        sums = reader.read(off_s, ne0 * n_mat, name).reshape(n_mat, ne0)
+    def load(check: bool = True, out: np.ndarray | None = None) -> np.ndarray:
+        sums = reader.read(off_s, ne0 * n_mat, name, out).reshape(n_mat, ne0)
         if check and not (np.isfinite(sums).all() and np.isfinite(counts).all()):
             raise ImatrixFormatError(f"{reader.path}: entry {name} has non-finite values")
         # mean * ncall, in place: per-matrix scale ncall / count, 1.0 * ncall where a count is 0
@@ -255,32 +282,33 @@ def write_gguf(im: Imatrix, path: str | Path, n_mat: dict[str, int] | None = Non
             raise ValueError(f"imatrix entry {name}: {e.nval} values do not split into {m} matrices")
         tensors.append((name + ".counts", (m,), 4 * m))
         tensors.append((name + ".in_sum2", (e.nval // m, m), 4 * e.nval))
-    with partial_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kvs)))
-        for key, vtype, val in kvs:
-            f.write(_gguf_str(key) + struct.pack("<I", vtype))
-            if vtype == 8:
-                f.write(_gguf_str(val))
-            elif vtype == 4:
-                f.write(struct.pack("<I", val))
-            else:
-                f.write(struct.pack("<IQ", 8, len(val)) + b"".join(_gguf_str(v) for v in val))
-        offset = 0
-        for tname, shape, nbytes in tensors:
-            f.write(_gguf_str(tname) + struct.pack("<I", len(shape)) + struct.pack(f"<{len(shape)}Q", *shape))
-            f.write(struct.pack("<IQ", 0, offset))
-            offset += (nbytes + align - 1) // align * align
-        f.write(b"\0" * (-f.tell() % align))
-        out = _Buffer()
+    head = bytearray(b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kvs)))
+    for key, vtype, val in kvs:
+        head += _gguf_str(key) + struct.pack("<I", vtype)
+        if vtype == 8:
+            head += _gguf_str(val)
+        elif vtype == 4:
+            head += struct.pack("<I", val)
+        else:
+            head += struct.pack("<IQ", 8, len(val)) + b"".join(_gguf_str(v) for v in val)
+    offset = 0
+    for tname, shape, nbytes in tensors:
+        head += _gguf_str(tname) + struct.pack("<I", len(shape)) + struct.pack(f"<{len(shape)}Q", *shape)
+        head += struct.pack("<IQ", 0, offset)
+        offset += (nbytes + align - 1) // align * align
+    head += b"\0" * (-len(head) % align)
+    with partial_path(path) as tmp, open(tmp, "wb", buffering=0) as f, PipeWriter(f) as w:
+        w.write(bytes(head))
         for name in names:
             e = im.entries[name]
             m = n_mat.get(name, 1)
             counts = np.full(m, np.float32(max(e.ncall, 1) * GGUF_CHUNK_SIZE), dtype="<f4")
+            w.write(counts.tobytes() + b"\0" * (-counts.nbytes % align))
             # sums = mean * tokens = values / ncall * ncall * 512 = values * 512 (exact in float)
-            sums = np.multiply(e.values, np.float32(GGUF_CHUNK_SIZE), out=out.get(e.nval))
-            for arr in (counts, sums):
-                f.write(memoryview(arr).cast("B"))
-                f.write(b"\0" * (-arr.nbytes % align))
+            sums = e.into(w.buffer(e.nval))
+            sums *= np.float32(GGUF_CHUNK_SIZE)
+            w.commit(sums)
+            w.write(b"\0" * (-sums.nbytes % align))
 
 
 def _gguf_str(s: str) -> bytes:
@@ -330,9 +358,8 @@ def merge(ims: list[Imatrix], names: list[str] | None = None) -> Imatrix:
 
 
 def _sum_loader(group: list[Entry], buf: _Buffer) -> Callable[..., np.ndarray]:
-    def load(check: bool = True) -> np.ndarray:
-        acc = buf.get(group[0].nval)
-        np.copyto(acc, group[0].values)  # copied first: inputs may share a reader's buffer
+    def load(check: bool = True, out: np.ndarray | None = None) -> np.ndarray:
+        acc = group[0].into(buf.get(group[0].nval) if out is None else out)  # own buffer: inputs may share a reader's
         for e in group[1:]:
             acc += e.values
         return acc
@@ -351,7 +378,8 @@ def _fit(e: Entry, want: int, ne0: int) -> Entry | None:
     if n == want:
         return e
     if want == ne0 and n % ne0 == 0:
-        return Entry(e.ncall, nval=ne0, load=lambda check=True: e.values.reshape(n // ne0, ne0).mean(axis=0, dtype=np.float32))
+        return Entry(e.ncall, nval=ne0, load=lambda check=True, out=None:
+                     e.values.reshape(n // ne0, ne0).mean(axis=0, dtype=np.float32, out=out))
     return None
 
 
