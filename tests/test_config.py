@@ -64,15 +64,38 @@ def test_snakefmt_is_clean():
 
 
 def test_conda_env_paths_resolve():
-    """Neither lint nor a dry run notices a mistyped conda: path; check each one exists and parses."""
+    """Neither lint nor a dry run notices a mistyped conda: path: every one must exist, every env
+    file must parse and name its packages with versions, and every env file must be used."""
     import re
 
+    used = set()
     for smk_file in (ROOT / "workflow" / "rules").glob("*.smk"):
         for rel in re.findall(r'"(\.\./\.\./envs/[^"]+\.yaml)"', smk_file.read_text()):
             env = (smk_file.parent / rel).resolve()
             assert env.exists(), f"{smk_file.name}: {rel}"
-            spec = yaml.safe_load(env.read_text())
-            assert "conda-forge" in spec["channels"] and spec["dependencies"], env
+            used.add(env)
+    assert used == {p.resolve() for p in (ROOT / "envs").glob("*.yaml")}
+    for env in used:
+        spec = yaml.safe_load(env.read_text())
+        assert spec["channels"][0] == "conda-forge" and "nodefaults" in spec["channels"], env
+        names = []
+        for dep in spec["dependencies"]:
+            if isinstance(dep, dict):  # pip: [...]
+                assert all(re.fullmatch(r"[A-Za-z0-9_.-]+==[0-9][\w.]*", d) for d in dep["pip"]), (env, dep)
+                continue
+            m = re.fullmatch(r"([a-z0-9_.-]+)(?: *=(\S+))?", dep)
+            assert m, (env, dep)
+            names.append(m.group(1))
+            # versions pinned, except pip itself and packages whose version a pinned meta package fixes
+            assert m.group(2) or dep in ("pip", "cuda-nvcc", "cuda-cudart-dev", "libcublas-dev"), (env, dep)
+        assert "cmake" in names or "numpy" in names, env
+        if "cuda" in env.name:
+            assert {"cuda-version", "cuda-nvcc", "cuda-cudart-dev", "libcublas-dev"} <= set(names)
+        pin = env.with_name(env.stem + ".linux-64.pin.txt")
+        if pin.exists():  # Snakemake's pinning convention: conda's explicit format
+            lines = [ln for ln in pin.read_text().splitlines() if ln and not ln.startswith("#")]
+            assert lines[0] == "@EXPLICIT" and all(re.fullmatch(r"https://\S+\.(conda|tar\.bz2)#[0-9a-f]{32}", ln)
+                                                   for ln in lines[1:]), pin
 
 
 def test_external_imatrix_replaces_the_passes(tmp_path):
@@ -84,7 +107,7 @@ def test_external_imatrix_replaces_the_passes(tmp_path):
     out = r.stdout + r.stderr
     assert r.returncode == 0, out
     assert "imatrix_collect" not in out
-    assert f"-o results/imatrix/tiny/imatrix.dat {ext}" in out
+    assert f"-o results/imatrix/tiny/imatrix.dat --manifest results/imatrix/tiny/imatrix.manifest.json {ext}" in out
     bad = make_workdir(tmp_path / "bad", {"imatrix": {"passes": [], "external": []}})
     r = smk(bad, "-n")
     assert r.returncode != 0 and "config imatrix: passes and external are both empty" in r.stdout + r.stderr

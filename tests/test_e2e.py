@@ -234,3 +234,54 @@ def test_predicted_sizes_match_engine_and_files(demo):
         assert rec["file_bytes"] == (demo / "results" / "quants" / "tiny" / f"tiny-{q.name}.gguf").stat().st_size
         assert abs(rec["quant_mib"] * 2**20 - rec["predicted_bytes"]) <= 0.005 * 2**20 + 1, q.name
         assert abs(rec["file_bytes"] - rec["predicted_bytes"]) / rec["file_bytes"] < 0.005, q.name
+
+
+def test_every_artifact_has_a_manifest_that_matches_it(demo):
+    """Provenance: each imatrix, quantized GGUF, evaluation and the report has a manifest whose
+    input/output hashes are those of the files, with the engine identity and exact commands."""
+    import hashlib
+
+    from quantsweep.manifest import manifest_path
+
+    engine = json.loads((demo / "resources" / "engine" / "engine.json").read_text())
+    arts = [demo / "results" / "imatrix" / "tiny" / f"{p}.dat" for p in ("mla", "std", "imatrix")]
+    arts += [demo / "results" / "quants" / "tiny" / f"tiny-{q.name}.gguf" for q in QUANTS]
+    arts += [demo / "results" / "eval" / "tiny" / f"{q}.json" for q in ["baseline", *(q.name for q in QUANTS)]]
+    arts += [demo / "results" / "report" / "summary.csv"]
+    for art in arts:
+        m = json.loads(manifest_path(art).read_text())
+        files = {f["path"]: f for f in m["outputs"]}
+        files.update({f["path"]: f for fs in m["inputs"].values() for f in fs})
+        rel = str(art.relative_to(demo))
+        assert rel in files, (art, sorted(files))
+        for path, f in files.items():
+            assert hashlib.sha256((demo / path).read_bytes()).hexdigest() == f["sha256"], (art, path)
+        assert m["command"].startswith("quantsweep ") and m["wall_s"] >= 0 and m["host"]["hostname"]
+        assert m["tools"]["quantsweep"] and m["tools"]["numpy"]
+        runs_engine = art.suffix in (".gguf", ".json") or art.name in ("mla.dat", "std.dat")
+        if runs_engine:
+            assert m["engine"]["sdist_sha256"] == engine["sdist_sha256"]
+            assert m["engine"]["cmake_flags"] == engine["cmake_flags"]
+            assert m["engine"]["tools"] == engine["tools"]
+            (cmd,) = m["engine_commands"]
+            assert cmd.startswith("resources/engine/bin/llama-")
+        else:  # remap and the report are Python steps
+            assert m["engine"] is None and m["engine_commands"] == []
+    q = json.loads(manifest_path(demo / "results" / "quants" / "tiny" / "tiny-IQ2_KS.gguf").read_text())
+    assert set(q["inputs"]) == {"model", "imatrix"} and "--imatrix" in q["engine_commands"][0]
+    rep = json.loads((demo / "results" / "report" / "summary.manifest.json").read_text())
+    assert len(rep["inputs"]["evaluations"]) == len(QUANTS) + 1
+
+
+def test_report_links_each_row_to_its_manifests(demo):
+    report = demo / "results" / "report"
+    html_links = re.findall(r'<a href="([^"]+)">(quantize|eval)</a>', (report / "summary.html").read_text())
+    md_links = re.findall(r"\[(quantize|eval)\]\(([^)]+)\)", (report / "summary.md").read_text())
+    # every quant: quantize + eval manifests; the unquantized baseline: eval only
+    assert len(html_links) == len(md_links) == 2 * len(QUANTS) + 1
+    for href, _ in html_links:
+        assert (report / href).resolve().is_file(), href
+        assert json.loads((report / href).read_text())["manifest_version"] == 1
+    rows = read_csv(report / "summary.csv")
+    assert all(r["eval_manifest"] for r in rows)
+    assert sum(1 for r in rows if r["quant_manifest"]) == len(QUANTS)

@@ -191,3 +191,20 @@ def test_check_cli_fails_with_a_table_on_the_raw_imatrix(bin_dir, tiny_split, sp
     assert not any(ln.startswith("blk.0.attn_k_b.weight") for ln in table)  # 128 columns: iq4_nl fallback
     assert table[-1] == "quantsweep: error: imatrix check failed: 4 problem(s) for IQ2_XS (table above)"
     assert not out.exists()
+
+
+def test_cuda_build_exposes_cooker_flags():
+    spec = engine.EngineSpec.from_dict({"cuda": True, "cuda_architectures": "86;90", "cuda_force_bf16": True,
+                                        "sched_max_copies": 1, "max_contexts": 2048})
+    args = spec.cmake_args()
+    for flag in ("-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=86;90", "-DGGML_CUDA_IQK_FORCE_BF16=ON",
+                 "-DGGML_SCHED_MAX_COPIES=1", "-DGGML_MAX_CONTEXTS=2048"):
+        assert flag in args
+    # defaults add no flag, so existing cache keys (and cached builds) stay valid
+    assert not any("SCHED_MAX_COPIES" in a or "MAX_CONTEXTS" in a or "BF16" in a for a in engine.EngineSpec().cmake_args())
+    tc = {"cc": "gcc 12"}
+    assert engine.cache_key(engine.EngineSpec(max_contexts=2048), tc) != engine.cache_key(engine.EngineSpec(), tc)
+    with pytest.raises(engine.EngineError, match="cuda_force_bf16"):
+        engine.EngineSpec.from_dict({"cuda_force_bf16": True})
+    with pytest.raises(engine.EngineError, match="max_contexts"):
+        engine.EngineSpec.from_dict({"max_contexts": -1})

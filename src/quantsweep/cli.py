@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from importlib import resources
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def _text(a) -> None:
     write_text(a.output, bundled_text(a.name))
 
 
-def _imatrix_collect(a) -> None:
+def _imatrix_collect(a) -> dict:
     from .fileio import write_json
     from .steps import collect_imatrix
 
@@ -51,6 +52,7 @@ def _imatrix_collect(a) -> None:
                           a.mode, a.ctx, a.chunks, a.threads)
     if a.record:
         write_json(a.record, rec)
+    return rec
 
 
 def _n_mat(model: str) -> dict[str, int]:
@@ -156,7 +158,7 @@ def _recipe_args(recipe: str, ftype: str) -> tuple[str, list[str]]:
     return args[-1], args[:-1]
 
 
-def _quantize(a) -> None:
+def _quantize(a) -> dict:
     from .fileio import write_json
     from .gguf_table import read_table
     from .plan import plan
@@ -174,6 +176,7 @@ def _quantize(a) -> None:
                file_bytes=Path(a.output).stat().st_size, recipe=a.recipe or None, ftype=ftype)
     if a.record:
         write_json(a.record, rec)
+    return rec
 
 
 def _recipe_plan(a) -> None:
@@ -200,18 +203,18 @@ def _eval_settings(a):
     return EvalSettings(ctx=a.ctx, chunks=a.chunks, threads=a.threads, mla=a.mla, fa=a.fa)
 
 
-def _eval_base(a) -> None:
+def _eval_base(a) -> dict:
     from .steps import perplexity_base
 
-    perplexity_base(Path(a.bin_dir), Path(a.model), Path(a.text), Path(a.kld_base), Path(a.result),
-                    Path(a.log), _eval_settings(a))
+    return perplexity_base(Path(a.bin_dir), Path(a.model), Path(a.text), Path(a.kld_base), Path(a.result),
+                           Path(a.log), _eval_settings(a))
 
 
-def _eval_kld(a) -> None:
+def _eval_kld(a) -> dict:
     from .steps import perplexity_kld
 
-    perplexity_kld(Path(a.bin_dir), Path(a.model), Path(a.kld_base), Path(a.result), Path(a.log),
-                   _eval_settings(a))
+    return perplexity_kld(Path(a.bin_dir), Path(a.model), Path(a.kld_base), Path(a.result), Path(a.log),
+                          _eval_settings(a))
 
 
 def _json_arg(value: str):
@@ -227,16 +230,18 @@ def _summary(a) -> None:
     print(f"wrote {a.csv} and {a.md}: {len(rows)} rows")
 
 
-def _report(a) -> None:
+def _report(a) -> dict:
     from .report import Gate, smallest_passing, write_report
 
     gate = Gate.from_dict(_json_arg(a.gate))
-    rows = write_report(_json_arg(a.entries), gate, a.csv, a.md, a.html, {"lnppl": a.plot_lnppl, "kld": a.plot_kld})
+    entries = _json_arg(a.entries)
+    rows = write_report(entries, gate, a.csv, a.md, a.html, {"lnppl": a.plot_lnppl, "kld": a.plot_kld})
     print(f"wrote {a.csv}, {a.md}, {a.html}, {a.plot_lnppl}, {a.plot_kld}: {len(rows)} rows; gate: {gate.describe()}")
     for model in dict.fromkeys(r.model for r in rows):
         best = smallest_passing(rows, model)
         if gate.active:
             print(f"{model}: smallest passing quant: {best.quant if best else 'none'}")
+    return {"inputs": {"evaluations": [p for e in entries for p in [e["base"], *(q["result"] for q in e["quants"])]]}}
 
 
 def _gguf_info(a) -> None:
@@ -266,6 +271,33 @@ def _add_eval_args(p) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--mla", type=int, default=1)
     p.add_argument("--fa", default="off", choices=["on", "off", "auto"])
+
+
+def _manifested(p, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> None:
+    """Give a step --manifest; `inputs`/`outputs` name its file arguments (hashed into it)."""
+    p.add_argument("--manifest", default="", help="write a provenance manifest (JSON) here")
+    p.set_defaults(manifest_inputs=inputs, manifest_outputs=outputs)
+
+
+def _files(a, names: tuple[str, ...]) -> dict[str, list[str]]:
+    out = {}
+    for name in names:
+        v = getattr(a, name, None)
+        files = [v] if isinstance(v, str) else list(v or [])
+        out[name] = [f for f in files if f]
+    return out
+
+
+def _write_manifest(a, result, argv: list[str], started: float, wall: float) -> None:
+    from . import manifest
+
+    result = result if isinstance(result, dict) else {}
+    inputs = {**_files(a, a.manifest_inputs), **result.get("inputs", {})}
+    outputs = [f for files in _files(a, a.manifest_outputs).values() for f in files]
+    cmds = [result["cmd"]] if result.get("cmd") else []
+    manifest.write(a.manifest, manifest.build(argv=["quantsweep", *argv], inputs=inputs, outputs=outputs,
+                                              started=started, wall_s=wall, bin_dir=getattr(a, "bin_dir", None),
+                                              engine_cmds=cmds))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -305,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunks", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--record", default="", help="JSON record of the run")
+    _manifested(p, inputs=("model", "text"), outputs=("output", "record"))
     p.set_defaults(func=_imatrix_collect)
     p = imx.add_parser("info", help="entries, ncall, per-tensor stats, experts without data")
     p.add_argument("input")
@@ -336,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--json", action="store_true")
     p.add_argument("inputs", nargs="+")
+    _manifested(p, inputs=("model", "inputs"), outputs=("output",))
     p.set_defaults(func=_imatrix_remap)
 
     p = sub.add_parser("quantize", help="run llama-quantize for one ftype")
@@ -348,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--imatrix", default="")
     p.add_argument("--record", default="")
+    _manifested(p, inputs=("model", "imatrix", "recipe"), outputs=("output", "record"))
     p.set_defaults(func=_quantize)
 
     rc = sub.add_parser("recipe", help="quantization recipes").add_subparsers(dest="sub", required=True)
@@ -365,9 +400,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = ev.add_parser("base", help="baseline PPL; writes the KLD base logits")
     _add_eval_args(p)
     p.add_argument("--text", required=True)
+    _manifested(p, inputs=("model", "text"), outputs=("kld_base", "result"))
     p.set_defaults(func=_eval_base)
     p = ev.add_parser("kld", help="PPL + KLD of a quant against the base logits")
     _add_eval_args(p)
+    _manifested(p, inputs=("model", "kld_base"), outputs=("result",))
     p.set_defaults(func=_eval_kld)
 
     p = sub.add_parser("summary", help="write summary.csv and summary.md from evaluation records")
@@ -385,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", required=True)
     p.add_argument("--plot-lnppl", required=True, help="PNG: size vs ln(PPL(Q)/PPL(ref))")
     p.add_argument("--plot-kld", required=True, help="PNG: size vs mean KLD")
+    _manifested(p, inputs=(), outputs=("csv", "md", "html", "plot_lnppl", "plot_kld"))
     p.set_defaults(func=_report)
 
     gg = sub.add_parser("gguf", help="GGUF tensor tables").add_subparsers(dest="sub", required=True)
@@ -396,9 +434,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        started, t0 = time.time(), time.monotonic()
+        result = args.func(args)
+        if getattr(args, "manifest", ""):
+            _write_manifest(args, result, argv, started, time.monotonic() - t0)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         print(f"quantsweep: error: {e}", file=sys.stderr)
         return 1

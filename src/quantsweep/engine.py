@@ -53,6 +53,10 @@ class EngineSpec:
     bin_dir: str = ""
     cuda: bool = False
     cuda_architectures: str = "native"
+    # ik build options quant cookers set (0 / False = the engine's default, no flag):
+    cuda_force_bf16: bool = False  # GGML_CUDA_IQK_FORCE_BF16: needed by some *_R4 quants on CUDA
+    sched_max_copies: int = 0      # GGML_SCHED_MAX_COPIES (1 saves VRAM with partial offload)
+    max_contexts: int = 0          # GGML_MAX_CONTEXTS: >64 for models split into many shards
     native: bool = True
     cmake_flags: tuple[str, ...] = field(default_factory=tuple)
     jobs: int = 0
@@ -82,6 +86,11 @@ class EngineSpec:
             raise EngineError("engine.path: required when engine.source is 'path'")
         if self.source == "bin_dir" and not self.bin_dir:
             raise EngineError("engine.bin_dir: required when engine.source is 'bin_dir'")
+        if self.cuda_force_bf16 and not self.cuda:
+            raise EngineError("engine.cuda_force_bf16: only applies to a CUDA build (engine.cuda: true)")
+        for key in ("sched_max_copies", "max_contexts"):
+            if getattr(self, key) < 0:
+                raise EngineError(f"engine.{key}: must be >= 0 (0 = the engine's default)")
 
     def cmake_args(self) -> list[str]:
         """The cmake configure flags: static tools so the bin dir is self-contained."""
@@ -95,7 +104,20 @@ class EngineSpec:
         ]
         if self.cuda:
             args += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={self.cuda_architectures}"]
+            if self.cuda_force_bf16:
+                args.append("-DGGML_CUDA_IQK_FORCE_BF16=ON")
+        if self.sched_max_copies:
+            args.append(f"-DGGML_SCHED_MAX_COPIES={self.sched_max_copies}")
+        if self.max_contexts:
+            args.append(f"-DGGML_MAX_CONTEXTS={self.max_contexts}")
         return args + list(self.cmake_flags)
+
+
+def _usable_cpus() -> int:
+    """The CPUs this process may run on (a SLURM job's allocation), not all of the node's."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
 
 
 def default_cache_dir() -> Path:
@@ -299,7 +321,7 @@ def build_into_cache(spec: EngineSpec, cache: Path, log) -> Path:
             src, src_meta = _prepare_source(spec, cache, work, toolchain, log)
             build = work / "build"
             _run(["cmake", "-S", str(src), "-B", str(build), "-G", "Unix Makefiles", *spec.cmake_args()], log)
-            jobs = spec.jobs or os.cpu_count() or 1
+            jobs = spec.jobs or _usable_cpus()
             _run(["cmake", "--build", str(build), "-j", str(jobs), "--target", *TOOLS], log)
             staged = work / "entry"
             (staged / "bin").mkdir(parents=True)

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .fileio import partial_path, write_text
-from .summary import (BASE_REFERENCE, DISPLAY, ModelInfo, Row, display_cells, load_entries, read_rows, to_csv,
-                      to_markdown)
+from .summary import (BASE_REFERENCE, DISPLAY, ModelInfo, Row, display_cells, load_entries, manifest_links,
+                      read_rows, to_csv, to_markdown)
 
 PNG_POINTS_KEY = "quantsweep-points"
 
@@ -409,7 +409,7 @@ def _md_inline(s: str) -> str:
 
 
 def to_html(rows: list[Row], infos: list[ModelInfo], gate: Gate, pngs: dict[str, bytes],
-            csv_text: str = "") -> str:
+            csv_text: str = "", link_dir: str | Path | None = None) -> str:
     """A self-contained page: settings and verdict, the rounded table, the plots (base64 PNGs)
     and every column of summary.csv with its exact values."""
     e = html.escape
@@ -429,8 +429,10 @@ def to_html(rows: list[Row], infos: list[ModelInfo], gate: Gate, pngs: dict[str,
             out.append(f"<li>evaluation: {e(info.describe_eval())}</li>")
         out.append(f"<li>{_md_inline(verdict_text(rows, model, gate))}</li></ul></li>")
     out.append("</ul>")
+    links = any(manifest_links(r, link_dir) for r in rows)
     out.append("<h2>Summary</h2><table><thead><tr>"
-               + "".join(f"<th>{e(h)}</th>" for h, _, _ in DISPLAY) + "</tr></thead><tbody>")
+               + "".join(f"<th>{e(h)}</th>" for h, _, _ in DISPLAY)
+               + ("<th>Provenance</th>" if links else "") + "</tr></thead><tbody>")
     best = {model: smallest_passing(rows, model) for model in models_of(rows)}
     for r in rows:
         cls = "ref" if r.is_reference else ("best" if best.get(r.model) is r else "")
@@ -441,6 +443,9 @@ def to_html(rows: list[Row], infos: list[ModelInfo], gate: Gate, pngs: dict[str,
             if col == "gate" and v:
                 c = v
             tds.append(f'<td class="{c}">{e(v)}</td>' if c else f"<td>{e(v)}</td>")
+        if links:
+            tds.append('<td class="t">' + " ".join(f'<a href="{e(href)}">{e(label)}</a>'
+                                                  for label, href in manifest_links(r, link_dir)) + "</td>")
         out.append(f'<tr class="{cls}">' + "".join(tds) + "</tr>" if cls else "<tr>" + "".join(tds) + "</tr>")
     out.append("</tbody></table>")
     out.append("<p>ΔPPL % and ln(PPL(Q)/PPL(ref)) compare each quant with its model's reference on the same "
@@ -478,10 +483,10 @@ def write_report(entries: list[dict], gate: Gate, csv_path: str | Path, md_path:
     csv_text = to_csv(rows)
     write_text(csv_path, csv_text)
     table = read_rows(csv_path)
-    write_text(md_path, to_markdown(table, notes(table, infos, gate)))
+    write_text(md_path, to_markdown(table, notes(table, infos, gate), Path(md_path).parent))
     pngs = {}
     for key, path in plots.items():
         save_figure(plot_metric(table, key, gate, infos), path)
         pngs[PLOT_TITLES[key]] = Path(path).read_bytes()
-    write_text(html_path, to_html(table, infos, gate, pngs, csv_text))
+    write_text(html_path, to_html(table, infos, gate, pngs, csv_text, Path(html_path).parent))
     return table

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -47,6 +48,9 @@ class Row:
     same_top_p: float | None
     gate: str = ""
     pareto: str = ""
+    # provenance (workflow-relative paths; the report links them): what made the file, what measured it
+    quant_manifest: str = ""
+    eval_manifest: str = ""
 
     @classmethod
     def columns(cls) -> list[str]:
@@ -198,15 +202,28 @@ def display_cells(r: Row) -> list[str]:
     return out
 
 
-def to_markdown(rows: list[Row], notes: list[str] | None = None) -> str:
-    """The table for reading (rounded); `notes` are lines printed above it."""
-    head = [h for h, _, _ in DISPLAY]
+def manifest_links(r: Row, link_dir: str | Path | None) -> list[tuple[str, str]]:
+    """(label, href relative to link_dir) of a row's manifests, for the report's Provenance column."""
+    if link_dir is None:
+        return []
+    return [(label, os.path.relpath(path, link_dir)) for label, path in
+            (("quantize", r.quant_manifest), ("eval", r.eval_manifest)) if path]
+
+
+def to_markdown(rows: list[Row], notes: list[str] | None = None, link_dir: str | Path | None = None) -> str:
+    """The table for reading (rounded); `notes` are lines printed above it; with `link_dir` (the
+    directory the file is written to) a Provenance column links each row's manifests."""
+    links = any(manifest_links(r, link_dir) for r in rows)
+    head = [h for h, _, _ in DISPLAY] + (["Provenance"] if links else [])
     out = list(notes or [])
     if out:
         out.append("")
     out += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
-        out.append("| " + " | ".join(display_cells(r)) + " |")
+        cells = display_cells(r)
+        if links:
+            cells.append(" ".join(f"[{label}]({href})" for label, href in manifest_links(r, link_dir)))
+        out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
 
@@ -229,7 +246,15 @@ def load_entries(entries: list[dict]) -> tuple[list[Row], list[ModelInfo]]:
         ref = e.get("reference", BASE_REFERENCE)
         ref = None if ref == BASE_REFERENCE else ref
         quants = [(q["name"], q["ftype"], q["imatrix"], json.loads(Path(q["result"]).read_text())) for q in e["quants"]]
-        rows += make_rows(e["model"], base, quants, ref)
+        model_rows = make_rows(e["model"], base, quants, ref)
+        # the reference row was measured by the baseline run; a reference quant was also made by quantize
+        model_rows[0].eval_manifest = e.get("base_manifest", "")
+        if ref is not None:
+            model_rows[0].quant_manifest = (ref.get("manifests") or {}).get("quantize", "")
+        for row, q in zip(model_rows[1:], e["quants"]):
+            row.quant_manifest = (q.get("manifests") or {}).get("quantize", "")
+            row.eval_manifest = (q.get("manifests") or {}).get("eval", "")
+        rows += model_rows
         infos.append(ModelInfo(e["model"], rows[-len(quants) - 1].reference, base.get("model_file", ""),
                                base.get("eval") or {}, base.get("cmd") or []))
     return rows, infos
@@ -244,5 +269,5 @@ def write_summary(entries: list[dict], csv_path: Path, md_path: Path, gate=None)
     rows, infos = load_entries(entries)
     annotate(rows, gate)
     write_text(csv_path, to_csv(rows))
-    write_text(md_path, to_markdown(rows, notes(rows, infos, gate)))
+    write_text(md_path, to_markdown(rows, notes(rows, infos, gate), Path(md_path).parent))
     return rows

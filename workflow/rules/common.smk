@@ -5,6 +5,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from quantsweep import config as qconfig
+from quantsweep import resources as qresources
 
 validate(config, schema="../schemas/config.schema.yaml")
 config["quants"] = qconfig.resolve_recipe_paths(config["quants"], workflow.basedir)
@@ -37,6 +38,7 @@ def get_final_output():
         "results/report/summary.html",
         "results/report/size_vs_lnppl.png",
         "results/report/size_vs_kld.png",
+        "results/report/summary.manifest.json",
     ]
 
 
@@ -116,6 +118,10 @@ def _quant_entry(model, q):
         "ftype": q.ftype,
         "imatrix": "yes" if q.imatrix else "no",
         "result": f"results/eval/{model}/{q.name}.json",
+        "manifests": {
+            "quantize": f"results/quants/{model}/{model}-{q.name}.manifest.json",
+            "eval": f"results/eval/{model}/{q.name}.manifest.json",
+        },
     }
 
 
@@ -132,6 +138,7 @@ def get_summary_entries(wildcards):
                     "base" if ref == "base" else _quant_entry(model, QUANTS[ref])
                 ),
                 "base": f"results/eval/{model}/baseline.json",
+                "base_manifest": f"results/eval/{model}/baseline.manifest.json",
                 "quants": [
                     _quant_entry(model, q) for q in QUANTS.values() if q.name != ref
                 ],
@@ -158,23 +165,73 @@ def get_summary_input(wildcards):
     ]
 
 
-def mem_mb_model(wildcards, attempt):
-    """Engine jobs hold the model in RAM: its size plus headroom, more on each retry."""
-    path = get_model(wildcards)
-    size_mb = os.path.getsize(path) // 2**20 if os.path.exists(path) else 1024
-    return int((size_mb * 1.2 + 1024) * attempt)
+# ---- resources: named functions; sizes come from the model's GGUF header (quantsweep.resources)
+
+
+def _model_size(wildcards):
+    return qresources.model_size(get_model(wildcards))
+
+
+def threads_engine(wildcards):
+    """resources.threads, else every core Snakemake was given (--cores); a cluster run has no
+    --cores: 8 then, which a site profile's set-threads (profiles/slurm) overrides per rule."""
+    n = config["resources"]["threads"]
+    if n > 0:
+        return n
+    try:
+        return workflow.cores
+    except WorkflowError:
+        return 8
+
+
+def gpu_engine(wildcards):
+    """GPUs an imatrix/perplexity job asks for (gpu=N): resources.gpus, else 1 for a CUDA engine."""
+    n = config["resources"]["gpus"]
+    return n if n is not None else (1 if config["engine"]["cuda"] else 0)
+
+
+def mem_mb_engine(wildcards, attempt):
+    """imatrix / perplexity hold the whole model: its size plus buffers, more on each retry."""
+    return qresources.mem_mb_resident(_model_size(wildcards), attempt)
 
 
 def mem_mb_quantize(wildcards, attempt):
-    """Quantize reads the source and holds one tensor's buffers: model size bounds it."""
-    return mem_mb_model(wildcards, attempt)
+    """quantize streams the model: the largest tensor as f32 a few times over."""
+    return qresources.mem_mb_quantize(_model_size(wildcards), attempt)
 
 
-def runtime_engine(wildcards, attempt):
-    """Minutes: generous for the tiny demo, scaled by the model size (~1 min per GB)."""
-    path = get_model(wildcards)
-    size_gb = os.path.getsize(path) / 1e9 if os.path.exists(path) else 1.0
-    return int((30 + size_gb) * attempt)
+def disk_mb_quantize(wildcards, attempt):
+    q = QUANTS[wildcards.quant]
+    size = qresources.predicted_bytes(
+        get_model(wildcards), q.recipe or q.ftype, q.imatrix
+    )
+    return qresources.disk_mb_quantize(size, attempt)
+
+
+def disk_mb_imatrix(wildcards, attempt):
+    return qresources.disk_mb_imatrix(_model_size(wildcards), attempt)
+
+
+def disk_mb_eval(wildcards, attempt):
+    """The KLD base logits (written by the baseline, read by every quant's run)."""
+    ev = config["eval"]
+    return qresources.disk_mb_kld_base(
+        _model_size(wildcards), ev["ctx"], ev["chunks"], attempt
+    )
+
+
+def runtime_imatrix(wildcards, attempt):
+    tokens = config["imatrix"]["ctx"] * config["imatrix"]["chunks"]
+    return qresources.runtime_min(_model_size(wildcards), tokens, attempt)
+
+
+def runtime_eval(wildcards, attempt):
+    tokens = config["eval"]["ctx"] * config["eval"]["chunks"]
+    return qresources.runtime_min(_model_size(wildcards), tokens, attempt)
+
+
+def runtime_quantize(wildcards, attempt):
+    return qresources.runtime_min(_model_size(wildcards), 0, attempt)
 
 
 def get_eval_args(wildcards):

@@ -8,7 +8,7 @@ rule engine_build:
         "logs/engine_build.log",
     conda:
         get_engine_env()
-    threads: workflow.cores
+    threads: threads_engine
     params:
         spec=get_engine_spec,
         cache_dir=config["engine"]["cache_dir"],

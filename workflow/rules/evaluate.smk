@@ -7,21 +7,24 @@ rule eval_baseline:
     output:
         kld_base="results/eval/{model}/baseline.kld",
         result="results/eval/{model}/baseline.json",
+        manifest="results/eval/{model}/baseline.manifest.json",
     log:
         "logs/eval/{model}/baseline.log",
     conda:
         get_engine_env()
-    threads: workflow.cores
+    threads: threads_engine
     resources:
-        mem_mb=mem_mb_model,
-        runtime=runtime_engine,
+        mem_mb=mem_mb_engine,
+        disk_mb=disk_mb_eval,
+        runtime=runtime_eval,
+        gpu=gpu_engine,
     params:
         bin_dir=get_bin_dir,
         ev=get_eval_args,
     shell:
         "quantsweep eval base --bin-dir {params.bin_dir:q} --model {input.model:q}"
         " --text {input.text:q} --kld-base {output.kld_base:q} --result {output.result:q}"
-        " --log {log:q} --threads {threads} {params.ev:q}"
+        " --log {log:q} --threads {threads} --manifest {output.manifest:q} {params.ev:q}"
 
 
 # eval.reference = <quant>: that quant's PPL run writes the KLD base logits (and baseline.json)
@@ -49,18 +52,21 @@ rule eval_quant:
         perplexity=rules.engine_build.output.perplexity,
     output:
         result="results/eval/{model}/{quant}.json",
+        manifest="results/eval/{model}/{quant}.manifest.json",
     log:
         "logs/eval/{model}/{quant}.log",
     conda:
         get_engine_env()
-    threads: workflow.cores
+    threads: threads_engine
     resources:
-        mem_mb=mem_mb_model,
-        runtime=runtime_engine,
+        mem_mb=mem_mb_engine,
+        disk_mb=disk_mb_eval,
+        runtime=runtime_eval,
+        gpu=gpu_engine,
     params:
         bin_dir=get_bin_dir,
         ev=get_eval_args,
     shell:
         "quantsweep eval kld --bin-dir {params.bin_dir:q} --model {input.model:q}"
         " --kld-base {input.kld_base:q} --result {output.result:q}"
-        " --log {log:q} --threads {threads} {params.ev:q}"
+        " --log {log:q} --threads {threads} --manifest {output.manifest:q} {params.ev:q}"

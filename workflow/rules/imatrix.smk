@@ -7,14 +7,17 @@ rule imatrix_collect:
     output:
         dat="results/imatrix/{model}/{imatrix_pass}.dat",
         record="results/imatrix/{model}/{imatrix_pass}.json",
+        manifest="results/imatrix/{model}/{imatrix_pass}.manifest.json",
     log:
         "logs/imatrix_collect/{model}.{imatrix_pass}.log",
     conda:
         get_engine_env()
-    threads: workflow.cores
+    threads: threads_engine
     resources:
-        mem_mb=mem_mb_model,
-        runtime=runtime_engine,
+        mem_mb=mem_mb_engine,
+        disk_mb=disk_mb_imatrix,
+        runtime=runtime_imatrix,
+        gpu=gpu_engine,
     params:
         bin_dir=get_bin_dir,
         ctx=config["imatrix"]["ctx"],
@@ -23,7 +26,7 @@ rule imatrix_collect:
         "quantsweep imatrix collect --bin-dir {params.bin_dir:q} --model {input.model:q}"
         " --text {input.text:q} -o {output.dat:q} --record {output.record:q} --log {log:q}"
         " --mode {wildcards.imatrix_pass} --ctx {params.ctx} --chunks {params.chunks}"
-        " --threads {threads}"
+        " --threads {threads} --manifest {output.manifest:q}"
 
 
 rule imatrix_remap:
@@ -31,21 +34,22 @@ rule imatrix_remap:
         model=get_model,
         imatrices=get_imatrix_inputs,
     output:
-        "results/imatrix/{model}/imatrix.dat",
+        dat="results/imatrix/{model}/imatrix.dat",
+        manifest="results/imatrix/{model}/imatrix.manifest.json",
     log:
         "logs/imatrix_remap/{model}.log",
     conda:
         "../../envs/quantsweep.yaml"
     shell:
-        "quantsweep imatrix remap --model {input.model:q} -o {output:q} {input.imatrices:q}"
-        " > {log:q} 2>&1"
+        "quantsweep imatrix remap --model {input.model:q} -o {output.dat:q}"
+        " --manifest {output.manifest:q} {input.imatrices:q} > {log:q} 2>&1"
 
 
 rule imatrix_check:
     input:
         unpack(get_check_input),
         model=get_model,
-        imatrix=rules.imatrix_remap.output,
+        imatrix=rules.imatrix_remap.output.dat,
         quantize=rules.engine_build.output.quantize,
     output:
         "results/imatrix/{model}/check/{quant}.txt",

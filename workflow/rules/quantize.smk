@@ -4,14 +4,16 @@ rule quantize:
     output:
         gguf="results/quants/{model}/{model}-{quant}.gguf",
         record="results/quants/{model}/{model}-{quant}.json",
+        manifest="results/quants/{model}/{model}-{quant}.manifest.json",
     log:
         "logs/quantize/{model}-{quant}.log",
     conda:
         get_engine_env()
-    threads: workflow.cores
+    threads: threads_engine
     resources:
         mem_mb=mem_mb_quantize,
-        runtime=runtime_engine,
+        disk_mb=disk_mb_quantize,
+        runtime=runtime_quantize,
     params:
         bin_dir=get_bin_dir,
         type_args=get_type_args,
@@ -20,3 +22,4 @@ rule quantize:
         "quantsweep quantize --bin-dir {params.bin_dir:q} --model {input.model:q}"
         " {params.type_args:q} {params.imatrix:q} -o {output.gguf:q}"
         " --record {output.record:q} --log {log:q} --threads {threads}"
+        " --manifest {output.manifest:q}"

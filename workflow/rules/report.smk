@@ -21,6 +21,7 @@ rule report:
             category="Plots",
             labels={"plot": "size vs ln(PPL(Q)/PPL(ref))"},
         ),
+        manifest="results/report/summary.manifest.json",
         kld=report(
             "results/report/size_vs_kld.png",
             caption="../report/size_vs_kld.rst",
@@ -38,4 +39,5 @@ rule report:
     shell:
         "quantsweep report --entries {params.entries:q} --gate {params.gate:q}"
         " --csv {output.csv:q} --md {output.md:q} --html {output.html:q}"
-        " --plot-lnppl {output.lnppl:q} --plot-kld {output.kld:q} > {log:q} 2>&1"
+        " --plot-lnppl {output.lnppl:q} --plot-kld {output.kld:q}"
+        " --manifest {output.manifest:q} > {log:q} 2>&1"

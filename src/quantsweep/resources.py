@@ -1,0 +1,122 @@
+"""What each engine job needs from a scheduler (RAM, disk, time), from the model's GGUF header.
+
+The demo model is a few MB; DeepSeek-V3/R1 at bf16 is 1.34 TB. imatrix and perplexity hold
+the whole model in memory (mmap'd, resident while they run); quantize streams it tensor by
+tensor, needs the largest tensor as f32 a few times over, and writes its output to disk.
+Every figure grows on a retry (Snakemake's `attempt`), so a job killed for memory or time
+gets more the next time. The figures are estimates: profiles may override them per rule.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .gguf_table import GGUFTable, read_table
+
+MiB = 2**20
+_SHARD = re.compile(r"^(.*)-(\d{5})-of-(\d{5})\.gguf$")
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """What the estimates need to know about a model."""
+
+    bytes: int              # tensor data, all shards
+    largest_elements: int   # elements of the largest tensor
+    imatrix_values: int     # floats in a full imatrix (sum of ne0 * ne2 over matrices)
+    n_vocab: int
+
+    @classmethod
+    def of_table(cls, tables: list[GGUFTable]) -> ModelSize:
+        ts = [t for table in tables for t in table.tensors]
+        kv = tables[0].kv if tables else {}
+        toks = kv.get("tokenizer.ggml.tokens")
+        vocab = int(kv.get(f"{kv.get('general.architecture')}.vocab_size", 0)) or (
+            len(toks) if isinstance(toks, list) else 0)
+        return cls(
+            bytes=sum(t.nbytes for t in ts),
+            largest_elements=max((t.n_elements for t in ts), default=0),
+            imatrix_values=sum(t.shape[0] * (t.shape[2] if len(t.shape) > 2 else 1) for t in ts if len(t.shape) >= 2),
+            n_vocab=vocab,
+        )
+
+
+# Before the model exists (the demo generates it), Snakemake still asks: assume 1 GiB.
+UNKNOWN = ModelSize(bytes=2**30, largest_elements=2**28, imatrix_values=2**22, n_vocab=2**17)
+
+
+def shards(path: str | Path) -> list[Path]:
+    """A split GGUF's shards (name-00001-of-00030.gguf ...), or just the file."""
+    path = Path(path)
+    m = _SHARD.match(path.name)
+    if not m:
+        return [path]
+    n = int(m.group(3))
+    return [path.with_name(f"{m.group(1)}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
+
+
+def model_size(path: str | Path) -> ModelSize:
+    """From the headers of every shard (no tensor data is read); UNKNOWN while it is missing."""
+    files = shards(path)
+    if not all(f.exists() for f in files):
+        return UNKNOWN
+    tables = [read_table(f, keep_arrays=(i == 0)) for i, f in enumerate(files)]
+    return ModelSize.of_table(tables)
+
+
+def growth(attempt: int) -> float:
+    """1x, 1.5x, 2x ... on retries: enough to clear an OOM or timeout without asking a 1.3 TB
+    job for 2.6 TB on its second try."""
+    return 1.0 + 0.5 * (max(attempt, 1) - 1)
+
+
+def mem_mb_resident(m: ModelSize, attempt: int = 1) -> int:
+    """imatrix / perplexity: the model resident plus compute buffers and logits."""
+    return int((m.bytes * 1.05 / MiB + 2048 + 4 * m.n_vocab * 512 / MiB) * growth(attempt))
+
+
+def mem_mb_quantize(m: ModelSize, attempt: int = 1) -> int:
+    """quantize: the source is mmap'd page cache (reclaimable), not resident; what must fit is
+    the largest tensor as f32 plus its quantized copy and the threads' work buffers (~3x)."""
+    return int((3 * 4 * m.largest_elements / MiB + 4096) * growth(attempt))
+
+
+def disk_mb_quantize(predicted_bytes: int, attempt: int = 1) -> int:
+    """The output file (predicted from the header and the recipe) plus slack."""
+    return int((predicted_bytes * 1.05 / MiB + 1024) * growth(attempt))
+
+
+def disk_mb_imatrix(m: ModelSize, attempt: int = 1) -> int:
+    """One .dat: 4 bytes per value plus names."""
+    return int((4 * m.imatrix_values / MiB + 64) * growth(attempt))
+
+
+def disk_mb_kld_base(m: ModelSize, ctx: int, chunks: int, attempt: int = 1) -> int:
+    """The KLD base logits: per chunk, the second half of the context's tokens, each a
+    uint16 per vocabulary entry (ik perplexity --kl-divergence-base)."""
+    return int((chunks * (ctx // 2) * (m.n_vocab + 5) * 2 / MiB + 64) * growth(attempt))
+
+
+def runtime_min(m: ModelSize, tokens: int = 0, attempt: int = 1) -> int:
+    """Minutes: 30 plus ~1 min per GB of model, more when many tokens go through it (imatrix,
+    perplexity): a rough CPU figure that a GPU beats; a site profile sets its own."""
+    gb = m.bytes / 1e9
+    return int((30 + gb * (1 + tokens / 32768)) * growth(attempt))
+
+
+def predicted_bytes(model: str | Path, recipe_or_ftype: str, has_imatrix: bool) -> int:
+    """The quantized file's size from the header and the recipe (the size plan); the model's
+    own size while it is missing or when the plan cannot tell (an upper bound for a quant)."""
+    from .plan import plan
+    from .recipes import recipe_or_ftype as parse
+
+    files = shards(model)
+    if not all(f.exists() for f in files):
+        return UNKNOWN.bytes
+    try:
+        return sum(plan(read_table(f), parse(recipe_or_ftype), has_imatrix=has_imatrix, strict=False).total_bytes
+                   for f in files)
+    except (ValueError, KeyError):
+        return model_size(model).bytes
