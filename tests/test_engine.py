@@ -208,3 +208,13 @@ def test_cuda_build_exposes_cooker_flags():
         engine.EngineSpec.from_dict({"cuda_force_bf16": True})
     with pytest.raises(engine.EngineError, match="max_contexts"):
         engine.EngineSpec.from_dict({"max_contexts": -1})
+
+
+def test_build_maps_its_temp_dir_out_of_the_binaries(tmp_path):
+    """__FILE__ would embed the random build dir: the prefix map makes two builds byte-identical
+    (measured: tool sha256s equal across two cold caches); it must not enter the cache key."""
+    spec = engine.EngineSpec(cuda=True)
+    flags = engine._reproducible_flags(tmp_path, spec)
+    assert f"-DCMAKE_CXX_FLAGS=-ffile-prefix-map={tmp_path}=." in flags
+    assert f"-DCMAKE_CUDA_FLAGS=-Xcompiler=-ffile-prefix-map={tmp_path}=." in flags
+    assert not any("prefix-map" in a for a in spec.cmake_args())

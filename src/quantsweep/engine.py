@@ -32,7 +32,7 @@ DEFAULT_PYPI_VERSION = "0.1.5"
 DEFAULT_PYPI_SHA256 = "33c67eb99e4dcab5e611050433243815709b8b3067753f9ce18375013cf002ad"
 DEFAULT_GIT_URL = "https://github.com/ikawrakow/ik_llama.cpp"
 # Bump when the build procedure changes in a way that changes the binaries.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: -ffile-prefix-map, so builds of one key are byte-identical
 
 
 class EngineError(RuntimeError):
@@ -111,6 +111,17 @@ class EngineSpec:
         if self.max_contexts:
             args.append(f"-DGGML_MAX_CONTEXTS={self.max_contexts}")
         return args + list(self.cmake_flags)
+
+
+def _reproducible_flags(work: Path, spec: EngineSpec) -> list[str]:
+    """__FILE__ (GGML_ASSERT, log lines) embeds the build's random temp dir in the binaries, so two
+    builds of one key differed in those bytes; mapping it to "." makes them identical. Not part
+    of the cache key (it changes no behaviour); flags in engine.cmake_flags come later and win."""
+    remap = f"-ffile-prefix-map={work}=."
+    flags = [f"-DCMAKE_C_FLAGS={remap}", f"-DCMAKE_CXX_FLAGS={remap}"]
+    if spec.cuda:
+        flags.append(f"-DCMAKE_CUDA_FLAGS=-Xcompiler={remap}")
+    return flags
 
 
 def _usable_cpus() -> int:
@@ -320,7 +331,8 @@ def build_into_cache(spec: EngineSpec, cache: Path, log) -> Path:
             work = Path(tmp)
             src, src_meta = _prepare_source(spec, cache, work, toolchain, log)
             build = work / "build"
-            _run(["cmake", "-S", str(src), "-B", str(build), "-G", "Unix Makefiles", *spec.cmake_args()], log)
+            _run(["cmake", "-S", str(src), "-B", str(build), "-G", "Unix Makefiles", *_reproducible_flags(work, spec),
+                  *spec.cmake_args()], log)
             jobs = spec.jobs or _usable_cpus()
             _run(["cmake", "--build", str(build), "-j", str(jobs), "--target", *TOOLS], log)
             staged = work / "entry"

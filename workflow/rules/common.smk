@@ -173,8 +173,8 @@ def _model_size(wildcards):
 
 
 def threads_engine(wildcards):
-    """resources.threads, else every core Snakemake was given (--cores); a cluster run has no
-    --cores: 8 then, which a site profile's set-threads (profiles/slurm) overrides per rule."""
+    """resources.threads, else every core Snakemake was given (--cores); a cluster run
+    has no --cores: 8 then, which profiles/slurm's set-threads overrides per rule."""
     n = config["resources"]["threads"]
     if n > 0:
         return n
