@@ -88,11 +88,11 @@ def test_error_in_writer_thread_reaches_caller_and_no_file_is_left(tmp_path):
 
 
 def test_write_dat_copy_and_buffer_paths_give_the_same_bytes(tmp_path):
-    """Pass-through entries are kernel-copied only where source and output offsets agree
-    within a page; either way the file must equal a plain serialisation."""
+    """Pass-through entries are kernel-copied (shifted against the source when an entry before
+    them was dropped); the file must equal a plain serialisation."""
     src = FIXTURES / "tiny-mla.dat"
     im = imatrix.read_dat(src)
-    # drop one entry so later entries shift against the source (buffer path), keep the rest
+    # drop one entry so later entries shift against the source, keep the rest
     first = next(iter(im.entries))
     kept = imatrix.Imatrix({k: v for k, v in im.entries.items() if k != first}, im.chunks, im.dataset)
     imatrix.write_dat(kept, tmp_path / "a.dat")

@@ -62,7 +62,6 @@ class PipeWriter:
         self._todo: queue.Queue = queue.Queue()
         self._lent: np.ndarray | None = None
         self._pending: tuple[int, int, int] | None = None  # a copy that the next may extend
-        self.pos = 0  # bytes queued so far: the file offset the next part lands at
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="PipeWriter", daemon=True)
         self._thread.start()
@@ -107,13 +106,6 @@ class PipeWriter:
             self._pending = None
         if data is not None:
             self._todo.put((data, buf))
-            self.pos += len(data)
-
-    def copy_fits(self, offset: int) -> bool:
-        """Would bytes at `offset` of the source land at the same offset within a page here?
-        The kernel copies those at cp's speed; shifted ones (measured) up to 1.5x slower
-        than reading them and writing them from a buffer."""
-        return (offset - self.pos) % 4096 == 0
 
     def write(self, data: bytes) -> None:
         self._put(data)
@@ -121,7 +113,6 @@ class PipeWriter:
     def copy(self, fd: int, offset: int, n: int) -> None:
         """Queue n bytes of open file `fd` from `offset` (the fd must stay open until close()).
         Adjacent ranges are joined: one large kernel copy runs at cp's speed, many small ones not."""
-        self.pos += n
         p = self._pending
         if p is not None and p[0] == fd and p[1] + p[2] == offset:
             self._pending = (fd, p[1], p[2] + n)
