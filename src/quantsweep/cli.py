@@ -290,14 +290,15 @@ def _files(a, names: tuple[str, ...]) -> dict[str, list[str]]:
 
 def _write_manifest(a, result, argv: list[str], started: float, wall: float) -> None:
     from . import manifest
+    from .fileio import write_json
 
     result = result if isinstance(result, dict) else {}
     inputs = {**_files(a, a.manifest_inputs), **result.get("inputs", {})}
     outputs = [f for files in _files(a, a.manifest_outputs).values() for f in files]
     cmds = [result["cmd"]] if result.get("cmd") else []
-    manifest.write(a.manifest, manifest.build(argv=["quantsweep", *argv], inputs=inputs, outputs=outputs,
-                                              started=started, wall_s=wall, bin_dir=getattr(a, "bin_dir", None),
-                                              engine_cmds=cmds))
+    write_json(a.manifest, manifest.build(argv=["quantsweep", *argv], inputs=inputs, outputs=outputs,
+                                          started=started, wall_s=wall, bin_dir=getattr(a, "bin_dir", None),
+                                          engine_cmds=cmds))
 
 
 def build_parser() -> argparse.ArgumentParser:

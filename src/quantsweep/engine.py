@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .fileio import sha256_file
+
 TOOLS = ("llama-imatrix", "llama-quantize", "llama-perplexity")
 SOURCE_KINDS = ("pypi", "git", "path", "bin_dir")
 DEFAULT_PYPI_PACKAGE = "ik-llama-cpp-python"
@@ -216,14 +218,6 @@ def cache_key(spec: EngineSpec, toolchain: dict) -> str:
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fetch_pypi_sdist(spec: EngineSpec, cache: Path, log) -> Path:

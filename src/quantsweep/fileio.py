@@ -4,6 +4,7 @@ pipelined writer for large binary outputs."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import queue
@@ -27,6 +28,29 @@ def partial_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
+class GrowBuffer:
+    """A grow-only float32 scratch buffer. Streaming an imatrix entry by entry through reused
+    buffers avoids a fresh allocation (and its page faults) per entry: peak memory is the
+    largest entry, not the file."""
+
+    def __init__(self) -> None:
+        self.array = np.empty(0, dtype=np.float32)
+
+    def get(self, n: int) -> np.ndarray:
+        """A view of n values (valid until the next get)."""
+        if self.array.size < n:
+            self.array = np.empty(max(n, 2 * self.array.size), dtype=np.float32)
+        return self.array[:n]
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -58,9 +82,9 @@ class PipeWriter:
         self._f = f
         self._free: queue.Queue = queue.Queue()
         for _ in range(nbuf):
-            self._free.put(np.empty(0, dtype=np.float32))
+            self._free.put(GrowBuffer())
         self._todo: queue.Queue = queue.Queue()
-        self._lent: np.ndarray | None = None
+        self._lent: GrowBuffer | None = None
         self._pending: tuple[int, int, int] | None = None  # a copy that the next may extend
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="PipeWriter", daemon=True)
@@ -99,7 +123,7 @@ class PipeWriter:
                 raise OSError(f"copying {n} bytes at offset {offset}: source ended early")
             offset += got
 
-    def _put(self, data, buf: np.ndarray | None = None) -> None:
+    def _put(self, data, buf: GrowBuffer | None = None) -> None:
         self._raise()
         if self._pending is not None:
             self._todo.put((self._pending, None))
@@ -125,16 +149,13 @@ class PipeWriter:
     def buffer(self, n: int) -> np.ndarray:
         """A float32 array of n values to fill; valid until commit()."""
         self._raise()
-        buf = self._free.get()
-        if buf.size < n:
-            buf = np.empty(max(n, 2 * buf.size), dtype=np.float32)
-        self._lent = buf
-        return buf[:n]
+        self._lent = self._free.get()
+        return self._lent.get(n)
 
     def commit(self, arr: np.ndarray) -> None:
         """Queue the array last lent by buffer() (or a view of it) for writing."""
         buf, self._lent = self._lent, None
-        if buf is None or arr.base is not buf and arr is not buf:
+        if buf is None or arr.base is not buf.array and arr is not buf.array:
             raise ValueError("commit() takes the array lent by the last buffer() call")
         self._put(memoryview(np.ascontiguousarray(arr)).cast("B"), buf)
 

@@ -22,26 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .fileio import PipeWriter, partial_path
+from .fileio import GrowBuffer, PipeWriter, partial_path
 from .gguf_table import GGUFTable
 
 
 class ImatrixFormatError(ValueError):
     """Unreadable imatrix; the message names the file and the offset or entry."""
-
-
-class _Buffer:
-    """A grow-only float32 scratch buffer. Streaming an imatrix entry by entry through reused
-    buffers avoids a fresh allocation (and its page faults) per entry: 1 GB files then convert
-    near the speed of cp, and peak memory is the largest entry, not the file."""
-
-    def __init__(self) -> None:
-        self._buf = np.empty(0, dtype=np.float32)
-
-    def get(self, n: int) -> np.ndarray:
-        if self._buf.size < n:
-            self._buf = np.empty(max(n, 2 * self._buf.size), dtype=np.float32)
-        return self._buf[:n]
 
 
 class _FileReader:
@@ -50,7 +36,7 @@ class _FileReader:
     def __init__(self, path: Path):
         self.path = path
         self._f = open(path, "rb")
-        self._buf = _Buffer()
+        self._buf = GrowBuffer()
 
     def read(self, offset: int, n: int, what: str, out: np.ndarray | None = None) -> np.ndarray:
         """n float32 values at offset, into `out` if given, else into this reader's buffer."""
@@ -347,7 +333,7 @@ def merge(ims: list[Imatrix], names: list[str] | None = None) -> Imatrix:
                     f"imatrix entry {name}: {have[0][0]} has {have[0][1].nval} values, {label} has {e.nval}"
                 )
             have.append((label, e))
-    buf = _Buffer()
+    buf = GrowBuffer()
     for name, es in parts.items():
         if len(es) == 1:
             out.entries[name] = es[0][1]
@@ -357,7 +343,7 @@ def merge(ims: list[Imatrix], names: list[str] | None = None) -> Imatrix:
     return out
 
 
-def _sum_loader(group: list[Entry], buf: _Buffer) -> Callable[..., np.ndarray]:
+def _sum_loader(group: list[Entry], buf: GrowBuffer) -> Callable[..., np.ndarray]:
     def load(check: bool = True, out: np.ndarray | None = None) -> np.ndarray:
         acc = group[0].into(buf.get(group[0].nval) if out is None else out)  # own buffer: inputs may share a reader's
         for e in group[1:]:
@@ -367,7 +353,7 @@ def _sum_loader(group: list[Entry], buf: _Buffer) -> Callable[..., np.ndarray]:
     return load
 
 
-def _expected_size(shape: tuple[int, ...]) -> int:
+def expected_size(shape: tuple[int, ...]) -> int:
     """What quantize checks: ne0 * ne2 (per expert or per head for 3-D tensors)."""
     return shape[0] * (shape[2] if len(shape) > 2 else 1)
 
@@ -408,7 +394,7 @@ def remap(im: Imatrix, model: GGUFTable) -> tuple[Imatrix, list[str]]:
         fixed[base] = im.entries[name]
     out: dict[str, Entry] = {}
     for name, t in sorted(tensors.items()):
-        want = _expected_size(t.shape)
+        want = expected_size(t.shape)
         src_name = name if name in fixed else None
         if src_name is None:
             for tgt, src in _TWINS:
@@ -528,7 +514,7 @@ def check(im: Imatrix, model: GGUFTable, plan: dict[str, str | None], ftype: str
             continue
         e = im.entries[key]
         n_mat = t.shape[2] if len(t.shape) > 2 else 1
-        want = t.shape[0] * n_mat
+        want = expected_size(t.shape)
         if e.nval != want:
             if t.name != "token_embd.weight":
                 problems.append(Problem(t.name, new, key, f"{e.nval} values, tensor needs {want} (the engine aborts)"))

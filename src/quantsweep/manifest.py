@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 
 from . import __version__
-from .fileio import write_json
+from .fileio import sha256_file, write_json
 
 HASH_CACHE = Path(".quantsweep") / "sha256"
 MANIFEST_VERSION = 1
@@ -47,11 +47,7 @@ def sha256(path: str | Path, cache_dir: Path | None = HASH_CACHE) -> str:
                 return cached["sha256"]
         except (OSError, ValueError, KeyError):
             pass
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    digest = h.hexdigest()
+    digest = sha256_file(path)
     if entry is not None:
         try:
             write_json(entry, {**stamp, "sha256": digest})
@@ -112,7 +108,3 @@ def build(*, argv: list[str], inputs: dict[str, list[str]], outputs: list[str], 
         "cwd": os.getcwd(),
         "python": sys.executable,
     }
-
-
-def write(path: str | Path, manifest: dict) -> None:
-    write_json(path, manifest)

@@ -48,7 +48,7 @@ from typing import Any, Iterable
 from . import ggml_types
 from .ggml_types import BY_NAME
 from .gguf_table import GGUFTable, TensorInfo
-from .imatrix import needs_imatrix
+from .imatrix import expected_size, needs_imatrix
 
 # --------------------------------------------------------------------------------------
 # errors
@@ -996,7 +996,7 @@ def _imatrix_report(p: Plan, im: Any, has_im: bool) -> None:
             continue
         key = engine_lookup(names, t.name)
         if key is not None:
-            want = t.shape[0] * (t.shape[2] if len(t.shape) > 2 else 1)
+            want = expected_size(t.shape)
             if im.entries[key].nval != want and t.name != "token_embd.weight":
                 problems.append(f"imatrix entry {key} has {im.entries[key].nval} values but {t.name} needs {want} "
                                 "(llama-quantize aborts; remap the imatrix for this model)")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .gguf_table import GGUFTable, read_table
+from .imatrix import expected_size
 
 MiB = 2**20
 _SHARD = re.compile(r"^(.*)-(\d{5})-of-(\d{5})\.gguf$")
@@ -38,7 +39,7 @@ class ModelSize:
         return cls(
             bytes=sum(t.nbytes for t in ts),
             largest_elements=max((t.n_elements for t in ts), default=0),
-            imatrix_values=sum(t.shape[0] * (t.shape[2] if len(t.shape) > 2 else 1) for t in ts if len(t.shape) >= 2),
+            imatrix_values=sum(expected_size(t.shape) for t in ts if len(t.shape) >= 2),
             n_vocab=vocab,
         )
 
