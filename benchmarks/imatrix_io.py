@@ -64,7 +64,7 @@ def write_header_only_gguf(path: Path) -> None:
     def s(x: str) -> bytes:
         return struct.pack("<Q", len(x.encode())) + x.encode()
 
-    from quantsweep.plan import deepseek_v3_table
+    from quantsweep.gguf.deepseek2 import deepseek_v3_table
 
     tensors = [(t.name, t.shape) for t in deepseek_v3_table().tensors]
     with open(path, "wb") as f:

@@ -33,7 +33,7 @@ def run_variant(work: Path, passes: list[str], quants: list, split: bool) -> lis
         why = [ln for log in sorted((work / "logs").rglob("*.log")) for ln in log.read_text().splitlines()
                if ln.startswith(("FAIL:", "quantsweep: error:"))]
         return [{"quant": "FAILED", "error": " | ".join(why[:2]) or "see the work dir's logs"}]
-    from quantsweep.summary import read_csv
+    from quantsweep.report import read_csv
 
     return read_csv(work / "results" / "summary.csv")
 
@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--dir", default="")
     a = ap.parse_args()
     base = Path(a.dir or tempfile.mkdtemp(prefix="qs-passes-"))
-    print(f"| imatrix | quant | ppl | dppl_pct | kld_mean | same_top_p |\n|---|---|---|---|---|---|")
+    print("| imatrix | quant | ppl | dppl_pct | kld_mean | same_top_p |\n|---|---|---|---|---|---|")
     for passes in (["mla"], ["std"], ["mla", "std"]):
         label = "+".join(passes) + (" (merged, remapped)" if len(passes) > 1 else " (remapped)")
         for row in run_variant(base / "_".join(passes), passes, [a.quant], a.split_kv_b):

@@ -3,7 +3,7 @@
     python benchmarks/size_prediction.py WORKDIR [--model tiny]
 
 WORKDIR is a work dir where `snakemake --cores all` finished (e.g. the demo). For each quant:
-our plan (quantsweep.plan, from the source GGUF header alone), the engine's `--dry-run` figure,
+our plan (quantsweep.planner, from the source GGUF header alone), the engine's `--dry-run` figure,
 the engine's `quant size` line of the real run, the tensor data of the written file and the
 file size, with the plan's error against each.
 """
@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import yaml
 
-from quantsweep import logparse, steps
 from quantsweep.config import parse_quants, resolve_recipe_paths
-from quantsweep.recipes import engine_args, load_recipe
+from quantsweep.engine.run import dry_run
+from quantsweep.steps import quant_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,13 +40,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for q in quants:
         rec = json.loads((wd / "results" / "quants" / a.model / f"{a.model}-{q.name}.json").read_text())
-        args = engine_args(load_recipe(q.recipe)) if q.recipe else [q.ftype]
-        extra = args[:-1] + (["--imatrix", str(imatrix)] if q.imatrix else []) + ["--dry-run"]
-        with tempfile.TemporaryDirectory() as tmp:
-            log = Path(tmp) / "dry.log"
-            cmd = [str(bin_dir / "llama-quantize"), *extra, str(model), str(Path(tmp) / "x.gguf"), args[-1], "1"]
-            steps.run_logged(cmd, log)
-            dry = logparse.parse_quantize(log.read_text()).quant_mib
+        ftype, extra = quant_args(q.recipe, q.ftype)
+        dry = dry_run(bin_dir, model, ftype, extra, imatrix if q.imatrix else None, check_imatrix=True).quant_mib
         p = rec["predicted_bytes"]
         mib = 2**20
         print(f"| {q.name} | {p} | {dry:.2f} | {rec['quant_mib']:.2f} | {rec['tensor_bytes']} | {rec['file_bytes']} "

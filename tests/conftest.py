@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -39,11 +39,16 @@ def _deep_update(d: dict, u: dict) -> None:
             d[k] = v
 
 
+@pytest.fixture(scope="session")
+def bin_dir(tmp_path_factory) -> Path:
+    """The default engine's tools (built once into the cache outside the repo, then copied)."""
+    from quantsweep.engine import build
+
+    out = tmp_path_factory.mktemp("engine") / "engine"
+    build.install_engine(build.EngineSpec(), out, log=io.StringIO())
+    return out / "bin"
+
+
 @pytest.fixture
 def workdir(tmp_path):
     return make_workdir(tmp_path / "wd")
-
-
-def copy_fixture(name: str, dest: Path) -> Path:
-    shutil.copy(FIXTURES / name, dest)
-    return dest

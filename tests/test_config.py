@@ -34,6 +34,7 @@ def test_default_config_dry_run(workdir):
         ({"quants": [{"ftype": "IQ2_XS", "imatrix": False}]}, "quants[0]: IQ2_XS cannot be made without an imatrix"),
         ({"engine": {"source": "git", "git_commit": ""}}, "engine.git_commit"),
         ({"models": {"big": {"source": "gguf"}}}, "models.big.path"),
+        ({"quants": ["Q8_0", {"name": "baseline", "ftype": "IQ4_KS"}]}, "quants[1].name: 'baseline' is reserved"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, overrides, expected):
@@ -42,6 +43,24 @@ def test_bad_config_names_the_key(tmp_path, overrides, expected):
     out = r.stdout + r.stderr
     assert r.returncode != 0
     assert expected in out, out[-2000:]
+
+
+def test_names_with_regex_characters_match_their_wildcards(tmp_path):
+    """`v3+r1` and `IQ4_KS.v2` are valid names; the wildcard constraints escape them (an unescaped
+    '+' made the model never match, '.' matched any character)."""
+    wd = make_workdir(tmp_path / "wd", {
+        "models": {"v3+r1": {"source": "tiny", "split_kv_b": False, "seed": 0},
+                   "v3r1": {"source": "tiny", "split_kv_b": False, "seed": 1}},
+        "quants": ["Q8_0", {"name": "IQ4_KS.v2", "ftype": "IQ4_KS"}],
+    })
+    r = smk(wd, "-n", "--cores", "1")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for path in ("results/quants/v3+r1/v3+r1-IQ4_KS.v2.gguf", "results/eval/v3+r1/IQ4_KS.v2.json",
+                 "results/eval/v3r1/IQ4_KS.v2.json", "resources/models/v3+r1.gguf"):
+        assert f"output: {path}" in r.stdout or f" {path}," in r.stdout or f" {path}\n" in r.stdout, path
+    # a name the regex would match only unescaped is not a target
+    r = smk(wd, "-n", "--cores", "1", "results/eval/v33r1/Q8_0.json")  # v3+r1 as a regex
+    assert r.returncode != 0
 
 
 def test_parse_quants_names_and_defaults():
@@ -131,7 +150,7 @@ def test_recipe_quant_wiring(tmp_path):
 def test_recipe_cli_plan_json_and_args(tmp_path):
     import json
 
-    from quantsweep.recipes import engine_args, load_recipe
+    from quantsweep.planner.recipes import engine_args, load_recipe
 
     rec = ROOT / "config" / "recipes" / "deepseek-v3-iq4_ks_r4.yaml"
     r = subprocess.run([sys.executable, "-m", "quantsweep.cli", "recipe", "plan", "--model", "deepseek-v3", str(rec),

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, make_workdir, smk
-from quantsweep import logparse
+from quantsweep.engine import logparse
 from quantsweep.config import parse_quants, resolve_recipe_paths
-from quantsweep.gguf_table import read_table
-from quantsweep.summary import read_csv
+from quantsweep.gguf.reader import read_table
+from quantsweep.report import read_csv
 
 import yaml
 
@@ -241,7 +241,8 @@ def test_every_artifact_has_a_manifest_that_matches_it(demo):
     input/output hashes are those of the files, with the engine identity and exact commands."""
     import hashlib
 
-    from quantsweep.manifest import manifest_path
+    def manifest_path(artifact: Path) -> Path:  # results/quants/m/m-Q.gguf -> m-Q.manifest.json
+        return artifact.with_name(artifact.stem + ".manifest.json")
 
     engine = json.loads((demo / "resources" / "engine" / "engine.json").read_text())
     arts = [demo / "results" / "imatrix" / "tiny" / f"{p}.dat" for p in ("mla", "std", "imatrix")]

@@ -8,19 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from quantsweep import engine, steps
+from quantsweep import imatrix
 from quantsweep.cli import bundled_text
-from quantsweep.commands import EvalSettings
+from quantsweep.engine import build, run
+from quantsweep.engine.argv import EvalSettings
+from quantsweep.errors import EngineError, StepError
+from quantsweep.fileio import sha256_file
+from quantsweep.gguf.reader import read_table
+from quantsweep.gguf.types import needs_imatrix
 from quantsweep.tinymodel import TinySpec, write_tiny_model
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="session")
-def bin_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("engine") / "engine"
-    engine.install_engine(engine.EngineSpec(), out, log=io.StringIO())
-    return out / "bin"
 
 
 @pytest.fixture(scope="session")
@@ -32,10 +30,10 @@ def tiny(tmp_path_factory) -> Path:
 
 def test_unchanged_spec_is_a_cache_hit(bin_dir, tmp_path):
     log = io.StringIO()
-    meta = engine.install_engine(engine.EngineSpec(), tmp_path / "again", log=log)
+    meta = build.install_engine(build.EngineSpec(), tmp_path / "again", log=log)
     assert "engine cache hit" in log.getvalue()
     again = tmp_path / "again" / "bin" / "llama-quantize"
-    assert meta["tools"]["llama-quantize"] == engine.sha256_file(again)
+    assert meta["tools"]["llama-quantize"] == sha256_file(again)
     # own inode: touching one work dir's copy must not make another work dir out of date
     assert again.stat().st_ino != (bin_dir / "llama-quantize").stat().st_ino
     assert again.stat().st_nlink == 1
@@ -43,28 +41,28 @@ def test_unchanged_spec_is_a_cache_hit(bin_dir, tmp_path):
 
 def test_key_changes_with_flags():
     tc = {"cc": "gcc 12"}
-    base = engine.cache_key(engine.EngineSpec(), tc)
-    assert engine.cache_key(engine.EngineSpec(cmake_flags=("-DGGML_SCHED_MAX_COPIES=1",)), tc) != base
-    assert engine.cache_key(engine.EngineSpec(cuda=True), tc) != base
-    assert engine.cache_key(engine.EngineSpec(), {"cc": "gcc 13"}) != base
-    assert engine.cache_key(engine.EngineSpec(), tc) == base
+    base = build.cache_key(build.EngineSpec(), tc)
+    assert build.cache_key(build.EngineSpec(cmake_flags=("-DGGML_SCHED_MAX_COPIES=1",)), tc) != base
+    assert build.cache_key(build.EngineSpec(cuda=True), tc) != base
+    assert build.cache_key(build.EngineSpec(), {"cc": "gcc 13"}) != base
+    assert build.cache_key(build.EngineSpec(), tc) == base
 
 
 def test_bin_dir_source_adopts_prebuilt_tools(bin_dir, tmp_path):
-    meta = engine.install_engine(engine.EngineSpec(source="bin_dir", bin_dir=str(bin_dir)), tmp_path / "e")
+    meta = build.install_engine(build.EngineSpec(source="bin_dir", bin_dir=str(bin_dir)), tmp_path / "e")
     assert meta["source"] == "bin_dir"
     assert json.loads((tmp_path / "e" / "engine.json").read_text())["tools"] == meta["tools"]
-    with pytest.raises(engine.EngineError, match="lacks executable llama-imatrix"):
-        engine.install_engine(engine.EngineSpec(source="bin_dir", bin_dir=str(tmp_path)), tmp_path / "f")
+    with pytest.raises(EngineError, match="lacks executable llama-imatrix"):
+        build.install_engine(build.EngineSpec(source="bin_dir", bin_dir=str(tmp_path)), tmp_path / "f")
 
 
 def test_wrong_sdist_hash_is_refused(bin_dir):
     """bin_dir's build downloaded the sdist into the cache; a different pin must not accept it."""
-    spec = engine.EngineSpec(pypi_sha256="0" * 64)
-    cache = engine.default_cache_dir()
+    spec = build.EngineSpec(pypi_sha256="0" * 64)
+    cache = build.default_cache_dir()
     assert (cache / "sources" / "ik_llama_cpp_python-0.1.5.tar.gz").exists()
-    with pytest.raises(engine.EngineError, match="pypi_sha256"):
-        engine.build_into_cache(spec, cache, io.StringIO())
+    with pytest.raises(EngineError, match="pypi_sha256"):
+        build.build_into_cache(spec, cache, io.StringIO())
 
 
 def test_perplexity_failure_with_exit_code_zero_is_caught(bin_dir, tiny, tmp_path):
@@ -72,8 +70,8 @@ def test_perplexity_failure_with_exit_code_zero_is_caught(bin_dir, tiny, tmp_pat
     text = tmp_path / "short.txt"
     text.write_text("too short for two contexts\n" * 3)
     kld, result, log = tmp_path / "b.kld", tmp_path / "b.json", tmp_path / "b.log"
-    with pytest.raises(steps.StepError, match=r"exit code 0\).*Final estimate"):
-        steps.perplexity_base(bin_dir, tiny, text, kld, result, log, EvalSettings(chunks=4))
+    with pytest.raises(StepError, match=r"exit code 0\).*Final estimate"):
+        run.perplexity_base(bin_dir, tiny, text, kld, log, EvalSettings(chunks=4))
     assert not kld.exists() and not result.exists()
     assert not list(tmp_path.glob(".*partial*"))
 
@@ -83,20 +81,17 @@ def test_raw_mla_imatrix_aborts_quantize_and_remap_fixes_it(bin_dir, tiny, tmp_p
     cal = tmp_path / "cal.txt"
     cal.write_text(bundled_text("calibration"))
     raw = tmp_path / "mla.dat"
-    steps.collect_imatrix(bin_dir, tiny, cal, raw, tmp_path / "imx.log", "mla", 512, 4, 2)
+    run.collect_imatrix(bin_dir, tiny, cal, raw, tmp_path / "imx.log", "mla", 512, 4, 2)
     out = tmp_path / "q.gguf"
-    with pytest.raises(steps.StepError, match="imatrix size 2048 is different from tensor size 512"):
-        steps.quantize(bin_dir, tiny, out, tmp_path / "q.log", "IQ2_KS", 2, raw)
+    with pytest.raises(StepError, match="imatrix size 2048 is different from tensor size 512"):
+        run.quantize(bin_dir, tiny, out, tmp_path / "q.log", "IQ2_KS", 2, raw)
     assert not out.exists()
-
-    from quantsweep import imatrix
-    from quantsweep.gguf_table import read_table
 
     fitted, actions = imatrix.remap(imatrix.read_dat(raw), read_table(tiny))
     assert any(a.startswith("collapse blk.0.attn_kv_b.weight: 2048 -> 512") for a in actions)
     fit = tmp_path / "fit.dat"
     imatrix.write_dat(fitted, fit)
-    rec = steps.quantize(bin_dir, tiny, out, tmp_path / "q2.log", "IQ2_KS", 2, fit)
+    rec = run.quantize(bin_dir, tiny, out, tmp_path / "q2.log", "IQ2_KS", 2, fit)
     assert out.exists() and rec["quant_mib"] > 0
     assert not [n for n in rec["not_found"] if n.startswith("blk.")]
 
@@ -117,14 +112,12 @@ def split_passes(bin_dir, tiny_split, tmp_path_factory) -> dict[str, Path]:
     out = {}
     for mode in ("mla", "std"):
         out[mode] = d / f"{mode}.dat"
-        steps.collect_imatrix(bin_dir, tiny_split, cal, out[mode], d / f"{mode}.log", mode, 512, 4, 2)
+        run.collect_imatrix(bin_dir, tiny_split, cal, out[mode], d / f"{mode}.log", mode, 512, 4, 2)
     return out
 
 
 def test_split_layout_mla_pass_names(split_passes):
     """What the engine stores for ik-style 2-D k_b/v_b (the problem remap solves)."""
-    from quantsweep import imatrix
-
     names = set(imatrix.read_dat(split_passes["mla"]).entries)
     assert "blk.0.attn_k_b.weight (reshaped)" in names
     assert not any("attn_v_b" in n for n in names) and not any("attn_kv_b" in n for n in names)
@@ -132,12 +125,9 @@ def test_split_layout_mla_pass_names(split_passes):
 
 
 def test_split_layout_raw_fails_remapped_quantizes(bin_dir, tiny_split, split_passes, tmp_path):
-    from quantsweep import imatrix
-    from quantsweep.gguf_table import read_table
-
     out = tmp_path / "q.gguf"
-    with pytest.raises(steps.StepError, match="Missing importance matrix for tensor blk.0.attn_v_b.weight"):
-        steps.quantize(bin_dir, tiny_split, out, tmp_path / "raw.log", "IQ2_XS", 2, split_passes["mla"])
+    with pytest.raises(StepError, match="Missing importance matrix for tensor blk.0.attn_v_b.weight"):
+        run.quantize(bin_dir, tiny_split, out, tmp_path / "raw.log", "IQ2_XS", 2, split_passes["mla"])
     assert not out.exists()
     merged = imatrix.merge([imatrix.read_dat(split_passes[m]) for m in ("mla", "std")])
     fitted, actions = imatrix.remap(merged, read_table(tiny_split))
@@ -146,32 +136,29 @@ def test_split_layout_raw_fails_remapped_quantizes(bin_dir, tiny_split, split_pa
     assert "copy blk.0.attn_kv_b.weight -> blk.0.attn_v_b.weight" in actions
     fit = tmp_path / "fit.dat"
     imatrix.write_dat(fitted, fit)
-    rec = steps.quantize(bin_dir, tiny_split, out, tmp_path / "fit.log", "IQ2_XS", 2, fit)
+    rec = run.quantize(bin_dir, tiny_split, out, tmp_path / "fit.log", "IQ2_XS", 2, fit)
     assert rec["not_found"] == ["token_embd.weight", "output.weight"]
 
 
 @pytest.mark.parametrize("layout", ["kv_b", "split"])
 def test_check_catches_a_removed_entry(bin_dir, tiny, tiny_split, split_passes, layout, tmp_path):
     """The pre-flight check passes on the fitted imatrix and names the tensor once an entry is gone."""
-    from quantsweep import imatrix
-    from quantsweep.gguf_table import read_table
-
     model = tiny if layout == "kv_b" else tiny_split
     if layout == "kv_b":
         cal = tmp_path / "cal.txt"
         cal.write_text(bundled_text("calibration"))
         raw = [tmp_path / "mla.dat"]
-        steps.collect_imatrix(bin_dir, model, cal, raw[0], tmp_path / "imx.log", "mla", 512, 4, 2)
+        run.collect_imatrix(bin_dir, model, cal, raw[0], tmp_path / "imx.log", "mla", 512, 4, 2)
     else:
         raw = [split_passes["mla"], split_passes["std"]]
     table = read_table(model)
     fitted, _ = imatrix.remap(imatrix.merge([imatrix.read_dat(p) for p in raw]), table)
-    plan = steps.quantize_plan(bin_dir, model, "IQ2_XS", tmp_path / "plan.log")
-    assert imatrix.check(fitted, table, plan, "IQ2_XS") == []
+    types = run.dry_run(bin_dir, model, "IQ2_XS", log=tmp_path / "plan.log").types
+    assert imatrix.check(fitted, table, types, "IQ2_XS") == []
     victim = "blk.2.ffn_down_exps.weight"
-    assert plan[victim] in imatrix.NEEDS_IMATRIX
+    assert needs_imatrix(types[victim], "IQ2_XS")
     del fitted.entries[victim]
-    problems = imatrix.check(fitted, table, plan, "IQ2_XS")
+    problems = imatrix.check(fitted, table, types, "IQ2_XS")
     assert [(p.tensor, p.problem) for p in problems] == [
         (victim, "no imatrix data (the engine refuses this type without)")]
 
@@ -189,32 +176,33 @@ def test_check_cli_fails_with_a_table_on_the_raw_imatrix(bin_dir, tiny_split, sp
     table = r.stderr.splitlines()
     assert any(ln.startswith("blk.0.attn_v_b.weight") and "no imatrix data" in ln for ln in table)
     assert not any(ln.startswith("blk.0.attn_k_b.weight") for ln in table)  # 128 columns: iq4_nl fallback
-    assert table[-1] == "quantsweep: error: imatrix check failed: 4 problem(s) for IQ2_XS (table above)"
+    assert table[-1].startswith(f"quantsweep: error: imatrix check of {split_passes['mla']} failed: 4 problem(s) "
+                                "for IQ2_XS; first: blk.0.attn_v_b.weight (iq2_xs): imatrix entry -: no imatrix data")
     assert not out.exists()
 
 
 def test_cuda_build_exposes_cooker_flags():
-    spec = engine.EngineSpec.from_dict({"cuda": True, "cuda_architectures": "86;90", "cuda_force_bf16": True,
+    spec = build.EngineSpec.from_dict({"cuda": True, "cuda_architectures": "86;90", "cuda_force_bf16": True,
                                         "sched_max_copies": 1, "max_contexts": 2048})
     args = spec.cmake_args()
     for flag in ("-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=86;90", "-DGGML_CUDA_IQK_FORCE_BF16=ON",
                  "-DGGML_SCHED_MAX_COPIES=1", "-DGGML_MAX_CONTEXTS=2048"):
         assert flag in args
     # defaults add no flag, so existing cache keys (and cached builds) stay valid
-    assert not any("SCHED_MAX_COPIES" in a or "MAX_CONTEXTS" in a or "BF16" in a for a in engine.EngineSpec().cmake_args())
+    assert not any("SCHED_MAX_COPIES" in a or "MAX_CONTEXTS" in a or "BF16" in a for a in build.EngineSpec().cmake_args())
     tc = {"cc": "gcc 12"}
-    assert engine.cache_key(engine.EngineSpec(max_contexts=2048), tc) != engine.cache_key(engine.EngineSpec(), tc)
-    with pytest.raises(engine.EngineError, match="cuda_force_bf16"):
-        engine.EngineSpec.from_dict({"cuda_force_bf16": True})
-    with pytest.raises(engine.EngineError, match="max_contexts"):
-        engine.EngineSpec.from_dict({"max_contexts": -1})
+    assert build.cache_key(build.EngineSpec(max_contexts=2048), tc) != build.cache_key(build.EngineSpec(), tc)
+    with pytest.raises(EngineError, match="cuda_force_bf16"):
+        build.EngineSpec.from_dict({"cuda_force_bf16": True})
+    with pytest.raises(EngineError, match="max_contexts"):
+        build.EngineSpec.from_dict({"max_contexts": -1})
 
 
 def test_build_maps_its_temp_dir_out_of_the_binaries(tmp_path):
     """__FILE__ would embed the random build dir: the prefix map makes two builds byte-identical
     (measured: tool sha256s equal across two cold caches); it must not enter the cache key."""
-    spec = engine.EngineSpec(cuda=True)
-    flags = engine._reproducible_flags(tmp_path, spec)
+    spec = build.EngineSpec(cuda=True)
+    flags = build._reproducible_flags(tmp_path, spec)
     assert f"-DCMAKE_CXX_FLAGS=-ffile-prefix-map={tmp_path}=." in flags
     assert f"-DCMAKE_CUDA_FLAGS=-Xcompiler=-ffile-prefix-map={tmp_path}=." in flags
     assert not any("prefix-map" in a for a in spec.cmake_args())

@@ -10,7 +10,7 @@ import pytest
 from conftest import FIXTURES
 from quantsweep import imatrix
 from quantsweep.cli import bundled_text
-from quantsweep.gguf_table import read_table
+from quantsweep.gguf.reader import read_table
 from quantsweep.tinymodel import TinySpec, write_tiny_model
 
 RAW = FIXTURES / "tiny-mla.dat"
@@ -128,7 +128,7 @@ def test_gguf_zero_count_expert_reads_as_one(tmp_path):
     g = tmp_path / "z.gguf"
     imatrix.write_gguf(im, g, {"blk.1.ffn_up_exps.weight": 2})
     data = bytearray(g.read_bytes())
-    table = __import__("quantsweep.gguf_table", fromlist=["read_table"]).read_table(g)
+    table = read_table(g)
     c = table.by_name()["blk.1.ffn_up_exps.weight.counts"]
     struct.pack_into("<f", data, table.data_offset + c.offset + 4, 0.0)  # expert 1: no tokens
     g.write_bytes(bytes(data))
@@ -139,7 +139,7 @@ def test_gguf_zero_count_expert_reads_as_one(tmp_path):
 def test_merge_conflict_names_both_files(tmp_path):
     a = imatrix.Imatrix({"blk.0.ffn_up.weight": imatrix.Entry(1, np.ones(4, np.float32))})
     b = imatrix.Imatrix({"blk.0.ffn_up.weight": imatrix.Entry(1, np.ones(8, np.float32))})
-    with pytest.raises(ValueError, match="a.dat has 4 values, b.dat has 8"):
+    with pytest.raises(imatrix.ImatrixError, match="a.dat has 4 values, b.dat has 8"):
         imatrix.merge([a, b], ["a.dat", "b.dat"])
 
 

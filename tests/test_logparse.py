@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import FIXTURES
-from quantsweep import logparse
+from quantsweep.engine import logparse
 
 LOGS = FIXTURES / "logs"
 

@@ -10,11 +10,6 @@ from quantsweep import manifest
 from quantsweep.cli import main
 
 
-def test_manifest_path_replaces_the_suffix():
-    assert str(manifest.manifest_path("results/quants/m/m-IQ2_KS.gguf")) == "results/quants/m/m-IQ2_KS.manifest.json"
-    assert str(manifest.manifest_path("a/imatrix.dat")) == "a/imatrix.manifest.json"
-
-
 def test_sha256_cache_is_used_and_invalidated(tmp_path):
     f = tmp_path / "model.gguf"
     f.write_bytes(b"a" * 1000)

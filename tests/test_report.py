@@ -15,9 +15,10 @@ import pytest
 
 from conftest import make_workdir, smk
 from quantsweep import cli
-from quantsweep.report import (Gate, annotate, gate_verdict, pareto_front, plot_metric, plotted_fronts,
-                               plotted_points, png_points, smallest_passing, write_report)
-from quantsweep.summary import Row, load_entries, make_rows, read_rows, to_csv
+from quantsweep.errors import ReportError
+from quantsweep.report import (Gate, Record, Row, annotate, gate_verdict, load_rows, make_rows, pareto_front,
+                               plot_metric, plotted_fronts, plotted_points, png_points, read_rows,
+                               smallest_passing, to_csv, write_report)
 
 EVAL = {"ctx": 512, "chunks": 16, "mla": 1, "fa": "off", "threads": 2, "batch": 0}
 # (name, size in bytes, bpw, ln PPL ratio, mean KLD): IQ2_KS-noimatrix is 256 bytes smaller than
@@ -162,7 +163,7 @@ def test_gate_verdict_limits_are_inclusive_and_optional():
 
 
 def test_annotate_fronts_gate_and_smallest_passing(tmp_path):
-    rows, _ = load_entries(make_entries(tmp_path / "a", models=("a", "b")))
+    rows, _ = load_rows(make_entries(tmp_path / "a", models=("a", "b")))
     annotate(rows, Gate(5.0, 0.05))
     for model in ("a", "b"):
         mine = {r.quant: r for r in rows if r.model == model}
@@ -188,9 +189,9 @@ def test_annotate_fronts_gate_and_smallest_passing(tmp_path):
 
 
 def test_make_rows_values_and_reference_quant():
-    base = {"size_bytes": 100, "bpw": 8.5, "ppl": 10.0, "ppl_err": 0.1, "eval": EVAL}
+    base = Record("base.json", {"size_bytes": 100, "bpw": 8.5, "ppl": 10.0, "ppl_err": 0.1, "eval": EVAL})
     rec = _record(50, 4.25, 0.1, 0.02)
-    rows = make_rows("m", base, [("IQ4_KS", "IQ4_KS", "yes", rec)], {"name": "Q8_0", "ftype": "Q8_0", "imatrix": "yes"})
+    rows = make_rows("m", base, [("IQ4_KS", "IQ4_KS", "yes", Record("q.json", rec))], ("Q8_0", "Q8_0", "yes"))
     ref, q = rows
     assert (ref.quant, ref.ftype, ref.reference, ref.is_reference) == ("Q8_0", "Q8_0", "Q8_0", True)
     assert ref.gate == "" and ref.kld_mean is None and ref.size_gib == 100 / 2**30
@@ -202,16 +203,47 @@ def test_make_rows_values_and_reference_quant():
 
 
 def test_make_rows_refuses_other_eval_settings():
-    base = {"size_bytes": 100, "bpw": 8.5, "ppl": 10.0, "ppl_err": 0.1, "eval": EVAL}
-    rec = {**_record(50, 4.25, 0.1, 0.02), "eval": {**EVAL, "ctx": 1024}}
-    with pytest.raises(ValueError, match="ctx 1024 vs 512"):
+    base = Record("e/baseline.json", {"size_bytes": 100, "bpw": 8.5, "ppl": 10.0, "ppl_err": 0.1, "eval": EVAL})
+    rec = Record("e/IQ4_KS.json", {**_record(50, 4.25, 0.1, 0.02), "eval": {**EVAL, "ctx": 1024}})
+    with pytest.raises(ReportError, match=r"^evaluation record e/IQ4_KS.json \(m/IQ4_KS\) .* reference "
+                                          r"e/baseline.json: eval.ctx 1024 vs 512$"):
         make_rows("m", base, [("IQ4_KS", "IQ4_KS", "yes", rec)])
-    ok = {**_record(50, 4.25, 0.1, 0.02), "eval": {**EVAL, "threads": 64}}  # threads do not matter
+    ok = Record("ok.json", {**_record(50, 4.25, 0.1, 0.02), "eval": {**EVAL, "threads": 64}})  # threads do not matter
     make_rows("m", base, [("IQ4_KS", "IQ4_KS", "yes", ok)])
 
 
+@pytest.mark.parametrize("edit, expected", [
+    (lambda r: r.pop("ppl"), "key 'ppl' is missing"),
+    (lambda r: r.update(ppl_err=None), "key 'ppl_err' is null"),
+    (lambda r: r.update(kld_mean="0.1"), "key 'kld_mean' is '0.1', not a number"),
+    (lambda r: r.update(size_bytes=1.5), "key 'size_bytes' is 1.5, not a byte count"),
+    (lambda r: r.update(eval=[]), "key 'eval' is [], not an object"),
+])
+def test_bad_record_names_the_file_and_key(tmp_path, edit, expected):
+    entries = make_entries(tmp_path)
+    path = entries[0]["quants"][3]["result"]
+    rec = json.loads(open(path).read())
+    edit(rec)
+    open(path, "w").write(json.dumps(rec))
+    with pytest.raises(ReportError) as e:
+        load_rows(entries)
+    assert str(e.value) == f"evaluation record {path}: {expected}"
+
+
+def test_unreadable_record_names_the_file(tmp_path):
+    entries = make_entries(tmp_path)
+    bad = entries[0]["quants"][0]["result"]
+    open(bad, "w").write('{"ppl": ')
+    with pytest.raises(ReportError, match=rf"^evaluation record {re.escape(bad)}: not valid JSON \(.*line 1\)$"):
+        load_rows(entries)
+    missing = str(tmp_path / "nowhere.json")
+    entries[0]["base"] = missing
+    with pytest.raises(ReportError, match=rf"^evaluation record {re.escape(missing)}: cannot be read"):
+        load_rows(entries)
+
+
 def test_csv_round_trip_is_exact(tmp_path):
-    rows, _ = load_entries(make_entries(tmp_path))
+    rows, _ = load_rows(make_entries(tmp_path))
     annotate(rows, Gate(5.0, 0.05))
     path = tmp_path / "s.csv"
     path.write_text(to_csv(rows))
@@ -325,7 +357,7 @@ def test_html_is_self_contained_with_the_plots(tmp_path):
         assert f"<td>{r['ln_ppl_ratio']}</td>" in page and f"<td>{r['size_bytes']}</td>" in page
 
 
-def test_cli_report_and_summary(tmp_path, capsys):
+def test_cli_report(tmp_path, capsys):
     entries = tmp_path / "entries.json"
     entries.write_text(json.dumps(make_entries(tmp_path)))
     out = tmp_path / "r"
@@ -336,8 +368,8 @@ def test_cli_report_and_summary(tmp_path, capsys):
     assert "tiny: smallest passing quant: IQ4_KS" in capsys.readouterr().out
     assert {r["quant"] for r in csv_dicts(out / "s.csv") if r["gate"] == "pass"} == {"Q8_0", "IQ6_K", "Q6_K",
                                                                                       "IQ4_KS"}
-    rc = cli.main(["summary", "--entries", str(entries), "--csv", str(out / "t.csv"), "--md", str(out / "t.md")])
-    assert rc == 0 and {r["gate"] for r in csv_dicts(out / "t.csv")} == {""}
+    for name in ("s.csv", "s.md", "s.html", "a.png", "b.png"):
+        assert (out / name).stat().st_size > 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -405,6 +437,6 @@ def test_gate_may_be_left_out(tmp_path):
 
 
 def test_entries_keep_sweep_order(tmp_path):
-    rows, _ = load_entries(make_entries(tmp_path, reference="IQ4_KS"))
+    rows, _ = load_rows(make_entries(tmp_path, reference="IQ4_KS"))
     assert [r.quant for r in rows] == ["IQ4_KS"] + [q for q, *_ in QUANTS if q != "IQ4_KS"]
     assert list(itertools.chain.from_iterable([r.reference] for r in rows)) == ["IQ4_KS"] * len(QUANTS)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
-
 from quantsweep import resources as r
-from quantsweep.plan import deepseek_v3_table
+from quantsweep.gguf.deepseek2 import deepseek_v3_table
 
 
 def test_deepseek_v3_bf16_needs_terabytes_for_resident_jobs():
-    m = r.ModelSize.of_table([deepseek_v3_table()])
+    m = r.ModelSize.of_table(deepseek_v3_table())
     assert 1.30e12 < m.bytes < 1.40e12 and m.n_vocab == 129280
     mem = r.mem_mb_resident(m)
     assert 1.3e6 < mem < 1.45e6  # MB: the 1.34 TB model resident plus buffers
@@ -23,25 +21,36 @@ def test_deepseek_v3_bf16_needs_terabytes_for_resident_jobs():
 
 
 def test_retries_grow_every_figure():
-    m = r.ModelSize.of_table([deepseek_v3_table()])
+    m = r.ModelSize.of_table(deepseek_v3_table())
     for f in (r.mem_mb_resident, r.mem_mb_quantize, r.disk_mb_imatrix, r.runtime_min):
         assert abs(f(m, attempt=2) - 1.5 * f(m, attempt=1)) <= 1
         assert f(m, attempt=3) > f(m, attempt=2)
 
 
-def test_split_model_sums_its_shards(tmp_path):
-    from quantsweep.cli import bundled_text
-    from quantsweep.tinymodel import TinySpec, write_tiny_model
+def test_split_model_is_planned_from_every_shard(tmp_path):
+    """Shards as llama-gguf-split writes them: metadata in shard 1 only. Sizes sum over the
+    shards, and the disk request of a quantize job is the plan of the whole model from any
+    shard (planning shard 2 alone used to fail and fall back to the bf16 size)."""
+    from dataclasses import replace
 
-    one = tmp_path / "tiny.gguf"
-    write_tiny_model(one, bundled_text("train"), TinySpec())
-    single = r.model_size(one)
-    assert single.bytes > 0 and single.n_vocab == 354
-    for i in (1, 2):
-        shutil.copy(one, tmp_path / f"m-{i:05d}-of-00002.gguf")
-    split = r.model_size(tmp_path / "m-00001-of-00002.gguf")
-    assert split.bytes == 2 * single.bytes
+    from quantsweep.gguf.deepseek2 import deepseek2_table
+    from quantsweep.gguf.writer import write_shape_gguf
+
+    whole = deepseek2_table(n_layer=6, n_dense=1, n_embd=256, n_head=4, q_lora=256, n_ff=512, n_ff_exp=256,
+                            n_expert=8, n_vocab=1000)
+    half = len(whole.tensors) // 2
+    split = {"split.count": 2, "split.tensors.count": len(whole.tensors)}
+    write_shape_gguf(replace(whole, tensors=whole.tensors[:half], kv={**whole.kv, "split.no": 0, **split}),
+                     tmp_path / "m-00001-of-00002.gguf")
+    write_shape_gguf(replace(whole, tensors=whole.tensors[half:], kv={"split.no": 1, **split}),
+                     tmp_path / "m-00002-of-00002.gguf")
+    write_shape_gguf(whole, tmp_path / "whole.gguf")
+    assert r.model_size(tmp_path / "m-00001-of-00002.gguf") == r.model_size(tmp_path / "whole.gguf")
+    want = r.predicted_bytes(tmp_path / "whole.gguf", "IQ2_KS", True)
+    assert want < whole.total_bytes / 3
+    for shard in ("m-00001-of-00002.gguf", "m-00002-of-00002.gguf"):
+        assert r.predicted_bytes(tmp_path / shard, "IQ2_KS", True) == want
     # a missing shard: the model is not there yet, so the placeholder size is used
     (tmp_path / "m-00002-of-00002.gguf").unlink()
     assert r.model_size(tmp_path / "m-00001-of-00002.gguf") == r.UNKNOWN
-    assert r.predicted_bytes(one, "IQ2_KS", True) < single.bytes / 3
+    assert r.predicted_bytes(tmp_path / "m-00001-of-00002.gguf", "IQ2_KS", True) == r.UNKNOWN.bytes

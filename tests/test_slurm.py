@@ -21,14 +21,13 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import yaml
 
 from conftest import ROOT, make_workdir
 from quantsweep.config import parse_quants, resolve_recipe_paths
-from quantsweep.summary import read_csv
+from quantsweep.report import read_csv
 
 pytestmark = [pytest.mark.slurm, pytest.mark.e2e]
 

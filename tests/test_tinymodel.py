@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 
 from quantsweep import tinymodel as tm
+from quantsweep.errors import TinyModelError
 from quantsweep.tinymodel import TinySpec, tokenize, write_tiny_model
+from quantsweep.tinymodel.bigram import log_bigram
+from quantsweep.tinymodel.forward import layer_attn, layer_ffn, moe_route, rmsnorm
 
 SPEC = TinySpec(split_kv_b=True)
 
@@ -246,17 +249,29 @@ def test_deterministic_bytes(tmp_path):
     write_tiny_model(a, text, spec)
     write_tiny_model(str(b), text, spec)
     assert a.read_bytes() == b.read_bytes()
-    assert not (tmp_path / "a.gguf.tmp").exists() and not (tmp_path / "b.gguf.tmp").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gguf", "b.gguf"]  # no temp file left behind
     c = tmp_path / "c.gguf"
     write_tiny_model(c, text, TinySpec(fit_tokens=1024, seed=4))
     assert c.read_bytes() != a.read_bytes()
 
 
 def test_rejects_bad_input(tmp_path):
-    with pytest.raises(ValueError):
+    with pytest.raises(TinyModelError, match="train_text"):
         write_tiny_model(tmp_path / "x.gguf", "too short", TinySpec())
-    with pytest.raises(ValueError):
+    with pytest.raises(TinyModelError, match=r"TinySpec\.n_dense: 4 "):
         write_tiny_model(tmp_path / "y.gguf", _bundled("train"), TinySpec(n_dense=4))
+    with pytest.raises(TinyModelError, match=r"TinySpec\.bigram_rank: 1000 .*\[1, 354\]"):
+        write_tiny_model(tmp_path / "z.gguf", _bundled("train"), TinySpec(bigram_rank=1000))
+    assert not list(tmp_path.iterdir())
+
+
+def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    def fail(self):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_tiny_model(tmp_path / "x.gguf", _bundled("train"), TinySpec(fit_tokens=64))
     assert not list(tmp_path.iterdir())
 
 
@@ -273,7 +288,7 @@ def _chunk(name: str, n: int = 512) -> np.ndarray:
 def test_model_reproduces_bigram(model):
     _, _, W = model
     train_ids = tokenize(_bundled("train"))
-    L = tm._log_bigram(train_ids, SPEC.smoothing)
+    L = log_bigram(train_ids, SPEC.smoothing)
     ids = _chunk("evaluation")
     logits = tm.forward_logits(W, SPEC, ids)
     logp = logits - logits.max(1, keepdims=True)
@@ -310,11 +325,11 @@ def test_all_experts_receive_tokens(model):
     ids = _chunk("calibration")
     h = W["token_embd.weight"][ids]
     for il in range(s.n_layer):
-        h = h + tm._layer_attn(W, s, il, h)
+        h = h + layer_attn(W, s, il, h)
         if il >= s.n_dense:
-            x = tm._rmsnorm(h, W[f"blk.{il}.ffn_norm.weight"], s.rms_eps)
-            sel, w = tm._moe_route(W, s, il, x)
+            x = rmsnorm(h, W[f"blk.{il}.ffn_norm.weight"], s.rms_eps)
+            sel, w = moe_route(W, s, il, x)
             load = np.bincount(sel.ravel(), minlength=s.n_expert) / sel.size
             assert load.min() > 0.03, (il, load)
             np.testing.assert_allclose(w.sum(1), 1.0)
-        h = h + tm._layer_ffn(W, s, il, h)
+        h = h + layer_ffn(W, s, il, h)

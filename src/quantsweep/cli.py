@@ -1,5 +1,7 @@
 """`quantsweep` command line: thin wrappers over the package, called by the workflow's rules
-and usable by hand. Errors are one line on stderr and exit code 1 (2 for usage errors)."""
+and usable by hand. An expected failure (bad input, an engine run that did not finish) is
+one line on stderr and exit code 1; anything else is a bug: its traceback and exit code 2
+(2 is also argparse's code for usage errors)."""
 
 from __future__ import annotations
 
@@ -7,23 +9,42 @@ import argparse
 import json
 import sys
 import time
+import traceback
 from importlib import resources
 from pathlib import Path
 
 from . import __version__
+from .errors import QuantsweepError, ReportError
+
+
+def bundled_text(name: str) -> str:
+    return resources.files("quantsweep").joinpath("data", f"{name}.txt").read_text(encoding="utf-8")
+
+
+def _json_arg(value: str, what: str):
+    """A JSON argument given inline or as a .json file."""
+    try:
+        return json.loads(Path(value).read_text()) if value.endswith(".json") else json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ReportError(f"--{what}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+
+
+def _write_record(path: str, rec: dict) -> None:
+    from .fileio import write_json
+
+    if path:
+        write_json(path, rec)
+
+
+# ---- subcommands ------------------------------------------------------------------------------
 
 
 def _engine_build(a) -> None:
-    from .engine import EngineSpec, install_engine
+    from .engine.build import EngineSpec, install_engine
 
-    spec = EngineSpec.from_dict(json.loads(a.spec) if a.spec else {})
-    cache = Path(a.cache_dir) if a.cache_dir else None
-    log = open(a.log, "a", encoding="utf-8") if a.log else sys.stderr
-    try:
-        meta = install_engine(spec, Path(a.out), cache, log)
-    finally:
-        if a.log:
-            log.close()
+    spec = EngineSpec.from_dict(_json_arg(a.spec, "spec") if a.spec else {})
+    meta = install_engine(spec, Path(a.out), Path(a.cache_dir) if a.cache_dir else None,
+                          Path(a.log) if a.log else sys.stderr)
     print(f"engine ready in {a.out} (source {meta['source']}, key {meta.get('key', '-')})")
 
 
@@ -34,10 +55,6 @@ def _tiny_model(a) -> None:
     write_tiny_model(a.output, train, TinySpec(seed=a.seed, split_kv_b=a.split_kv_b))
 
 
-def bundled_text(name: str) -> str:
-    return resources.files("quantsweep").joinpath("data", f"{name}.txt").read_text(encoding="utf-8")
-
-
 def _text(a) -> None:
     from .fileio import write_text
 
@@ -45,32 +62,22 @@ def _text(a) -> None:
 
 
 def _imatrix_collect(a) -> dict:
-    from .fileio import write_json
     from .steps import collect_imatrix
 
-    rec = collect_imatrix(Path(a.bin_dir), Path(a.model), Path(a.text), Path(a.output), Path(a.log),
-                          a.mode, a.ctx, a.chunks, a.threads)
-    if a.record:
-        write_json(a.record, rec)
+    rec = collect_imatrix(Path(a.bin_dir), Path(a.model), Path(a.text), Path(a.output), Path(a.log), a.mode,
+                          a.ctx, a.chunks, a.threads)
+    _write_record(a.record, rec)
     return rec
-
-
-def _n_mat(model: str) -> dict[str, int]:
-    """Matrices per imatrix entry (experts / heads of 3-D tensors) from a model's header."""
-    if not model:
-        return {}
-    from .gguf_table import read_table
-
-    return {t.name: t.shape[2] for t in read_table(model).tensors if len(t.shape) > 2}
 
 
 def _imatrix_info(a) -> None:
     from dataclasses import asdict
 
-    from . import imatrix as im
+    from . import imatrix as imx
+    from .steps import matrices_per_entry
 
-    data = im.read_any(a.input)
-    rows = im.stats(data, _n_mat(a.model))
+    data = imx.read_any(a.input)
+    rows = imx.stats(data, matrices_per_entry(a.model))
     head = {"file": a.input, "entries": len(data.entries), "chunks": data.chunks, "dataset": data.dataset}
     if a.json:
         print(json.dumps({**head, "tensors": [asdict(r) for r in rows]}, indent=1))
@@ -83,173 +90,121 @@ def _imatrix_info(a) -> None:
 
 
 def _imatrix_convert(a) -> None:
-    from . import imatrix as im
+    from . import imatrix as imx
+    from .steps import matrices_per_entry
 
-    im.write_any(im.read_any(a.input), a.output, _n_mat(a.model))
+    imx.write_any(imx.read_any(a.input), a.output, matrices_per_entry(a.model))
     print(f"wrote {a.output}")
 
 
 def _imatrix_merge(a) -> None:
-    from . import imatrix as im
+    from . import imatrix as imx
+    from .steps import matrices_per_entry
 
-    merged = im.merge([im.read_any(p) for p in a.inputs], a.inputs)
-    im.write_any(merged, a.output, _n_mat(a.model))
+    merged = imx.merge([imx.read_any(p) for p in a.inputs], a.inputs)
+    imx.write_any(merged, a.output, matrices_per_entry(a.model))
     print(f"wrote {a.output}: {len(merged.entries)} entries")
 
 
 def _imatrix_remap(a) -> None:
-    from . import imatrix as im
-    from .gguf_table import read_table
+    from .steps import remap_imatrix
 
-    merged = im.merge([im.read_any(p) for p in a.inputs], a.inputs)
-    fitted, actions = im.remap(merged, read_table(a.model))
-    im.write_any(fitted, a.output, _n_mat(a.model))
+    fitted, actions = remap_imatrix(a.inputs, a.model, a.output)
     if a.json:
         print(json.dumps({"entries": len(fitted.entries), "actions": actions}, indent=2))
-    else:
-        for line in actions:
-            print(line)
-        print(f"wrote {a.output}: {len(fitted.entries)} entries")
+        return
+    for line in actions:
+        print(line)
+    print(f"wrote {a.output}: {len(fitted.entries)} entries")
 
 
 def _imatrix_check(a) -> None:
-    from dataclasses import asdict
-
-    from . import imatrix as im
     from .fileio import write_text
-    from .gguf_table import read_table
-    from .steps import quantize_plan
+    from .steps import check_imatrix, require_clean
 
-    ftype, extra = _recipe_args(a.recipe, a.type)
-    if a.log:
-        plan = quantize_plan(Path(a.bin_dir), Path(a.model), ftype, Path(a.log), extra=extra)
-    else:
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            plan = quantize_plan(Path(a.bin_dir), Path(a.model), ftype, Path(tmp) / "dry-run.log", extra=extra)
-    data = im.read_any(a.imatrix)
-    problems = im.check(data, read_table(a.model), plan, ftype)
-    n_typed = sum(1 for v in plan.values() if v)
-    if a.json:
-        report = json.dumps({"ftype": ftype, "recipe": a.recipe or None, "tensors_quantized": n_typed,
-                             "problems": [asdict(p) for p in problems]}, indent=1) + "\n"
-    else:
-        lines = [f"{p.tensor:40s} {p.type:10s} {p.entry:40s} {p.problem}" for p in problems]
-        verdict = "FAIL" if problems else "OK"
-        what = a.recipe or ftype
-        report = "\n".join([f"{verdict}: {a.imatrix} for {a.model} at {what}: {n_typed} tensors quantized, "
-                            f"{len(problems)} problem(s)", *lines]) + "\n"
-    if problems:
-        sys.stderr.write(report)
-        raise RuntimeError(f"imatrix check failed: {len(problems)} problem(s) for {a.recipe or ftype} (table above)")
+    report = check_imatrix(Path(a.bin_dir), Path(a.model), Path(a.imatrix), a.ftype, a.recipe or None,
+                           Path(a.log) if a.log else None)
+    text = report.json() if a.json else report.text()
+    if report.problems:
+        sys.stderr.write(text)
+        require_clean(report)
     if a.output:
-        write_text(a.output, report)
-    sys.stdout.write(report)
-
-
-def _recipe_args(recipe: str, ftype: str) -> tuple[str, list[str]]:
-    """(positional ftype, option flags) for a recipe file, or (ftype, []) without one."""
-    if not recipe:
-        return ftype, []
-    from .recipes import engine_args, load_recipe
-
-    args = engine_args(load_recipe(recipe))
-    return args[-1], args[:-1]
+        write_text(a.output, text)
+    sys.stdout.write(text)
 
 
 def _quantize(a) -> dict:
-    from .fileio import write_json
-    from .gguf_table import read_table
-    from .plan import plan
-    from .recipes import recipe_or_ftype
     from .steps import quantize
 
-    ftype, extra = _recipe_args(a.recipe, a.ftype)
-    # the size we predict from the header alone, kept beside what the engine then reports
-    predicted = plan(read_table(a.model), recipe_or_ftype(a.recipe or a.ftype),
-                     has_imatrix=bool(a.imatrix), strict=False)
-    rec = quantize(Path(a.bin_dir), Path(a.model), Path(a.output), Path(a.log), ftype, a.threads,
-                   Path(a.imatrix) if a.imatrix else None, extra)
-    out = read_table(a.output)
-    rec.update(predicted_bytes=predicted.total_bytes, tensor_bytes=out.total_bytes,
-               file_bytes=Path(a.output).stat().st_size, recipe=a.recipe or None, ftype=ftype)
-    if a.record:
-        write_json(a.record, rec)
+    rec = quantize(Path(a.bin_dir), Path(a.model), Path(a.output), Path(a.log), a.ftype, a.recipe or None,
+                   a.threads, Path(a.imatrix) if a.imatrix else None)
+    _write_record(a.record, rec)
     return rec
 
 
 def _recipe_plan(a) -> None:
-    from .gguf_table import read_table
-    from .plan import deepseek_v3_table
-    from .recipes import plan, recipe_or_ftype
+    from .gguf.deepseek2 import deepseek_v3_table
+    from .gguf.reader import read_model
+    from .planner.plan import plan
+    from .planner.recipes import recipe_or_ftype
 
-    table = deepseek_v3_table() if a.model == "deepseek-v3" else read_table(a.model)
+    table = deepseek_v3_table() if a.model == "deepseek-v3" else read_model(a.model)
     p = plan(table, recipe_or_ftype(a.recipe), a.imatrix or None)
     print(p.to_json() if a.json else p.summary())
 
 
-def _recipe_args_cmd(a) -> None:
+def _recipe_args(a) -> None:
     import shlex
 
-    from .recipes import engine_args, load_recipe
+    from .planner.recipes import engine_args, load_recipe
 
     print(shlex.join(engine_args(load_recipe(a.recipe))))
 
 
 def _eval_settings(a):
-    from .commands import EvalSettings
+    from .engine.argv import EvalSettings
 
     return EvalSettings(ctx=a.ctx, chunks=a.chunks, threads=a.threads, mla=a.mla, fa=a.fa)
 
 
 def _eval_base(a) -> dict:
-    from .steps import perplexity_base
+    from .steps import evaluate_base
 
-    return perplexity_base(Path(a.bin_dir), Path(a.model), Path(a.text), Path(a.kld_base), Path(a.result),
-                           Path(a.log), _eval_settings(a))
+    rec = evaluate_base(Path(a.bin_dir), Path(a.model), Path(a.text), Path(a.kld_base), Path(a.log),
+                        _eval_settings(a))
+    _write_record(a.result, rec)
+    return rec
 
 
 def _eval_kld(a) -> dict:
-    from .steps import perplexity_kld
+    from .steps import evaluate_quant
 
-    return perplexity_kld(Path(a.bin_dir), Path(a.model), Path(a.kld_base), Path(a.result), Path(a.log),
-                          _eval_settings(a))
-
-
-def _json_arg(value: str):
-    """A JSON argument given inline or as a .json file."""
-    return json.loads(Path(value).read_text()) if value.endswith(".json") else json.loads(value)
-
-
-def _summary(a) -> None:
-    from .report import Gate
-    from .summary import write_summary
-
-    rows = write_summary(_json_arg(a.entries), Path(a.csv), Path(a.md), Gate.from_dict(_json_arg(a.gate)))
-    print(f"wrote {a.csv} and {a.md}: {len(rows)} rows")
+    rec = evaluate_quant(Path(a.bin_dir), Path(a.model), Path(a.kld_base), Path(a.log), _eval_settings(a))
+    _write_record(a.result, rec)
+    return rec
 
 
 def _report(a) -> dict:
-    from .report import Gate, smallest_passing, write_report
+    from .report import Gate, parse_entries, record_paths, smallest_passing, write_report
 
-    gate = Gate.from_dict(_json_arg(a.gate))
-    entries = _json_arg(a.entries)
+    gate = Gate.from_dict(_json_arg(a.gate, "gate"))
+    entries = parse_entries(_json_arg(a.entries, "entries"))
     rows = write_report(entries, gate, a.csv, a.md, a.html, {"lnppl": a.plot_lnppl, "kld": a.plot_kld})
     print(f"wrote {a.csv}, {a.md}, {a.html}, {a.plot_lnppl}, {a.plot_kld}: {len(rows)} rows; gate: {gate.describe()}")
     for model in dict.fromkeys(r.model for r in rows):
         best = smallest_passing(rows, model)
         if gate.active:
             print(f"{model}: smallest passing quant: {best.quant if best else 'none'}")
-    return {"inputs": {"evaluations": [p for e in entries for p in [e["base"], *(q["result"] for q in e["quants"])]]}}
+    return {"inputs": {"evaluations": record_paths(entries)}}
 
 
 def _gguf_info(a) -> None:
-    from .gguf_table import read_table
+    from .gguf.reader import read_model
 
-    t = read_table(a.model)
+    t = read_model(a.model)
     if a.json:
         print(json.dumps({
+            "files": [str(f) for f in t.files],
             "tensors": [{"name": x.name, "shape": list(x.shape), "type": x.type, "nbytes": x.nbytes} for x in t.tensors],
             "total_bytes": t.total_bytes,
             "bpw": t.bpw,
@@ -257,20 +212,12 @@ def _gguf_info(a) -> None:
         return
     for x in t.tensors:
         print(f"{x.name:48s} {str(list(x.shape)):24s} {x.type:10s} {x.nbytes:>14d}")
-    print(f"total {t.total_bytes} bytes = {t.total_bytes / 2**30:.3f} GiB, {t.bpw:.4f} bpw, {len(t.tensors)} tensors")
+    shards = f" in {len(t.files)} shards" if len(t.files) > 1 else ""
+    print(f"total {t.total_bytes} bytes = {t.total_bytes / 2**30:.3f} GiB, {t.bpw:.4f} bpw, "
+          f"{len(t.tensors)} tensors{shards}")
 
 
-def _add_eval_args(p) -> None:
-    p.add_argument("--bin-dir", required=True)
-    p.add_argument("--model", required=True)
-    p.add_argument("--kld-base", required=True, help="base logits file (written by 'eval base', read by 'eval kld')")
-    p.add_argument("--result", required=True, help="JSON record of the parsed results")
-    p.add_argument("--log", required=True)
-    p.add_argument("--ctx", type=int, default=512)
-    p.add_argument("--chunks", type=int, default=16)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--mla", type=int, default=1)
-    p.add_argument("--fa", default="off", choices=["on", "off", "auto"])
+# ---- manifests -------------------------------------------------------------------------------
 
 
 def _manifested(p, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> None:
@@ -280,11 +227,14 @@ def _manifested(p, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> None:
 
 
 def _files(a, names: tuple[str, ...]) -> dict[str, list[str]]:
+    """The files behind each argument; a split model's every shard."""
+    from .gguf.reader import shards
+
     out = {}
     for name in names:
         v = getattr(a, name, None)
-        files = [v] if isinstance(v, str) else list(v or [])
-        out[name] = [f for f in files if f]
+        files = [f for f in ([v] if isinstance(v, str) else list(v or [])) if f]
+        out[name] = [str(s) for f in files for s in shards(f)] if name == "model" else files
     return out
 
 
@@ -301,11 +251,10 @@ def _write_manifest(a, result, argv: list[str], started: float, wall: float) -> 
                                           engine_cmds=cmds))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="quantsweep", description=__doc__)
-    ap.add_argument("--version", action="version", version=f"quantsweep {__version__}")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+# ---- the parser ------------------------------------------------------------------------------
 
+
+def _add_engine(sub) -> None:
     eng = sub.add_parser("engine", help="build or adopt the ik_llama.cpp tools").add_subparsers(dest="sub", required=True)
     p = eng.add_parser("build", help="build (cached) and place bin/ + engine.json in --out")
     p.add_argument("--spec", default="", help="JSON of the config's engine section")
@@ -314,26 +263,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log", default="")
     p.set_defaults(func=_engine_build)
 
+
+def _add_inputs(sub) -> None:
     p = sub.add_parser("tiny-model", help="write the embedded tiny DeepSeek2 GGUF")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split-kv-b", action="store_true", help="also write ik-style 2-D attn_k_b/attn_v_b")
     p.add_argument("--train-text", default="", help="text for the bigram statistics (default: bundled)")
     p.set_defaults(func=_tiny_model)
-
     p = sub.add_parser("text", help="write a bundled text (train, calibration, evaluation)")
     p.add_argument("name", choices=["train", "calibration", "evaluation"])
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(func=_text)
 
+
+def _add_imatrix(sub) -> None:
+    from .engine.argv import IMATRIX_PASSES
+
     imx = sub.add_parser("imatrix", help="collect and fit importance matrices").add_subparsers(dest="sub", required=True)
     p = imx.add_parser("collect", help="run one llama-imatrix pass")
-    p.add_argument("--bin-dir", required=True)
-    p.add_argument("--model", required=True)
-    p.add_argument("--text", required=True)
+    for flag in ("--bin-dir", "--model", "--text", "--log"):
+        p.add_argument(flag, required=True)
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--log", required=True)
-    p.add_argument("--mode", choices=["mla", "std"], default="mla")
+    p.add_argument("--mode", choices=sorted(IMATRIX_PASSES), default="mla")
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--chunks", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
@@ -355,11 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="")
     p.add_argument("inputs", nargs="+")
     p.set_defaults(func=_imatrix_merge)
-    p = imx.add_parser("check", help="pre-flight: does IMATRIX cover what quantizing MODEL at TYPE needs?")
+    _add_imatrix_fit(imx)
+
+
+def _add_imatrix_fit(imx) -> None:
+    p = imx.add_parser("check", help="pre-flight: does IMATRIX cover what quantizing MODEL at FTYPE needs?")
     p.add_argument("--bin-dir", required=True, help="engine bin dir (its --dry-run gives each tensor's type)")
-    p.add_argument("--model", required=True)
-    p.add_argument("--type", default="", help="llama-quantize FTYPE (or give --recipe)")
-    p.add_argument("--recipe", default="", help="recipe YAML: its base ftype and rules decide the types")
+    p.add_argument("--model", required=True, help="GGUF (shard 1 or any shard of a split model)")
+    _add_quant_type(p)
     p.add_argument("--log", default="", help="keep the engine's --dry-run output here")
     p.add_argument("-o", "--output", default="", help="write the report here when the check passes")
     p.add_argument("--json", action="store_true")
@@ -373,19 +328,25 @@ def build_parser() -> argparse.ArgumentParser:
     _manifested(p, inputs=("model", "inputs"), outputs=("output",))
     p.set_defaults(func=_imatrix_remap)
 
-    p = sub.add_parser("quantize", help="run llama-quantize for one ftype")
-    p.add_argument("--bin-dir", required=True)
-    p.add_argument("--model", required=True)
-    p.add_argument("--ftype", default="", help="llama-quantize FTYPE (or give --recipe)")
-    p.add_argument("--recipe", default="", help="recipe YAML (config/recipes/): base ftype + per-tensor rules")
+
+def _add_quant_type(p) -> None:
+    """What to quantize to: the same two options for check and quantize."""
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--ftype", "--type", dest="ftype", default=None, help="llama-quantize FTYPE")
+    g.add_argument("--recipe", default="", help="recipe YAML (config/recipes/): base ftype + per-tensor rules")
+
+
+def _add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="run llama-quantize for one ftype or recipe")
+    for flag in ("--bin-dir", "--model", "--log"):
+        p.add_argument(flag, required=True)
+    _add_quant_type(p)
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--log", required=True)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--imatrix", default="")
     p.add_argument("--record", default="")
     _manifested(p, inputs=("model", "imatrix", "recipe"), outputs=("output", "record"))
     p.set_defaults(func=_quantize)
-
     rc = sub.add_parser("recipe", help="quantization recipes").add_subparsers(dest="sub", required=True)
     p = rc.add_parser("plan", help="per tensor: the type the engine will use and its bytes; totals")
     p.add_argument("--model", required=True, help="GGUF (header only is read), or 'deepseek-v3' for a V3-shaped table")
@@ -395,43 +356,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_recipe_plan)
     p = rc.add_parser("args", help="the llama-quantize arguments a recipe compiles to")
     p.add_argument("recipe")
-    p.set_defaults(func=_recipe_args_cmd)
+    p.set_defaults(func=_recipe_args)
 
+
+def _add_eval(sub) -> None:
     ev = sub.add_parser("eval", help="perplexity and KL divergence").add_subparsers(dest="sub", required=True)
-    p = ev.add_parser("base", help="baseline PPL; writes the KLD base logits")
-    _add_eval_args(p)
-    p.add_argument("--text", required=True)
-    _manifested(p, inputs=("model", "text"), outputs=("kld_base", "result"))
-    p.set_defaults(func=_eval_base)
-    p = ev.add_parser("kld", help="PPL + KLD of a quant against the base logits")
-    _add_eval_args(p)
-    _manifested(p, inputs=("model", "kld_base"), outputs=("result",))
-    p.set_defaults(func=_eval_kld)
+    base = ev.add_parser("base", help="baseline PPL; writes the KLD base logits")
+    kld = ev.add_parser("kld", help="PPL + KLD of a quant against the base logits")
+    for p in (base, kld):
+        for flag in ("--bin-dir", "--model", "--log"):
+            p.add_argument(flag, required=True)
+        p.add_argument("--kld-base", required=True, help="base logits file (written by 'eval base', read by 'eval kld')")
+        p.add_argument("--result", required=True, help="JSON record of the parsed results")
+        p.add_argument("--ctx", type=int, default=512)
+        p.add_argument("--chunks", type=int, default=16)
+        p.add_argument("--threads", type=int, default=2)
+        p.add_argument("--mla", type=int, default=1)
+        p.add_argument("--fa", default="off", choices=["on", "off", "auto"])
+    base.add_argument("--text", required=True)
+    _manifested(base, inputs=("model", "text"), outputs=("kld_base", "result"))
+    base.set_defaults(func=_eval_base)
+    _manifested(kld, inputs=("model", "kld_base"), outputs=("result",))
+    kld.set_defaults(func=_eval_kld)
 
-    p = sub.add_parser("summary", help="write summary.csv and summary.md from evaluation records")
-    p.add_argument("--entries", required=True, help="JSON (or a .json file) listing models, references and quants")
-    p.add_argument("--gate", default="{}", help='JSON (or a .json file): {"max_dppl_pct": X, "max_kld": Y}')
-    p.add_argument("--csv", required=True)
-    p.add_argument("--md", required=True)
-    p.set_defaults(func=_summary)
 
+def _add_report(sub) -> None:
     p = sub.add_parser("report", help="summary.csv/.md, size-vs-quality plots (PNG) and a self-contained HTML page")
     p.add_argument("--entries", required=True, help="JSON (or a .json file) listing models, references and quants")
     p.add_argument("--gate", default="{}", help='JSON (or a .json file): {"max_dppl_pct": X, "max_kld": Y}')
-    p.add_argument("--csv", required=True)
-    p.add_argument("--md", required=True)
-    p.add_argument("--html", required=True)
+    for flag in ("--csv", "--md", "--html"):
+        p.add_argument(flag, required=True)
     p.add_argument("--plot-lnppl", required=True, help="PNG: size vs ln(PPL(Q)/PPL(ref))")
     p.add_argument("--plot-kld", required=True, help="PNG: size vs mean KLD")
     _manifested(p, inputs=(), outputs=("csv", "md", "html", "plot_lnppl", "plot_kld"))
     p.set_defaults(func=_report)
-
     gg = sub.add_parser("gguf", help="GGUF tensor tables").add_subparsers(dest="sub", required=True)
-    p = gg.add_parser("info", help="every tensor's name, shape, type and bytes (ik types included)")
+    p = gg.add_parser("info", help="every tensor's name, shape, type and bytes (ik types, split models included)")
     p.add_argument("model")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_gguf_info)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="quantsweep", description=__doc__)
+    ap.add_argument("--version", action="version", version=f"quantsweep {__version__}")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for add in (_add_engine, _add_inputs, _add_imatrix, _add_quantize, _add_eval, _add_report):
+        add(sub)
     return ap
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename is not None:
+        return f"{e.filename}: {e.strerror or e}"
+    return " ".join(str(e).split())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -442,9 +420,12 @@ def main(argv: list[str] | None = None) -> int:
         result = args.func(args)
         if getattr(args, "manifest", ""):
             _write_manifest(args, result, argv, started, time.monotonic() - t0)
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
-        print(f"quantsweep: error: {e}", file=sys.stderr)
+    except (QuantsweepError, OSError) as e:
+        print(f"quantsweep: error: {_one_line(e)}", file=sys.stderr)
         return 1
+    except Exception:  # a bug: show where it is
+        traceback.print_exc()
+        return 2
     return 0
 
 

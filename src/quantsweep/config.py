@@ -10,16 +10,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .ggml_types import FTYPES
-from .plan import FTYPES_NEED_IMATRIX, PlanError, canonical_ftype
+from .errors import ConfigError, PlanError, RecipeError
+from .gguf.reader import shards
+from .gguf.types import FTYPES, canonical_ftype, ftype_names
+from .planner.recipes import load_recipe
+from .report.table import BASE_REFERENCE, BASELINE  # eval.reference value: the unquantized model
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-# eval.reference value meaning "the unquantized model writes the KLD base logits"
-BASE_REFERENCE = "base"
-
-
-class ConfigError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -31,7 +28,7 @@ class Quant:
 
     @property
     def needs_imatrix(self) -> bool:
-        return self.ftype in FTYPES_NEED_IMATRIX
+        return FTYPES[self.ftype].needs_imatrix
 
 
 def resolve_recipe_paths(items: list, fallback_dir: str) -> list:
@@ -58,8 +55,6 @@ def parse_quants(items: list, key: str = "quants") -> list[Quant]:
             item = {"ftype": item}
         recipe = item.get("recipe")
         if recipe:
-            from .recipes import RecipeError, load_recipe
-
             try:
                 r = load_recipe(recipe)
             except (RecipeError, OSError) as e:
@@ -70,12 +65,14 @@ def parse_quants(items: list, key: str = "quants") -> list[Quant]:
                 ftype = canonical_ftype(item["ftype"])
             except PlanError:
                 raise ConfigError(f"config {where}.ftype: unknown quant type {item['ftype']!r}; "
-                                  f"known: {', '.join(sorted(FTYPES))}") from None
+                                  f"known: {', '.join(sorted(ftype_names()))}") from None
             default_name = ftype
         use_imatrix = bool(item.get("imatrix", True))
         name = item.get("name") or (default_name if use_imatrix else f"{default_name}-noimatrix")
         if not NAME_RE.match(name):
             raise ConfigError(f"config {where}.name: {name!r} must match {NAME_RE.pattern}")
+        if name == BASELINE:
+            raise ConfigError(f"config {where}.name: {name!r} is reserved (the reference's evaluation record)")
         q = Quant(name, ftype, use_imatrix, recipe or None)
         if q.needs_imatrix and not use_imatrix:
             raise ConfigError(f"config {where}: {ftype} cannot be made without an imatrix (the engine refuses)")
@@ -92,8 +89,13 @@ def check(config: dict) -> None:
     for name, m in config["models"].items():
         if not NAME_RE.match(name):
             raise ConfigError(f"config models.{name}: model names must match {NAME_RE.pattern}")
-        if m.get("source", "tiny") == "gguf" and not m.get("path"):
-            raise ConfigError(f"config models.{name}.path: required when source is 'gguf'")
+        if m.get("source", "tiny") == "gguf":
+            if not m.get("path"):
+                raise ConfigError(f"config models.{name}.path: required when source is 'gguf'")
+            first = shards(m["path"])[0]
+            if str(first) != str(m["path"]):
+                raise ConfigError(f"config models.{name}.path: {m['path']} is not the first shard of a split "
+                                  f"model; give {first} (the engine reads the other shards from it)")
     parse_quants(config["quants"])
     eng = config["engine"]
     need = {"git": "git_commit", "path": "path", "bin_dir": "bin_dir"}.get(eng.get("source", "pypi"))

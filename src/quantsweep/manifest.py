@@ -27,12 +27,6 @@ HASH_CACHE = Path(".quantsweep") / "sha256"
 MANIFEST_VERSION = 1
 
 
-def manifest_path(artifact: str | Path) -> Path:
-    """results/quants/m/m-Q.gguf -> results/quants/m/m-Q.manifest.json (the suffix replaced)."""
-    p = Path(artifact)
-    return p.with_name(p.stem + ".manifest.json")
-
-
 def sha256(path: str | Path, cache_dir: Path | None = HASH_CACHE) -> str:
     """sha256 of a file, from the cache when the file is unchanged since it was hashed."""
     path = Path(path)

@@ -9,15 +9,15 @@ gets more the next time. The figures are estimates: profiles may override them p
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .gguf_table import GGUFTable, read_table
-from .imatrix import expected_size
+from .gguf.reader import GGUFTable, read_model, shards
+from .imatrix.fit import expected_size
+from .planner.plan import plan
+from .planner.recipes import recipe_or_ftype
 
 MiB = 2**20
-_SHARD = re.compile(r"^(.*)-(\d{5})-of-(\d{5})\.gguf$")
 
 
 @dataclass(frozen=True)
@@ -30,9 +30,9 @@ class ModelSize:
     n_vocab: int
 
     @classmethod
-    def of_table(cls, tables: list[GGUFTable]) -> ModelSize:
-        ts = [t for table in tables for t in table.tensors]
-        kv = tables[0].kv if tables else {}
+    def of_table(cls, table: GGUFTable) -> ModelSize:
+        """From a model's table (all shards of a split model: gguf.reader.read_model)."""
+        ts, kv = table.tensors, table.kv
         toks = kv.get("tokenizer.ggml.tokens")
         vocab = int(kv.get(f"{kv.get('general.architecture')}.vocab_size", 0)) or (
             len(toks) if isinstance(toks, list) else 0)
@@ -48,23 +48,11 @@ class ModelSize:
 UNKNOWN = ModelSize(bytes=2**30, largest_elements=2**28, imatrix_values=2**22, n_vocab=2**17)
 
 
-def shards(path: str | Path) -> list[Path]:
-    """A split GGUF's shards (name-00001-of-00030.gguf ...), or just the file."""
-    path = Path(path)
-    m = _SHARD.match(path.name)
-    if not m:
-        return [path]
-    n = int(m.group(3))
-    return [path.with_name(f"{m.group(1)}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
-
-
 def model_size(path: str | Path) -> ModelSize:
     """From the headers of every shard (no tensor data is read); UNKNOWN while it is missing."""
-    files = shards(path)
-    if not all(f.exists() for f in files):
+    if not all(f.exists() for f in shards(path)):
         return UNKNOWN
-    tables = [read_table(f, keep_arrays=(i == 0)) for i, f in enumerate(files)]
-    return ModelSize.of_table(tables)
+    return ModelSize.of_table(read_model(path, keep_arrays=True))
 
 
 def growth(attempt: int) -> float:
@@ -107,17 +95,10 @@ def runtime_min(m: ModelSize, tokens: int = 0, attempt: int = 1) -> int:
     return int((30 + gb * (1 + tokens / 32768)) * growth(attempt))
 
 
-def predicted_bytes(model: str | Path, recipe_or_ftype: str, has_imatrix: bool) -> int:
-    """The quantized file's size from the header and the recipe (the size plan); the model's
-    own size while it is missing or when the plan cannot tell (an upper bound for a quant)."""
-    from .plan import plan
-    from .recipes import recipe_or_ftype as parse
-
-    files = shards(model)
-    if not all(f.exists() for f in files):
+def predicted_bytes(model: str | Path, recipe_or_ftype_name: str, has_imatrix: bool) -> int:
+    """The quantized file's size from the model's header (every shard) and the recipe: the
+    size plan. Until the model exists (the demo generates it), UNKNOWN's size."""
+    if not all(f.exists() for f in shards(model)):
         return UNKNOWN.bytes
-    try:
-        return sum(plan(read_table(f), parse(recipe_or_ftype), has_imatrix=has_imatrix, strict=False).total_bytes
-                   for f in files)
-    except (ValueError, KeyError):
-        return model_size(model).bytes
+    return plan(read_model(model), recipe_or_ftype(recipe_or_ftype_name), has_imatrix=has_imatrix,
+                strict=False).total_bytes

@@ -1,117 +1,112 @@
-"""The pipeline steps that run the engine: each runs one command into a log, parses the log
-(never trusting the exit code alone) and renames its outputs into place only on success."""
+"""The pipeline's steps, one function each, as the workflow's rules run them (through the CLI)
+and as a user can call them by hand: each composes the engine, the model's tensor table, the
+imatrix tools and the planner, and returns what the step produced. Writing records and
+manifests is the CLI's business, so a step here never decides where its record goes.
+
+Data flows one way: engine -> model -> imatrix passes -> remap -> check -> quantize ->
+evaluate (the report reads only the evaluation records).
+"""
 
 from __future__ import annotations
 
-import os
-import shlex
-import subprocess
-import time
-from dataclasses import asdict
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import commands, logparse
-from .fileio import partial_path, write_json
+from . import imatrix as imx
+from .engine import argv, run
+from .errors import ImatrixError
+from .gguf.reader import first_shard, read_model, read_table
+from .planner.plan import plan
+from .planner.recipes import engine_args, load_recipe, recipe_or_ftype
 
 
-class StepError(RuntimeError):
-    """A step failed; the message names the log to read."""
+def quant_args(recipe: str | None, ftype: str | None) -> tuple[str, list[str]]:
+    """(positional ftype, option flags) llama-quantize is given for a recipe or an ftype."""
+    if not recipe:
+        return str(ftype), []
+    args = engine_args(load_recipe(recipe))
+    return args[-1], args[:-1]
 
 
-def run_logged(cmd: list[str], log: Path) -> tuple[int, str, float]:
-    """Run cmd with stdout+stderr appended to log; return (exit code, its output, seconds)."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.monotonic()
-    with open(log, "a", encoding="utf-8") as f:
-        f.write("+ " + shlex.join(cmd) + "\n")
-        f.flush()
-        start = f.tell()
-    with open(log, "ab") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    wall = time.monotonic() - t0
-    with open(log, "rb") as f:
-        f.seek(start)
-        text = f.read().decode("utf-8", errors="replace")
-    return proc.returncode, text, wall
+def matrices_per_entry(model: str | Path | None) -> dict[str, int]:
+    """Matrices per imatrix entry (experts / heads of 3-D tensors) from a model's header."""
+    if not model:
+        return {}
+    return {t.name: t.shape[2] for t in read_model(model).tensors if len(t.shape) > 2}
 
 
-def _check(rc: int, text: str, parse, log: Path, what: str):
-    try:
-        parsed = parse(text)
-    except logparse.EngineOutputError as e:
-        raise StepError(f"{what} failed (exit code {rc}): {e}; see {log}") from None
-    if rc != 0:
-        raise StepError(f"{what} exited with code {rc} although its output looks complete; see {log}")
-    return parsed
-
-
-def collect_imatrix(bin_dir: Path, model: Path, text: Path, out: Path, log: Path, mode: str,
+def collect_imatrix(bin_dir: Path, model: Path, text: Path, output: Path, log: Path, mode: str,
                     ctx: int, chunks: int, threads: int) -> dict:
-    """One imatrix pass (`mode` is 'mla' or 'std'); returns its parsed summary."""
-    with partial_path(out) as tmp:
-        cmd = commands.imatrix_cmd(bin_dir, model, text, tmp, mode, ctx, chunks, threads)
-        rc, out_text, wall = run_logged(cmd, log)
-        res = _check(rc, out_text, logparse.parse_imatrix_run, log, f"imatrix ({mode} pass)")
-        if not tmp.exists():
-            raise StepError(f"imatrix ({mode} pass) wrote no file; see {log}")
-    return {"mode": mode, "chunks": res.chunks, "ppl": res.ppl, "wall_s": round(wall, 2), "cmd": cmd}
+    """One imatrix pass of the engine; returns its record."""
+    return run.collect_imatrix(bin_dir, first_shard(model), text, output, log, mode, ctx, chunks, threads)
 
 
-def quantize(bin_dir: Path, model: Path, out: Path, log: Path, ftype: str, threads: int,
-             imatrix: Path | None = None, extra: list[str] | None = None) -> dict:
-    """extra: recipe options (--custom-q, --token-embedding-type, ...) before the positionals."""
-    with partial_path(out) as tmp:
-        cmd = commands.quantize_cmd(bin_dir, model, tmp, ftype, threads, imatrix, extra)
-        rc, text, wall = run_logged(cmd, log)
-        res = _check(rc, text, logparse.parse_quantize, log, f"quantize {ftype}")
-    return {**asdict(res), "wall_s": round(wall, 2), "cmd": cmd}
+def remap_imatrix(inputs: list[str], model: str | Path, output: str | Path) -> tuple[imx.Imatrix, list[str]]:
+    """Merge imatrix files (passes, external ones) and fit them to the model; returns the fitted
+    imatrix (written to `output`) and one line per action taken."""
+    merged = imx.merge([imx.read_any(p) for p in inputs], [str(p) for p in inputs])
+    fitted, actions = imx.remap(merged, read_model(model))
+    imx.write_any(fitted, output, matrices_per_entry(model))
+    return fitted, actions
 
 
-def quantize_plan(bin_dir: Path, model: Path, ftype: str, log: Path, threads: int = 1,
-                  extra: list[str] | None = None) -> dict[str, str | None]:
-    """The type the engine gives each tensor for `ftype`: llama-quantize --dry-run (writes nothing,
-    reads only the header through mmap), with --ignore-imatrix-rules so it lists every tensor."""
-    import tempfile
+@dataclass
+class CheckReport:
+    imatrix: str
+    model: str
+    ftype: str
+    recipe: str | None
+    tensors_quantized: int
+    problems: list[imx.Problem]
 
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = commands.quantize_cmd(bin_dir, model, Path(tmp) / "dry-run.gguf", ftype, threads, None,
-                                    [*(extra or []), "--dry-run", "--ignore-imatrix-rules"])
-        rc, text, _ = run_logged(cmd, log)
-    _check(rc, text, logparse.parse_quantize, log, f"quantize --dry-run {ftype}")
-    return logparse.parse_quantize_tensors(text)
+    def text(self) -> str:
+        verdict = "FAIL" if self.problems else "OK"
+        lines = [f"{p.tensor:40s} {p.type:10s} {p.entry:40s} {p.problem}" for p in self.problems]
+        return "\n".join([f"{verdict}: {self.imatrix} for {self.model} at {self.recipe or self.ftype}: "
+                          f"{self.tensors_quantized} tensors quantized, {len(self.problems)} problem(s)",
+                          *lines]) + "\n"
 
-
-def _eval_record(model: Path, res: logparse.PerplexityResult, ev: commands.EvalSettings,
-                 cmd: list[str], wall: float) -> dict:
-    return {
-        **asdict(res),
-        "model_file": str(model),
-        "size_bytes": os.path.getsize(model),
-        "eval": asdict(ev),
-        "cmd": cmd,
-        "wall_s": round(wall, 2),
-    }
+    def json(self) -> str:
+        return json.dumps({"ftype": self.ftype, "recipe": self.recipe, "tensors_quantized": self.tensors_quantized,
+                           "problems": [asdict(p) for p in self.problems]}, indent=1) + "\n"
 
 
-def perplexity_base(bin_dir: Path, model: Path, text: Path, kld_base: Path, result: Path,
-                    log: Path, ev: commands.EvalSettings) -> dict:
-    """Baseline PPL; writes the KLD base logits once for every quant of the model."""
-    with partial_path(kld_base) as tmp:
-        cmd = commands.perplexity_base_cmd(bin_dir, model, text, tmp, ev)
-        rc, out, wall = run_logged(cmd, log)
-        res = _check(rc, out, logparse.parse_perplexity, log, "baseline perplexity")
-        if not tmp.exists() or tmp.stat().st_size == 0:
-            raise StepError(f"baseline perplexity wrote no KLD base file; see {log}")
-    rec = _eval_record(model, res, ev, cmd, wall)
-    write_json(result, rec)
+def check_imatrix(bin_dir: Path, model: Path, imatrix: Path, ftype: str | None, recipe: str | None,
+                  log: Path | None = None) -> CheckReport:
+    """Pre-flight: the engine's --dry-run gives each tensor's type; the imatrix must have finite
+    data of the right size for every tensor whose type needs it."""
+    ft, extra = quant_args(recipe, ftype)
+    types = run.dry_run(bin_dir, first_shard(model), ft, extra, log=log).types
+    problems = imx.check(imx.read_any(imatrix), read_model(model), types, ft)
+    return CheckReport(str(imatrix), str(model), ft, recipe or None, sum(1 for v in types.values() if v), problems)
+
+
+def quantize(bin_dir: Path, model: Path, output: Path, log: Path, ftype: str | None, recipe: str | None,
+             threads: int, imatrix: Path | None = None) -> dict:
+    """llama-quantize, with the size the planner predicted kept beside what the engine reports
+    and what the written file's header says."""
+    ft, extra = quant_args(recipe, ftype)
+    predicted = plan(read_model(model), recipe_or_ftype(recipe or ft), has_imatrix=bool(imatrix), strict=False)
+    rec = run.quantize(bin_dir, first_shard(model), output, log, ft, threads, imatrix, extra)
+    rec.update(predicted_bytes=predicted.total_bytes, tensor_bytes=read_table(output).total_bytes,
+               file_bytes=output.stat().st_size, recipe=recipe or None, ftype=ft)
     return rec
 
 
-def perplexity_kld(bin_dir: Path, model: Path, kld_base: Path, result: Path, log: Path,
-                   ev: commands.EvalSettings) -> dict:
-    cmd = commands.perplexity_kld_cmd(bin_dir, model, kld_base, ev)
-    rc, out, wall = run_logged(cmd, log)
-    res = _check(rc, out, lambda t: logparse.parse_perplexity(t, expect_kld=True), log, f"perplexity/KLD of {model.name}")
-    rec = _eval_record(model, res, ev, cmd, wall)
-    write_json(result, rec)
-    return rec
+def evaluate_base(bin_dir: Path, model: Path, text: Path, kld_base: Path, log: Path,
+                  ev: argv.EvalSettings) -> dict:
+    """PPL of the reference, writing the KLD base logits; returns the evaluation record."""
+    return run.perplexity_base(bin_dir, first_shard(model), text, kld_base, log, ev)
+
+
+def evaluate_quant(bin_dir: Path, model: Path, kld_base: Path, log: Path, ev: argv.EvalSettings) -> dict:
+    """PPL + KLD of a quant against the base logits; returns the evaluation record."""
+    return run.perplexity_kld(bin_dir, first_shard(model), kld_base, log, ev)
+
+
+def require_clean(report: CheckReport) -> None:
+    """ImatrixError when the pre-flight check found problems (the table is in the report)."""
+    if report.problems:
+        raise ImatrixError(f"imatrix check of {report.imatrix} failed: {len(report.problems)} problem(s) for "
+                           f"{report.recipe or report.ftype}; first: {imx.describe(report.problems)}")

@@ -1,11 +1,14 @@
 import json
 import os
+import re
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from quantsweep import config as qconfig
 from quantsweep import resources as qresources
+from quantsweep.gguf.reader import shards
+from quantsweep.report import record_paths, sweep_entries, to_json_data
 
 validate(config, schema="../schemas/config.schema.yaml")
 config["quants"] = qconfig.resolve_recipe_paths(config["quants"], workflow.basedir)
@@ -18,17 +21,29 @@ MODELS = sorted(config["models"])
 QUANTS = {q.name: q for q in qconfig.parse_quants(config["quants"])}
 # What each model's KLD base logits come from: "base" (the unquantized model) or a quant name.
 REFERENCES = {m: qconfig.reference_of(config, m) for m in MODELS}
-# Models whose reference is a quant (rule eval_reference); a regex that matches nothing if none.
-REFERENCE_QUANT_MODELS = (
-    "|".join(m for m in MODELS if REFERENCES[m] != "base") or "(?!)"
-)
+
+
+def one_of(names):
+    """A wildcard regex matching exactly these names (escaped: `v3+r1` is a valid model name);
+    one that matches nothing when there are none."""
+    return "|".join(re.escape(n) for n in names) or "(?!)"
+
+
+# Models whose reference is a quant (rule eval_reference).
+REFERENCE_QUANT_MODELS = one_of(m for m in MODELS if REFERENCES[m] != "base")
 
 
 wildcard_constraints:
-    model="|".join(MODELS),
-    quant="|".join(QUANTS),
+    model=one_of(MODELS),
+    quant=one_of(QUANTS),
     imatrix_pass="mla|std",
     kind="calibration|evaluation",
+
+
+def path_of(pattern, **wildcards):
+    """The one path a rule's output pattern gives for these wildcard values."""
+    (path,) = expand(pattern, **wildcards)
+    return path
 
 
 def get_final_output():
@@ -58,10 +73,16 @@ def get_bin_dir(wildcards, input):
 
 
 def get_model(wildcards):
+    """The model file the engine is given (shard 1 of a split model)."""
     m = config["models"][wildcards.model]
     if m.get("source", "tiny") == "gguf":
         return m["path"]
     return f"resources/models/{wildcards.model}.gguf"
+
+
+def get_model_files(wildcards):
+    """Every file of the model (all shards of a split one), so a changed shard reruns its jobs."""
+    return [str(f) for f in shards(get_model(wildcards))]
 
 
 def get_text(kind):
@@ -72,7 +93,7 @@ def get_text(kind):
 def get_imatrix_inputs(wildcards):
     """Collected passes plus any external imatrix files, merged by the remap rule."""
     passes = expand(
-        "results/imatrix/{model}/{imatrix_pass}.dat",
+        rules.imatrix_collect.output.dat,
         model=wildcards.model,
         imatrix_pass=config["imatrix"]["passes"],
     )
@@ -83,12 +104,20 @@ def get_quantize_input(wildcards):
     inputs = {
         "quantize": rules.engine_build.output.quantize,
         "model": get_model(wildcards),
+        "model_files": get_model_files(wildcards),
     }
-    if QUANTS[wildcards.quant].imatrix:
-        inputs["imatrix"] = f"results/imatrix/{wildcards.model}/imatrix.dat"
-        inputs["check"] = (
-            f"results/imatrix/{wildcards.model}/check/{wildcards.quant}.txt"
+    q = QUANTS[wildcards.quant]
+    if q.imatrix:
+        inputs["imatrix"] = path_of(
+            rules.imatrix_remap.output.dat, model=wildcards.model
         )
+        inputs["check"] = path_of(
+            rules.imatrix_check.output.report,
+            model=wildcards.model,
+            quant=wildcards.quant,
+        )
+    if q.recipe:
+        inputs["recipe"] = q.recipe
     return inputs
 
 
@@ -97,7 +126,7 @@ def get_imatrix_arg(wildcards, input):
 
 
 def get_type_args(wildcards):
-    """`--recipe FILE` for a recipe quant, else `--ftype FTYPE` (quantize; check uses --type)."""
+    """`--recipe FILE` for a recipe quant, else `--ftype FTYPE` (check and quantize alike)."""
     q = QUANTS[wildcards.quant]
     return ["--recipe", q.recipe] if q.recipe else ["--ftype", q.ftype]
 
@@ -107,50 +136,27 @@ def get_check_input(wildcards):
     return {"recipe": q.recipe} if q.recipe else {}
 
 
-def get_check_type_args(wildcards):
-    q = QUANTS[wildcards.quant]
-    return ["--recipe", q.recipe] if q.recipe else ["--type", q.ftype]
-
-
-def _quant_entry(model, q):
-    return {
-        "name": q.name,
-        "ftype": q.ftype,
-        "imatrix": "yes" if q.imatrix else "no",
-        "result": f"results/eval/{model}/{q.name}.json",
-        "manifests": {
-            "quantize": f"results/quants/{model}/{model}-{q.name}.manifest.json",
-            "eval": f"results/eval/{model}/{q.name}.manifest.json",
-        },
-    }
-
-
 def get_summary_entries(wildcards):
-    """Per model: its reference ("base" or the reference quant, whose PPL run wrote the base
-    logits and the baseline.json record) and every other quant's evaluation record."""
-    entries = []
-    for model in MODELS:
-        ref = REFERENCES[model]
-        entries.append(
-            {
-                "model": model,
-                "reference": (
-                    "base" if ref == "base" else _quant_entry(model, QUANTS[ref])
-                ),
-                "base": f"results/eval/{model}/baseline.json",
-                "base_manifest": f"results/eval/{model}/baseline.manifest.json",
-                "quants": [
-                    _quant_entry(model, q) for q in QUANTS.values() if q.name != ref
-                ],
-            }
-        )
-    return entries
+    """What the report reads (quantsweep.report.entries): per model, its reference ("base" or
+    the reference quant, whose PPL run wrote the base logits and baseline.json) and every
+    other quant's evaluation record; paths from the rules that write them."""
+    paths = {
+        "eval": rules.eval_quant.output.result,
+        "eval_manifest": rules.eval_quant.output.manifest,
+        "quant_manifest": rules.quantize.output.manifest,
+        "base": rules.eval_baseline.output.result,
+        "base_manifest": rules.eval_baseline.output.manifest,
+    }
+    return sweep_entries(MODELS, REFERENCES, list(QUANTS.values()), paths)
 
 
 def get_reference_quant(wildcards):
     """The quantized GGUF whose PPL run writes the KLD base logits (eval.reference)."""
-    ref = REFERENCES[wildcards.model]
-    return f"results/quants/{wildcards.model}/{wildcards.model}-{ref}.gguf"
+    return path_of(
+        rules.quantize.output.gguf,
+        model=wildcards.model,
+        quant=REFERENCES[wildcards.model],
+    )
 
 
 def get_gate_json(wildcards):
@@ -158,11 +164,7 @@ def get_gate_json(wildcards):
 
 
 def get_summary_input(wildcards):
-    return [
-        path
-        for e in get_summary_entries(wildcards)
-        for path in [e["base"], *(q["result"] for q in e["quants"])]
-    ]
+    return record_paths(get_summary_entries(wildcards))
 
 
 # ---- resources: named functions; sizes come from the model's GGUF header (quantsweep.resources)
@@ -258,4 +260,4 @@ def get_engine_outdir(wildcards, output):
 
 
 def get_summary_entries_json(wildcards):
-    return json.dumps(get_summary_entries(wildcards), sort_keys=True)
+    return json.dumps(to_json_data(get_summary_entries(wildcards)), sort_keys=True)

@@ -1,6 +1,7 @@
 rule eval_baseline:
     input:
         model=get_model,
+        model_files=get_model_files,
         quantize=rules.engine_build.output.quantize,
         perplexity=rules.engine_build.output.perplexity,
         text=get_text("evaluation"),
@@ -32,6 +33,7 @@ rule eval_baseline:
 use rule eval_baseline as eval_reference with:
     input:
         model=get_reference_quant,
+        model_files=get_reference_quant,
         quantize=rules.engine_build.output.quantize,
         perplexity=rules.engine_build.output.perplexity,
         text=get_text("evaluation"),

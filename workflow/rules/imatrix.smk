@@ -1,6 +1,7 @@
 rule imatrix_collect:
     input:
         model=get_model,
+        model_files=get_model_files,
         quantize=rules.engine_build.output.quantize,
         imatrix_tool=rules.engine_build.output.imatrix,
         text=get_text("calibration"),
@@ -32,6 +33,7 @@ rule imatrix_collect:
 rule imatrix_remap:
     input:
         model=get_model,
+        model_files=get_model_files,
         imatrices=get_imatrix_inputs,
     output:
         dat="results/imatrix/{model}/imatrix.dat",
@@ -49,17 +51,20 @@ rule imatrix_check:
     input:
         unpack(get_check_input),
         model=get_model,
+        model_files=get_model_files,
         imatrix=rules.imatrix_remap.output.dat,
         quantize=rules.engine_build.output.quantize,
     output:
-        "results/imatrix/{model}/check/{quant}.txt",
+        report="results/imatrix/{model}/check/{quant}.txt",
     log:
-        "logs/imatrix_check/{model}-{quant}.log",
+        check="logs/imatrix_check/{model}-{quant}.log",
+        engine="logs/imatrix_check/{model}-{quant}.dry-run.log",
     conda:
         get_engine_env()
     params:
         bin_dir=get_bin_dir,
-        type_args=get_check_type_args,
+        type_args=get_type_args,
     shell:
         "quantsweep imatrix check --bin-dir {params.bin_dir:q} --model {input.model:q}"
-        " {params.type_args:q} -o {output:q} {input.imatrix:q} > {log:q} 2>&1"
+        " {params.type_args:q} --log {log.engine:q} -o {output.report:q}"
+        " {input.imatrix:q} > {log.check:q} 2>&1"

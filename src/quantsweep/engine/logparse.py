@@ -7,6 +7,8 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from ..errors import EngineOutputError
+
 _NUM = r"[-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf)"
 
 # Both forms: "Final estimate: PPL over 16 chunks for n_ctx=512 = 12.3456 +/- 0.12345" and "... PPL = X +/- Y".
@@ -39,10 +41,6 @@ _IMATRIX_STORED = re.compile(r"stored collected data after (\d+) chunks in (\S+)
 
 _TENSOR_LINE = re.compile(r"^\[\s*\d+/\s*\d+\]\s+(\S+) - \[([\d,\s]+)\], type =\s*(\S+),(.*)$")
 _CONVERTING = re.compile(r"converting to (\S+) \.\.")
-
-
-class EngineOutputError(RuntimeError):
-    """The log lacks the lines a successful run prints."""
 
 
 def _f(s: str) -> float:

@@ -3,7 +3,7 @@
 A recipe (config/recipes/*.yaml) names a base ftype and ordered `--custom-q` rules (first
 match wins, as in the engine), plus optional token_embd / output / ffn_gate_inp types and
 --pure. The same Recipe object feeds `engine_args()` (what the engine is told) and
-`plan.plan()` (what it will do), so a planned size is the size of what gets quantized.
+`planner.plan.plan()` (what it will do), so a planned size is the size of what gets quantized.
 
     name: tiny-mix-iq2
     description: routed experts at 2 bits, everything else higher
@@ -33,15 +33,9 @@ from typing import Any
 import jsonschema
 import yaml
 
-from . import ggml_types
-from .ggml_types import BY_NAME
-from .plan import (DEFAULT_TYPE, FTYPES_NEED_IMATRIX, NOT_QUANTIZED, EngineOptions, ImatrixError, Plan,
-                   PlanError, RecipeError, canonical_ftype, engine_flags)
-from .plan import plan as _plan
-
-__all__ = ["Recipe", "Rule", "RecipeError", "PlanError", "ImatrixError", "load_recipe", "recipe_from_dict",
-           "recipe_or_ftype", "engine_args", "engine_flags_for", "plan", "require_imatrix", "check_regex",
-           "check_type", "SCHEMA"]
+from ..errors import PlanError, RecipeError
+from ..gguf.types import BY_NAME, canonical_ftype, ftype_names, quantized
+from .selection import EngineOptions
 
 SCHEMA: dict = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -86,10 +80,6 @@ SCHEMA: dict = {
     },
 }
 
-# ggml types that are not weight storage types (activation/internal or integer types).
-_NOT_STORAGE = frozenset({"q8_1", "q8_K", "i8", "i16", "i32", "i64", "f64"})
-_LOWER = {n.lower(): n for n in BY_NAME}
-
 
 @dataclass(frozen=True)
 class Rule:
@@ -114,21 +104,22 @@ class Recipe:
     source: str | None = None  # the file it came from (for messages)
 
     def options(self) -> EngineOptions:
-        """The engine parameters this recipe stands for (what plan.plan() models)."""
+        """The engine parameters this recipe stands for (what planner.plan.plan() models)."""
         return EngineOptions(ftype=self.base, custom=tuple((r.match, r.type) for r in self.rules), pure=self.pure,
                              token_embd=self.token_embd, output=self.output, ffn_gate_inp=self.ffn_gate_inp)
 
 
 def check_type(value: Any, where: str) -> str:
     """A ggml type name as the engine spells it, or RecipeError suggesting the right spelling."""
-    if value in BY_NAME and value not in _NOT_STORAGE:
+    row = BY_NAME.get(value) if isinstance(value, str) else None
+    if row is not None:
+        if not row.storage:
+            raise RecipeError(f"{where}: {value!r} is not a weight storage type")
         return value
-    if value in _NOT_STORAGE:
-        raise RecipeError(f"{where}: {value!r} is not a weight storage type")
-    right = _LOWER.get(str(value).lower())
+    right = next((n for n in BY_NAME if n.lower() == str(value).lower()), None)
     if right is not None:
         raise RecipeError(f"{where}: type names are case-sensitive in llama-quantize: {value!r} is spelled {right!r}")
-    close = difflib.get_close_matches(str(value), [n for n in BY_NAME if n not in _NOT_STORAGE], n=3, cutoff=0.6)
+    close = difflib.get_close_matches(str(value), [n for n, t in BY_NAME.items() if t.storage], n=3, cutoff=0.6)
     hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
     raise RecipeError(f"{where}: unknown ggml type {value!r}{hint}")
 
@@ -182,7 +173,7 @@ def recipe_from_dict(d: Any, source: str = "<recipe>") -> Recipe:
     try:
         base = canonical_ftype(d["base"])
     except PlanError:
-        close = difflib.get_close_matches(str(d["base"]).upper(), list(ggml_types.FTYPES), n=3)
+        close = difflib.get_close_matches(str(d["base"]).upper(), ftype_names(), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise RecipeError(f"{source}: base: unknown llama-quantize ftype {d['base']!r}{hint}") from None
     opt = {k: check_type(d[k], f"{source}: {k}") for k in ("token_embd", "output", "ffn_gate_inp") if k in d}
@@ -194,7 +185,7 @@ def recipe_from_dict(d: Any, source: str = "<recipe>") -> Recipe:
     pure = bool(d.get("pure", False))
     if rules and pure:
         raise RecipeError(f"{source}: rules: --pure makes llama-quantize skip --custom-q; drop one of them")
-    if rules and DEFAULT_TYPE[base] in NOT_QUANTIZED:
+    if rules and not quantized(EngineOptions(ftype=base).default_type):
         raise RecipeError(f"{source}: rules: with base {base} the engine never applies --custom-q "
                           "(its default type is not quantized); use a quantized base such as Q8_0")
     return Recipe(name=d["name"], base=base, rules=tuple(rules), description=d.get("description", ""),
@@ -230,25 +221,7 @@ def recipe_or_ftype(arg: str | Path) -> Recipe | str:
         raise RecipeError(f"{arg}: neither a recipe file nor a llama-quantize ftype") from None
 
 
-def engine_flags_for(recipe: Recipe) -> list[str]:
-    """The llama-quantize options (they must precede the positional arguments)."""
-    return engine_flags(recipe.options())
-
-
 def engine_args(recipe: Recipe) -> list[str]:
-    """Options then the positional FTYPE: `llama-quantize [--imatrix F] *flags IN OUT FTYPE [threads]`.
-
-    With commands.quantize_cmd: `a = engine_args(r); quantize_cmd(bin, model, out, a[-1], threads,
-    imatrix, extra=a[:-1])`."""
-    return engine_flags_for(recipe) + [recipe.base]
-
-
-def plan(table, recipe: Recipe | str, imatrix: Any = None, **kw) -> Plan:
-    """plan.plan() re-exported: the per-tensor types and sizes `recipe` gives on `table`
-    (RecipeError for a rule matching no tensor, ImatrixError for missing imatrix data)."""
-    return _plan(table, recipe, imatrix, **kw)
-
-
-def require_imatrix(recipe: Recipe) -> bool:
-    """Does llama-quantize refuse this recipe's base ftype without --imatrix?"""
-    return recipe.base in FTYPES_NEED_IMATRIX
+    """Options then the positional FTYPE: `llama-quantize [--imatrix F] *flags IN OUT FTYPE [threads]`
+    (a = engine_args(r): ftype a[-1], options a[:-1])."""
+    return recipe.options().argv() + [recipe.base]

@@ -1,15 +1,17 @@
-"""Engine command lines, as argument lists (never shell strings).
+"""Engine command lines, as argument lists (never shell strings): the one place that knows
+the engine's flags.
 
 The flags follow what this engine version accepts (see docs/ik_llama.md of the project's
 reference): `-fa` takes a value, `-fmoe` no longer exists, fused ops are switched off with
-`-no-fmoe` / `-no-fug`. Keeping every command line here means a flag drift in a new engine
-version is fixed in one place.
+`-no-fmoe` / `-no-fug`. A flag drift in a new engine version is fixed here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..errors import StepError
 
 # What each imatrix pass collects (ik_llama.md §1.5): `-mla 1 -fa off` gives per-head
 # attn_k_b/attn_v_b data, `-mla 0` gives attn_kv_b. Fused MoE/up-gate ops would hide the
@@ -43,7 +45,7 @@ def imatrix_cmd(
     bin_dir: Path, model: Path, text: Path, out: Path, mode: str, ctx: int, chunks: int, threads: int
 ) -> list[str]:
     if mode not in IMATRIX_PASSES:
-        raise ValueError(f"imatrix pass {mode!r} is not one of {sorted(IMATRIX_PASSES)}")
+        raise StepError(f"imatrix pass {mode!r} is not one of {sorted(IMATRIX_PASSES)}")
     return [
         str(Path(bin_dir) / "llama-imatrix"),
         "-m", str(model),
@@ -99,3 +101,9 @@ def perplexity_kld_cmd(bin_dir: Path, model: Path, kld_base: Path, ev: EvalSetti
         *NO_LOG_FILE,
     ]
     return cmd + (["-b", str(ev.batch)] if ev.batch else [])
+
+
+def gguf_split_cmd(bin_dir: Path, model: Path, out_prefix: Path, max_tensors: int) -> list[str]:
+    """Split `model` into out_prefix-0000i-of-0000n.gguf, `max_tensors` tensors per shard."""
+    return [str(Path(bin_dir) / "llama-gguf-split"), "--split", "--split-max-tensors", str(max_tensors),
+            str(model), str(out_prefix)]

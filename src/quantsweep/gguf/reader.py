@@ -1,25 +1,29 @@
-"""A GGUF header reader for tensor tables, ik-only type ids included.
+"""A GGUF header reader for tensor tables, ik-only type ids and split models included.
 
 PyPI gguf's GGUFReader raises on ik's type ids (IQ2_KS, IQ4_KS, IQ3_K, ...), which every
 quant of this pipeline has, so the tensor table of a quantized file is read here. Only the
 header is read; tensor data is never touched, so a 700 GB model is read in milliseconds.
+
+A split model (`name-00001-of-00003.gguf`, as llama-gguf-split writes it) keeps its metadata
+in shard 1 only; the other shards carry just `split.*` keys and their tensors. `read_model`
+joins the shards into one table in the engine's order (shard by shard), which is what the
+planner, the imatrix fit and the resource estimates need.
 """
 
 from __future__ import annotations
 
+import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .ggml_types import tensor_nbytes, type_name
+from ..errors import GGUFFormatError
+from .types import TYPES, tensor_nbytes, type_name
 
 GGUF_MAGIC = b"GGUF"
 # GGUF value types -> struct format (scalars); 8 = string, 9 = array.
 _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-
-
-class GGUFFormatError(ValueError):
-    """The file is not a readable GGUF; the message names the file and the offset."""
+_SHARD = re.compile(r"^(.*)-(\d{5})-of-(\d{5})\.gguf$")
 
 
 @dataclass(frozen=True)
@@ -27,7 +31,8 @@ class TensorInfo:
     name: str
     shape: tuple[int, ...]  # GGUF order: ne0 first
     type_id: int
-    offset: int
+    offset: int  # from the start of its file's data section
+    shard: int = 0  # index of the file that holds it (split models)
 
     @property
     def n_elements(self) -> int:
@@ -47,11 +52,12 @@ class TensorInfo:
 
 @dataclass
 class GGUFTable:
-    path: Path
+    path: Path  # the file (shard 1 of a split model)
     version: int
     kv: dict
     tensors: list[TensorInfo]
     data_offset: int
+    files: list[Path] = field(default_factory=list)  # every shard, in order ([] = just `path`)
 
     def by_name(self) -> dict[str, TensorInfo]:
         return {t.name: t for t in self.tensors}
@@ -103,9 +109,22 @@ class _Reader:
             return items if keep else None
         raise GGUFFormatError(f"{self.path}: unknown GGUF value type {vtype} at offset {self.f.tell() - 4}")
 
+    def tensor_info(self, shard: int) -> TensorInfo:
+        name = self.string()
+        n_dims = self.scalar("<I")
+        if n_dims > 4:
+            raise GGUFFormatError(f"{self.path}: tensor {name} has {n_dims} dims at offset {self.f.tell() - 4}")
+        shape = tuple(self.scalar("<Q") for _ in range(n_dims))
+        type_id, offset = self.scalar("<I"), self.scalar("<Q")
+        if type_id not in TYPES:
+            raise GGUFFormatError(f"{self.path}: tensor {name} has ggml type id {type_id}, "
+                                  "which quantsweep's type table does not know")
+        return TensorInfo(name, shape, type_id, offset, shard)
 
-def read_table(path: str | Path, keep_arrays: bool = False) -> GGUFTable:
-    """Read the header and tensor infos. Arrays in KVs (the vocabulary) are skipped unless asked."""
+
+def read_table(path: str | Path, keep_arrays: bool = False, shard: int = 0) -> GGUFTable:
+    """Read one file's header and tensor infos. Arrays in KVs (the vocabulary) are skipped
+    unless asked."""
     path = Path(path)
     with open(path, "rb") as f:
         r = _Reader(f, path)
@@ -119,16 +138,42 @@ def read_table(path: str | Path, keep_arrays: bool = False) -> GGUFTable:
         for _ in range(n_kv):
             key = r.string()
             kv[key] = r.value(r.scalar("<I"), keep_arrays)
-        infos = []
-        for _ in range(n_tensors):
-            name = r.string()
-            n_dims = r.scalar("<I")
-            if n_dims > 4:
-                raise GGUFFormatError(f"{path}: tensor {name} has {n_dims} dims at offset {f.tell() - 4}")
-            shape = tuple(r.scalar("<Q") for _ in range(n_dims))
-            type_id, offset = r.scalar("<I"), r.scalar("<Q")
-            infos.append(TensorInfo(name, shape, type_id, offset))
+        infos = [r.tensor_info(shard) for _ in range(n_tensors)]
         align = int(kv.get("general.alignment", 32))
         pos = f.tell()
         data_offset = (pos + align - 1) // align * align
-    return GGUFTable(path=path, version=version, kv=kv, tensors=infos, data_offset=data_offset)
+    return GGUFTable(path=path, version=version, kv=kv, tensors=infos, data_offset=data_offset, files=[path])
+
+
+def shards(path: str | Path) -> list[Path]:
+    """The files of a model: every shard of a split GGUF (given any one of them), else the file."""
+    path = Path(path)
+    m = _SHARD.match(path.name)
+    if not m:
+        return [path]
+    n = int(m.group(3))
+    return [path.with_name(f"{m.group(1)}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
+
+
+def first_shard(path: str | Path) -> Path:
+    """What the engine must be given for a split model: shard 1 (it finds the others)."""
+    return shards(path)[0]
+
+
+def read_model(path: str | Path, keep_arrays: bool = False) -> GGUFTable:
+    """A model's table: one file, or all shards of a split model joined (metadata from shard 1,
+    tensors in shard order), given any shard's path."""
+    files = shards(path)
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise GGUFFormatError(f"{path}: split model lacks shard(s) {', '.join(missing)}")
+    tables = [read_table(f, keep_arrays=keep_arrays and i == 0, shard=i) for i, f in enumerate(files)]
+    head = tables[0]
+    count = head.kv.get("split.count")
+    if len(files) > 1 and count is not None and int(count) != len(files):
+        raise GGUFFormatError(f"{head.path}: split.count is {count} but the file name says {len(files)} shards")
+    if len(files) == 1:
+        return head
+    return GGUFTable(path=head.path, version=head.version, kv=head.kv,
+                     tensors=[t for table in tables for t in table.tensors], data_offset=head.data_offset,
+                     files=files)

@@ -5,7 +5,9 @@ the file size on disk; nothing is estimated here. The reference of a model is wh
 base logits were written from: the unquantized model (row `baseline`, reference `base`) or a
 configured reference quant (row named after that quant, reference = its name).
 
-The `gate` and `pareto` columns are filled in by `quantsweep.report.annotate`.
+A `Record` is one evaluation record with the file it was read from, so that a missing or
+malformed key is reported as a `ReportError` naming that file and key. The `gate` and
+`pareto` columns are filled in by `quantsweep.report.gate.annotate`.
 """
 
 from __future__ import annotations
@@ -13,18 +15,100 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import math
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .fileio import write_text
+from ..errors import ReportError
 
 BASELINE = "baseline"
+# eval.reference value meaning "the unquantized model writes the KLD base logits" (the one definition)
 BASE_REFERENCE = "base"
 # Evaluation settings that must be identical for the reference and every quant of a model:
 # the KLD base logits are only comparable at the same text, context and chunks.
 SAME_EVAL_KEYS = ("ctx", "chunks", "mla", "fa", "batch")
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation records
+
+
+@dataclass(frozen=True)
+class Record:
+    """One evaluation record (the JSON an eval rule writes) and where it came from."""
+
+    source: str  # the record file, for messages
+    data: dict
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Record":
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ReportError(f"evaluation record {path}: cannot be read ({e.strerror or e})") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ReportError(f"evaluation record {path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        if not isinstance(data, dict):
+            raise ReportError(f"evaluation record {path}: not a JSON object")
+        return cls(str(path), data)
+
+    def _bad(self, key: str, what: str) -> ReportError:
+        return ReportError(f"evaluation record {self.source}: key {key!r} {what}")
+
+    def number(self, key: str, required: bool = False) -> float | None:
+        """The value of a numeric key; None when absent or null and not required."""
+        v = self.data.get(key)
+        if v is None:
+            if required:
+                raise self._bad(key, "is missing" if key not in self.data else "is null")
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise self._bad(key, f"is {v!r}, not a number")
+        return v
+
+    def size_bytes(self) -> int:
+        v = self.number("size_bytes", required=True)
+        if not isinstance(v, int) or v < 0:
+            raise self._bad("size_bytes", f"is {v!r}, not a byte count")
+        return v
+
+    def ppl(self) -> float:
+        v = self.number("ppl", required=True)
+        if not v > 0:
+            raise self._bad("ppl", f"is {v!r}, not a positive perplexity")
+        return v
+
+    def kld_p99(self) -> float | None:
+        pct = self._typed("kld_percentiles", dict, "an object")
+        v = (pct or {}).get("99.0")
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise self._bad("kld_percentiles", f"has 99.0 = {v!r}, not a number")
+        return v
+
+    def _typed(self, key: str, typ: type, what: str):
+        v = self.data.get(key)
+        if v is not None and not isinstance(v, typ):
+            raise self._bad(key, f"is {v!r}, not {what}")
+        return v
+
+    @property
+    def eval(self) -> dict:
+        return self._typed("eval", dict, "an object") or {}
+
+    @property
+    def cmd(self) -> list[str]:
+        return self._typed("cmd", list, "a list") or []
+
+    @property
+    def model_file(self) -> str:
+        return self._typed("model_file", str, "a string") or ""
+
+
+# ---------------------------------------------------------------------------------------------
+# rows
 
 
 @dataclass
@@ -85,6 +169,10 @@ class ModelInfo:
     eval: dict = field(default_factory=dict)
     cmd: list[str] = field(default_factory=list)
 
+    @classmethod
+    def from_record(cls, model: str, reference: str, base: Record) -> "ModelInfo":
+        return cls(model, reference, base.model_file, base.eval, base.cmd)
+
     @property
     def text(self) -> str:
         """The evaluation text (the reference run's -f argument)."""
@@ -108,40 +196,49 @@ class ModelInfo:
         return ", ".join(parts)
 
 
-def _ref_row(model: str, base: dict, reference: dict | None) -> Row:
-    name, ftype, imat = (BASELINE, "", "") if reference is None else (
-        reference["name"], reference["ftype"], reference["imatrix"])
-    ref = BASE_REFERENCE if reference is None else reference["name"]
-    return Row(model, name, ftype, imat, ref, base["size_bytes"], base["size_bytes"] / 2**30, base.get("bpw"),
-               base["ppl"], base["ppl_err"], 0.0, 0.0, None, None, None, None, None)
+def _ref_row(model: str, base: Record, reference: tuple[str, str, str] | None) -> Row:
+    name, ftype, imat = (BASELINE, "", "") if reference is None else reference
+    ref = BASE_REFERENCE if reference is None else reference[0]
+    size = base.size_bytes()
+    return Row(model, name, ftype, imat, ref, size, size / 2**30, base.number("bpw"),
+               base.ppl(), base.number("ppl_err", required=True), 0.0, 0.0, None, None, None, None, None)
 
 
-def make_rows(model: str, base: dict, quants: list[tuple[str, str, str, dict]],
-              reference: dict | None = None) -> list[Row]:
+def _quant_row(model: str, name: str, ftype: str, imat: str, ref: str, base: Record, rec: Record) -> Row:
+    check_same_eval(model, name, base, rec)
+    ppl, base_ppl, size = rec.ppl(), base.ppl(), rec.size_bytes()
+    ln = rec.number("ln_ratio")
+    if ln is None:
+        ln = math.log(ppl / base_ppl)
+    return Row(
+        model, name, ftype, imat, ref, size, size / 2**30, rec.number("bpw"),
+        ppl, rec.number("ppl_err", required=True), 100.0 * (ppl / base_ppl - 1.0), ln, rec.number("ln_ratio_err"),
+        rec.number("kld_mean"), rec.number("kld_err"), rec.kld_p99(), rec.number("same_top_p"),
+    )
+
+
+def make_rows(model: str, base: Record, quants: list[tuple[str, str, str, Record]],
+              reference: tuple[str, str, str] | None = None) -> list[Row]:
     """base: the reference's record; quants: (quant name, ftype, imatrix label, record) in sweep order;
-    reference: None for the unquantized model, else {"name", "ftype", "imatrix"} of the reference quant."""
+    reference: None for the unquantized model, else (name, ftype, imatrix label) of the reference quant."""
     rows = [_ref_row(model, base, reference)]
     ref = rows[0].reference
     for name, ftype, imat, rec in quants:
-        _check_same_eval(model, name, base, rec)
-        ln = rec.get("ln_ratio")
-        if ln is None:
-            ln = math.log(rec["ppl"] / base["ppl"])
-        rows.append(Row(
-            model, name, ftype, imat, ref, rec["size_bytes"], rec["size_bytes"] / 2**30, rec.get("bpw"),
-            rec["ppl"], rec["ppl_err"], 100.0 * (rec["ppl"] / base["ppl"] - 1.0), ln, rec.get("ln_ratio_err"),
-            rec.get("kld_mean"), rec.get("kld_err"), (rec.get("kld_percentiles") or {}).get("99.0"),
-            rec.get("same_top_p"),
-        ))
+        rows.append(_quant_row(model, name, ftype, imat, ref, base, rec))
     return rows
 
 
-def _check_same_eval(model: str, quant: str, base: dict, rec: dict) -> None:
-    a, b = base.get("eval") or {}, rec.get("eval") or {}
+def check_same_eval(model: str, quant: str, base: Record, rec: Record) -> None:
+    """Refuse a quant evaluated with other settings than its reference (names record and key)."""
+    a, b = base.eval, rec.eval
     diff = [k for k in SAME_EVAL_KEYS if k in a and k in b and a[k] != b[k]]
     if diff:
-        raise ValueError(f"{model}/{quant} was evaluated with other settings than its reference: "
-                         + ", ".join(f"{k} {b[k]!r} vs {a[k]!r}" for k in diff))
+        raise ReportError(f"evaluation record {rec.source} ({model}/{quant}) was evaluated with other settings than "
+                          f"its reference {base.source}: " + ", ".join(f"eval.{k} {b[k]!r} vs {a[k]!r}" for k in diff))
+
+
+# ---------------------------------------------------------------------------------------------
+# CSV and Markdown
 
 
 def _fmt(v, digits: int | None) -> str:
@@ -160,6 +257,25 @@ def to_csv(rows: list[Row]) -> str:
     for r in rows:
         w.writerow([_fmt(getattr(r, c), None) for c in Row.columns()])
     return buf.getvalue()
+
+
+def read_csv(path: str | Path) -> list[dict]:
+    """summary.csv as dicts of the strings written."""
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def read_rows(path: str | Path) -> list[Row]:
+    """summary.csv as typed rows (equal to the rows written)."""
+    out = []
+    for i, d in enumerate(read_csv(path), start=2):
+        try:
+            out.append(Row.from_csv(d))
+        except KeyError as e:
+            raise ReportError(f"{path}: no column {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise ReportError(f"{path} line {i}: {e}") from None
+    return out
 
 
 # The columns shown in summary.md / summary.html: (heading, column, format).
@@ -225,49 +341,3 @@ def to_markdown(rows: list[Row], notes: list[str] | None = None, link_dir: str |
             cells.append(" ".join(f"[{label}]({href})" for label, href in manifest_links(r, link_dir)))
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
-
-
-def read_csv(path: str | Path) -> list[dict]:
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
-def read_rows(path: str | Path) -> list[Row]:
-    return [Row.from_csv(d) for d in read_csv(path)]
-
-
-def load_entries(entries: list[dict]) -> tuple[list[Row], list[ModelInfo]]:
-    """entries: [{"model", "reference": "base" | {"name", "ftype", "imatrix"}, "base": path,
-    "quants": [{"name", "ftype", "imatrix", "result": path}]}]."""
-    rows: list[Row] = []
-    infos: list[ModelInfo] = []
-    for e in entries:
-        base = json.loads(Path(e["base"]).read_text())
-        ref = e.get("reference", BASE_REFERENCE)
-        ref = None if ref == BASE_REFERENCE else ref
-        quants = [(q["name"], q["ftype"], q["imatrix"], json.loads(Path(q["result"]).read_text())) for q in e["quants"]]
-        model_rows = make_rows(e["model"], base, quants, ref)
-        # the reference row was measured by the baseline run; a reference quant was also made by quantize
-        model_rows[0].eval_manifest = e.get("base_manifest", "")
-        if ref is not None:
-            model_rows[0].quant_manifest = (ref.get("manifests") or {}).get("quantize", "")
-        for row, q in zip(model_rows[1:], e["quants"]):
-            row.quant_manifest = (q.get("manifests") or {}).get("quantize", "")
-            row.eval_manifest = (q.get("manifests") or {}).get("eval", "")
-        rows += model_rows
-        infos.append(ModelInfo(e["model"], rows[-len(quants) - 1].reference, base.get("model_file", ""),
-                               base.get("eval") or {}, base.get("cmd") or []))
-    return rows, infos
-
-
-def write_summary(entries: list[dict], csv_path: Path, md_path: Path, gate=None) -> list[Row]:
-    """summary.csv and summary.md only (quantsweep.report.write_report also writes plots and HTML).
-    gate: a quantsweep.report.Gate, or None for no gate."""
-    from .report import Gate, annotate, notes
-
-    gate = gate or Gate()
-    rows, infos = load_entries(entries)
-    annotate(rows, gate)
-    write_text(csv_path, to_csv(rows))
-    write_text(md_path, to_markdown(rows, notes(rows, infos, gate), Path(md_path).parent))
-    return rows

@@ -1,0 +1,213 @@
+"""What the report reads: per model, its reference and the evaluation record of every quant.
+
+This is the one contract between the workflow and the report. The workflow builds it with
+`sweep_entries` and passes it as JSON (`ModelEntry.to_dict`, one dict per model):
+
+    {"model": "tiny",
+     "reference": "base" | {"name", "ftype", "imatrix", "result", "manifests"},
+     "base": "results/eval/tiny/baseline.json",             # the reference's evaluation record
+     "base_manifest": "results/eval/tiny/baseline.manifest.json",
+     "quants": [{"name", "ftype", "imatrix": "yes" | "no", "result": record path,
+                 "manifests": {"quantize": path, "eval": path}}, ...]}   # sweep order
+
+`base_manifest`, `manifests` and the reference quant's `result` may be left out. `from_dict`
+refuses anything else with a `ReportError` naming the model, the quant and the key;
+`record_paths` lists every evaluation record the report reads (the CLI's manifest inputs) and
+`load_rows` reads them into summary rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from ..errors import ReportError
+from .table import BASE_REFERENCE, ModelInfo, Record, Row, make_rows
+
+MANIFEST_KINDS = ("quantize", "eval")
+PATH_KEYS = ("eval", "eval_manifest", "quant_manifest", "base", "base_manifest")
+
+
+def _str(d: Mapping, key: str, where: str, required: bool = True) -> str:
+    if key not in d:
+        if required:
+            raise ReportError(f"report entries: {where}: missing key {key!r}")
+        return ""
+    v = d[key]
+    if not isinstance(v, str) or (required and not v):
+        raise ReportError(f"report entries: {where}: key {key!r} is {v!r}, not a non-empty string")
+    return v
+
+
+def _no_other_keys(d: Mapping, allowed: Iterable[str], where: str) -> None:
+    extra = sorted(set(d) - set(allowed))
+    if extra:
+        raise ReportError(f"report entries: {where}: unknown key {extra[0]!r}")
+
+
+def _object(d, where: str) -> Mapping:
+    if not isinstance(d, Mapping):
+        raise ReportError(f"report entries: {where}: {d!r} is not an object")
+    return d
+
+
+@dataclass
+class QuantEntry:
+    """One quant of a model: what it is, its evaluation record and the manifests to link."""
+
+    name: str
+    ftype: str
+    imatrix: str  # "yes" / "no", as shown in the table
+    result: str = ""  # evaluation record (not read for a reference quant: its record is the model's `base`)
+    quant_manifest: str = ""
+    eval_manifest: str = ""
+
+    def to_dict(self) -> dict:
+        d = {"name": self.name, "ftype": self.ftype, "imatrix": self.imatrix}
+        if self.result:
+            d["result"] = self.result
+        manifests = {k: v for k, v in zip(MANIFEST_KINDS, (self.quant_manifest, self.eval_manifest)) if v}
+        if manifests:
+            d["manifests"] = manifests
+        return d
+
+    @classmethod
+    def from_dict(cls, d, where: str, need_result: bool = True) -> "QuantEntry":
+        """where: e.g. "model 'tiny' quant 'IQ4_KS'" (the quant's name is added when it has one)."""
+        d = _object(d, where)
+        if isinstance(d.get("name"), str) and d["name"]:
+            where = f"{where} {d['name']!r}"
+        _no_other_keys(d, ("name", "ftype", "imatrix", "result", "manifests"), where)
+        manifests = _object(d.get("manifests", {}), f"{where} manifests")
+        _no_other_keys(manifests, MANIFEST_KINDS, f"{where} manifests")
+        return cls(_str(d, "name", where), _str(d, "ftype", where), _str(d, "imatrix", where),
+                   _str(d, "result", where, need_result),
+                   _str(manifests, "quantize", f"{where} manifests", False),
+                   _str(manifests, "eval", f"{where} manifests", False))
+
+
+@dataclass
+class ModelEntry:
+    """One model of the sweep: its reference (None = the unquantized model) and its quants."""
+
+    model: str
+    reference: QuantEntry | None  # None: the unquantized model
+    base: str  # the reference's evaluation record (baseline.json)
+    quants: list[QuantEntry]  # sweep order, without the reference quant
+    base_manifest: str = ""
+
+    @property
+    def reference_name(self) -> str:
+        return BASE_REFERENCE if self.reference is None else self.reference.name
+
+    def to_dict(self) -> dict:
+        d = {"model": self.model,
+             "reference": BASE_REFERENCE if self.reference is None else self.reference.to_dict(),
+             "base": self.base}
+        if self.base_manifest:
+            d["base_manifest"] = self.base_manifest
+        d["quants"] = [q.to_dict() for q in self.quants]
+        return d
+
+    @classmethod
+    def from_dict(cls, d) -> "ModelEntry":
+        d = _object(d, "an entry")
+        where = f"model {d['model']!r}" if isinstance(d.get("model"), str) else "an entry"
+        _no_other_keys(d, ("model", "reference", "base", "base_manifest", "quants"), where)
+        model = _str(d, "model", where)
+        ref = d.get("reference", BASE_REFERENCE)
+        if isinstance(ref, str) and ref != BASE_REFERENCE:
+            raise ReportError(f"report entries: {where}: reference {ref!r} is neither {BASE_REFERENCE!r} nor an object")
+        reference = None if ref == BASE_REFERENCE else QuantEntry.from_dict(ref, f"{where} reference", False)
+        if "quants" not in d:
+            raise ReportError(f"report entries: {where}: missing key 'quants'")
+        if not isinstance(d["quants"], list):
+            raise ReportError(f"report entries: {where}: key 'quants' is not a list")
+        quants = [QuantEntry.from_dict(q, f"{where} quants[{i}]") for i, q in enumerate(d["quants"])]
+        entry = cls(model, reference, _str(d, "base", where), quants, _str(d, "base_manifest", where, False))
+        names = [entry.reference_name] + [q.name for q in quants]
+        dup = next((n for i, n in enumerate(names) if n in names[:i]), None)
+        if dup is not None:
+            raise ReportError(f"report entries: {where}: quant {dup!r} is listed twice")
+        return entry
+
+
+def parse_entries(data) -> list[ModelEntry]:
+    """The entries from their JSON form (a list of dicts); ModelEntry objects pass through."""
+    if not isinstance(data, list):
+        raise ReportError(f"report entries: expected a list of models, got {type(data).__name__}")
+    entries = [e if isinstance(e, ModelEntry) else ModelEntry.from_dict(e) for e in data]
+    seen = set()
+    for e in entries:
+        if e.model in seen:
+            raise ReportError(f"report entries: model {e.model!r} is listed twice")
+        seen.add(e.model)
+    return entries
+
+
+def to_json_data(entries: Sequence[ModelEntry]) -> list[dict]:
+    """The JSON form of the entries (what `parse_entries` reads back)."""
+    return [e.to_dict() for e in entries]
+
+
+def record_paths(entries) -> list[str]:
+    """Every evaluation record the report reads, per model its reference's then its quants'."""
+    return [p for e in parse_entries(entries) for p in [e.base, *(q.result for q in e.quants)]]
+
+
+def _fill(paths: Mapping[str, str], key: str, **fields: str) -> str:
+    try:
+        return paths[key].format(**fields)
+    except KeyError as e:
+        raise ReportError(f"report entries: path pattern {key!r} ({paths[key]!r}) has an unknown field {e}") from None
+
+
+def sweep_entries(models: Sequence[str], references: Mapping[str, str], quants: Sequence,
+                  paths: Mapping[str, str]) -> list[ModelEntry]:
+    """The entries of a sweep. models: model names in report order; references: {model: "base" |
+    quant name}; quants: in sweep order, objects with .name, .ftype and .imatrix (bool); paths:
+    format strings with {model} / {quant} fields for each key of PATH_KEYS. A model's reference
+    quant is its `reference`, not one of its `quants`."""
+    missing = [k for k in PATH_KEYS if k not in paths]
+    if missing:
+        raise ReportError(f"report entries: no path pattern for {missing[0]!r}")
+    by_name = {q.name: q for q in quants}
+
+    def entry(model: str, q) -> QuantEntry:
+        f = {"model": model, "quant": q.name}
+        return QuantEntry(q.name, q.ftype, "yes" if q.imatrix else "no", _fill(paths, "eval", **f),
+                          _fill(paths, "quant_manifest", **f), _fill(paths, "eval_manifest", **f))
+
+    out = []
+    for model in models:
+        if model not in references:
+            raise ReportError(f"report entries: model {model!r}: no reference given")
+        ref = references[model]
+        if ref != BASE_REFERENCE and ref not in by_name:
+            raise ReportError(f"report entries: model {model!r}: reference {ref!r} is neither "
+                              f"{BASE_REFERENCE!r} nor a quant of the sweep")
+        out.append(ModelEntry(model, None if ref == BASE_REFERENCE else entry(model, by_name[ref]),
+                              _fill(paths, "base", model=model), [entry(model, q) for q in quants if q.name != ref],
+                              _fill(paths, "base_manifest", model=model)))
+    return out
+
+
+def load_rows(entries) -> tuple[list[Row], list[ModelInfo]]:
+    """Read every model's records into summary rows (reference row first, then the quants in
+    entry order, with their manifests) and what each model was measured against."""
+    rows: list[Row] = []
+    infos: list[ModelInfo] = []
+    for e in parse_entries(entries):
+        base = Record.load(e.base)
+        ref = None if e.reference is None else (e.reference.name, e.reference.ftype, e.reference.imatrix)
+        model_rows = make_rows(e.model, base, [(q.name, q.ftype, q.imatrix, Record.load(q.result))
+                                               for q in e.quants], ref)
+        # the reference row was measured by the baseline run; a reference quant was also made by quantize
+        model_rows[0].eval_manifest = e.base_manifest
+        if e.reference is not None:
+            model_rows[0].quant_manifest = e.reference.quant_manifest
+        for row, q in zip(model_rows[1:], e.quants):
+            row.quant_manifest, row.eval_manifest = q.quant_manifest, q.eval_manifest
+        rows += model_rows
+        infos.append(ModelInfo.from_record(e.model, e.reference_name, base))
+    return rows, infos

@@ -1,0 +1,37 @@
+"""Everything the workflow's `report` rule writes, from the report entries.
+
+summary.csv first; the Markdown table, the plots and the HTML page are then made from
+summary.csv as written (re-read from disk), so what is drawn is what the table says.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..fileio import write_text
+from .entries import ModelEntry, load_rows
+from .gate import Gate, annotate, notes
+from .html import to_html
+from .plots import plot_metric, save_figure
+from .table import Row, read_rows, to_csv, to_markdown
+
+PLOT_TITLES = {"lnppl": "Size vs ln(PPL(Q)/PPL(ref))", "kld": "Size vs mean KLD"}
+
+
+def write_report(entries: list[ModelEntry] | list[dict], gate: Gate, csv_path: str | Path, md_path: str | Path,
+                 html_path: str | Path, plots: dict[str, str | Path]) -> list[Row]:
+    """summary.csv, then from it (re-read) summary.md, the plots ({"lnppl": png, "kld": png}) and
+    summary.html with the plots embedded; returns the rows as written. entries: ModelEntry objects
+    or their JSON form (validated; a bad entry or record raises ReportError)."""
+    rows, infos = load_rows(entries)
+    annotate(rows, gate)
+    csv_text = to_csv(rows)
+    write_text(csv_path, csv_text)
+    table = read_rows(csv_path)
+    write_text(md_path, to_markdown(table, notes(table, infos, gate), Path(md_path).parent))
+    pngs = {}
+    for key, path in plots.items():
+        save_figure(plot_metric(table, key, gate, infos), path)
+        pngs[PLOT_TITLES[key]] = Path(path).read_bytes()
+    write_text(html_path, to_html(table, infos, gate, pngs, csv_text, Path(html_path).parent))
+    return table
