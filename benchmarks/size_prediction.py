@@ -19,7 +19,7 @@ import yaml
 
 from quantsweep.config import parse_quants, resolve_recipe_paths
 from quantsweep.engine.run import dry_run
-from quantsweep.steps import quant_args
+from quantsweep.steps import quant_args, quant_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for q in quants:
         rec = json.loads((wd / "results" / "quants" / a.model / f"{a.model}-{q.name}.json").read_text())
-        ftype, extra = quant_args(q.recipe, q.ftype)
+        ftype, extra = quant_args(quant_spec(q.recipe, q.ftype))
         dry = dry_run(bin_dir, model, ftype, extra, imatrix if q.imatrix else None, check_imatrix=True).quant_mib
         p = rec["predicted_bytes"]
         mib = 2**20

@@ -28,7 +28,7 @@ from quantsweep.gguf.types import BY_NAME, ftype_names
 from quantsweep.gguf.writer import write_shape_gguf
 from quantsweep.planner import recipes as R
 from quantsweep.planner import selection as S
-from quantsweep.planner.plan import Plan, compare, plan
+from quantsweep.planner.plan import Plan, as_options, compare, plan
 from quantsweep.tinymodel import TinySpec, write_tiny_model
 
 RECIPES = ROOT / "config" / "recipes"
@@ -134,10 +134,9 @@ def _one_entry_imatrix(table: GGUFTable, path: Path) -> Path:
 
 def _dry_run(bin_dir: Path, model: Path, spec, imatrix=None, check_imatrix: bool = False) -> engine_run.DryRun:
     """The engine's own selection with the flags a plan models (ftype, recipe or EngineOptions)."""
-    opts = spec if isinstance(spec, S.EngineOptions) else (
-        spec.options() if isinstance(spec, R.Recipe) else S.EngineOptions(ftype=spec))
+    opts, _ = as_options(spec)
     return engine_run.dry_run(bin_dir, model, opts.ftype, opts.argv(), Path(imatrix) if imatrix else None,
-                       check_imatrix=check_imatrix)
+                              check_imatrix=check_imatrix)
 
 
 def _mismatches(planned: Plan, run: engine_run.DryRun) -> list[str]:

@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 
 from . import __version__
-from .errors import QuantsweepError, ReportError
+from .errors import QuantsweepError
 
 
 def bundled_text(name: str) -> str:
@@ -26,7 +26,7 @@ def _json_arg(value: str, what: str):
     try:
         return json.loads(Path(value).read_text()) if value.endswith(".json") else json.loads(value)
     except json.JSONDecodeError as e:
-        raise ReportError(f"--{what}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+        raise QuantsweepError(f"--{what}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
 
 
 def _write_record(path: str, rec: dict) -> None:

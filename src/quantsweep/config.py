@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 
 from .errors import ConfigError, PlanError, RecipeError
-from .gguf.reader import shards
+from .gguf.reader import first_shard
 from .gguf.types import FTYPES, canonical_ftype, ftype_names
 from .planner.recipes import load_recipe
 from .report.table import BASE_REFERENCE, BASELINE  # eval.reference value: the unquantized model
@@ -92,7 +92,7 @@ def check(config: dict) -> None:
         if m.get("source", "tiny") == "gguf":
             if not m.get("path"):
                 raise ConfigError(f"config models.{name}.path: required when source is 'gguf'")
-            first = shards(m["path"])[0]
+            first = first_shard(m["path"])
             if str(first) != str(m["path"]):
                 raise ConfigError(f"config models.{name}.path: {m['path']} is not the first shard of a split "
                                   f"model; give {first} (the engine reads the other shards from it)")

@@ -17,16 +17,19 @@ from . import imatrix as imx
 from .engine import argv, run
 from .errors import ImatrixError
 from .gguf.reader import first_shard, read_model, read_table
-from .planner.plan import plan
-from .planner.recipes import engine_args, load_recipe, recipe_or_ftype
+from .planner.plan import as_options, plan
+from .planner.recipes import Recipe, load_recipe
 
 
-def quant_args(recipe: str | None, ftype: str | None) -> tuple[str, list[str]]:
+def quant_spec(recipe: str | None, ftype: str | None) -> Recipe | str:
+    """What a quant is made with: its recipe (loaded once), else its ftype."""
+    return load_recipe(recipe) if recipe else str(ftype)
+
+
+def quant_args(spec: Recipe | str) -> tuple[str, list[str]]:
     """(positional ftype, option flags) llama-quantize is given for a recipe or an ftype."""
-    if not recipe:
-        return str(ftype), []
-    args = engine_args(load_recipe(recipe))
-    return args[-1], args[:-1]
+    opts, _ = as_options(spec)
+    return opts.ftype, opts.argv()
 
 
 def matrices_per_entry(model: str | Path | None) -> dict[str, int]:
@@ -76,7 +79,7 @@ def check_imatrix(bin_dir: Path, model: Path, imatrix: Path, ftype: str | None, 
                   log: Path | None = None) -> CheckReport:
     """Pre-flight: the engine's --dry-run gives each tensor's type; the imatrix must have finite
     data of the right size for every tensor whose type needs it."""
-    ft, extra = quant_args(recipe, ftype)
+    ft, extra = quant_args(quant_spec(recipe, ftype))
     types = run.dry_run(bin_dir, first_shard(model), ft, extra, log=log).types
     problems = imx.check(imx.read_any(imatrix), read_model(model), types, ft)
     return CheckReport(str(imatrix), str(model), ft, recipe or None, sum(1 for v in types.values() if v), problems)
@@ -86,8 +89,9 @@ def quantize(bin_dir: Path, model: Path, output: Path, log: Path, ftype: str | N
              threads: int, imatrix: Path | None = None) -> dict:
     """llama-quantize, with the size the planner predicted kept beside what the engine reports
     and what the written file's header says."""
-    ft, extra = quant_args(recipe, ftype)
-    predicted = plan(read_model(model), recipe_or_ftype(recipe or ft), has_imatrix=bool(imatrix), strict=False)
+    spec = quant_spec(recipe, ftype)
+    ft, extra = quant_args(spec)
+    predicted = plan(read_model(model), spec, has_imatrix=bool(imatrix), strict=False)
     rec = run.quantize(bin_dir, first_shard(model), output, log, ft, threads, imatrix, extra)
     rec.update(predicted_bytes=predicted.total_bytes, tensor_bytes=read_table(output).total_bytes,
                file_bytes=output.stat().st_size, recipe=recipe or None, ftype=ft)

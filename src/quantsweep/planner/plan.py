@@ -108,7 +108,9 @@ class Plan:
         return "\n".join(lines)
 
 
-def _as_options(spec: Any) -> tuple[EngineOptions, str | None]:
+def as_options(spec: Any) -> tuple[EngineOptions, str | None]:
+    """What llama-quantize is told for an ftype name, a recipes.Recipe or EngineOptions, and the
+    recipe's name (None for the others)."""
     if isinstance(spec, EngineOptions):
         return spec, None
     if isinstance(spec, str):
@@ -130,7 +132,7 @@ def plan(table: GGUFTable, recipe_or_ftype: Any, imatrix: Any = None, *, has_ima
     strict: with a recipe, a rule that matches no tensor name raises RecipeError (rules marked
       optional excepted); rules that never take effect are reported in Plan.warnings.
     """
-    opts, recipe_name = _as_options(recipe_or_ftype)
+    opts, recipe_name = as_options(recipe_or_ftype)
     im = read_any(imatrix) if isinstance(imatrix, (str, Path)) else imatrix
     has_im = (im is not None) if has_imatrix is None else bool(has_imatrix)
     tensors, n_fallback = select(table, opts, has_im)
