@@ -2,7 +2,7 @@
 
 Writes a DeepSeek-V3-shaped legacy imatrix (61 layers, 3 dense + 58 MoE with 256 experts,
 n_embd 7168, 128 heads with per-head attn_k_b/attn_v_b entries as an `-mla 1` pass stores
-them, plus attn_kv_b as a `-mla 0` pass does; about 1 GB) and a header-only DeepSeek-V3 GGUF
+them, plus attn_kv_b as a `-mla 0` pass does; about 1 GB) and a header-only (sparse) DeepSeek-V3 GGUF
 (tensor table, no weights) for remap, then times each operation in its own process and
 reports wall time relative to `cp` of the same file and peak RSS relative to the input.
 
@@ -60,22 +60,12 @@ def write_dat(path: Path, seed: int = 0) -> None:
 
 
 def write_header_only_gguf(path: Path) -> None:
-    """A GGUF whose header lists DeepSeek-V3's tensors (bf16) and which holds no data."""
-    def s(x: str) -> bytes:
-        return struct.pack("<Q", len(x.encode())) + x.encode()
-
+    """DeepSeek-V3's header (tensors in bf16, the KVs the engine reads) over all-zero data: a
+    sparse file of the full size, so it reads as a complete GGUF and occupies a few KB."""
     from quantsweep.gguf.deepseek2 import deepseek_v3_table
+    from quantsweep.gguf.writer import write_shape_gguf
 
-    tensors = [(t.name, t.shape) for t in deepseek_v3_table().tensors]
-    with open(path, "wb") as f:
-        f.write(b"GGUF" + struct.pack("<IQQ", 3, len(tensors), 1))
-        f.write(s("general.architecture") + struct.pack("<I", 8) + s("deepseek2"))
-        off = 0
-        for name, shape in tensors:
-            f.write(s(name) + struct.pack("<I", len(shape)) + struct.pack(f"<{len(shape)}Q", *shape))
-            f.write(struct.pack("<IQ", 30, off))
-            n = int(np.prod(shape)) * 2
-            off += (n + 31) // 32 * 32
+    write_shape_gguf(deepseek_v3_table(), path)
 
 
 def timed(cmd: list[str], output: Path) -> tuple[float, int]:

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from quantsweep.config import merged
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -24,19 +26,10 @@ def smk(workdir: Path, *args: str, timeout: int = 3600) -> subprocess.CompletedP
 
 def make_workdir(path: Path, overrides: dict | None = None) -> Path:
     """A scratch work dir with config/config.yaml = the repo's default, deep-updated by overrides."""
-    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
-    _deep_update(cfg, overrides or {})
+    cfg = merged(yaml.safe_load((ROOT / "config" / "config.yaml").read_text()), overrides or {})
     (path / "config").mkdir(parents=True, exist_ok=True)
     (path / "config" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
-
-
-def _deep_update(d: dict, u: dict) -> None:
-    for k, v in u.items():
-        if isinstance(v, dict) and isinstance(d.get(k), dict):
-            _deep_update(d[k], v)
-        else:
-            d[k] = v
 
 
 @pytest.fixture(scope="session")

@@ -206,3 +206,41 @@ def test_build_maps_its_temp_dir_out_of_the_binaries(tmp_path):
     assert f"-DCMAKE_CXX_FLAGS=-ffile-prefix-map={tmp_path}=." in flags
     assert f"-DCMAKE_CUDA_FLAGS=-Xcompiler=-ffile-prefix-map={tmp_path}=." in flags
     assert not any("prefix-map" in a for a in spec.cmake_args())
+
+
+@pytest.mark.parametrize("chars", [0, 300])
+def test_a_text_too_short_for_one_window_says_how_many_tokens_it_has(bin_dir, tiny, tmp_path, chars):
+    """The real engine's own words, surfaced: it exits 0 (perplexity) or 1 (imatrix) and says why."""
+    text = tmp_path / "short.txt"
+    text.write_text(bundled_text("calibration")[:chars])
+    for step in ("imatrix", "perplexity"):
+        out = tmp_path / ("i.dat" if step == "imatrix" else "b.kld")
+        with pytest.raises(StepError, match=r"the text tokenizes to only \d+ tokens; a context of 512 needs at least "
+                                            r"1024; see \S+\.log"):
+            if step == "imatrix":
+                run.collect_imatrix(bin_dir, tiny, text, out, tmp_path / "i.log", "mla", 512, 4, 2)
+            else:
+                run.perplexity_base(bin_dir, tiny, text, out, tmp_path / "b.log", EvalSettings(chunks=4, threads=2))
+        assert not out.exists()
+
+
+def test_a_text_with_fewer_chunks_than_asked_fails_and_names_it(bin_dir, tiny, tmp_path):
+    """The engine silently does fewer chunks than --chunks when the text is short; the step refuses."""
+    text = tmp_path / "cal.txt"
+    text.write_text(bundled_text("calibration")[:4000])
+    out = tmp_path / "i.dat"
+    with pytest.raises(StepError, match=r"imatrix \(mla pass\) ran ([2-9]|1\d) of the 32 chunks asked for: \S+cal\.txt "
+                                        r"is too short for 32 chunks"):
+        run.collect_imatrix(bin_dir, tiny, text, out, tmp_path / "i.log", "mla", 512, 32, 2)
+    assert not out.exists()
+
+
+def test_install_removes_what_a_killed_install_left(bin_dir, tmp_path):
+    """kill -9 during the engine install skips its cleanup; the next install removes the staging dir."""
+    stale = tmp_path / ".engine.k1ll3d"
+    (stale / "bin").mkdir(parents=True)
+    (stale / "bin" / "llama-quantize").write_bytes(b"half a binary")
+    build.install_engine(build.EngineSpec(source="bin_dir", bin_dir=str(bin_dir)), tmp_path / "engine",
+                         log=io.StringIO())
+    assert not stale.exists() and (tmp_path / "engine" / "bin" / "llama-quantize").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["engine"]

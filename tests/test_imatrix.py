@@ -92,7 +92,7 @@ def test_lying_entry_count_and_nan(tmp_path):
     struct.pack_into("<f", data, first_value, float("nan"))
     p.write_bytes(bytes(data))
     out = tmp_path / "out.dat"
-    with pytest.raises(imatrix.ImatrixFormatError, match=r"x\.dat: entry 0 \(.+\) has non-finite value at index 0"):
+    with pytest.raises(imatrix.ImatrixFormatError, match=r"x\.dat: entry 0 \(.+\) has value nan at index 0"):
         imatrix.write_dat(imatrix.read_dat(p), out)  # values are checked when streamed
     assert not out.exists() and not list(tmp_path.glob(".*partial*"))
     p.write_bytes(b"GGUF" + bytes(data[4:]))
@@ -172,7 +172,7 @@ def test_cli_corrupt_input_one_line_error_no_output(tmp_path, tiny_table, cmd):
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"quantsweep: error: {bad}: entry ")
-    assert "(blk.1.ffn_up_exps.weight) has non-finite value at index 10" in lines[0]
+    assert "(blk.1.ffn_up_exps.weight) has value inf at index 10" in lines[0]
     assert not out.exists() and not list(tmp_path.glob(".*partial*"))
 
 
@@ -198,3 +198,45 @@ def test_info_json_reports_stats_and_experts_without_data(tmp_path, tiny_table):
     q = imatrix.read_dat(RAW).entries["blk.0.attn_q_a.weight"]
     assert rows["blk.0.attn_q_a.weight"]["mean"] == pytest.approx(float(q.values.mean() / q.ncall), rel=1e-6)
     assert rows["blk.0.attn_q_a.weight"]["nonfinite"] == 0
+
+
+def _entry(ncall: int, values) -> imatrix.Entry:
+    return imatrix.Entry(ncall, np.asarray(values, np.float32))
+
+
+def test_remap_lays_kv_b_data_out_per_head_for_a_mainline_layout():
+    """Mainline layout (3-D attn_k_b/attn_v_b, no attn_kv_b): a -mla 0 pass's attn_kv_b row data
+    is what every head of attn_v_b reads (PR 250), so it is repeated per head and merged
+    (ncall-weighted) with the -mla 1 pass's per-head attn_v_b data, not dropped."""
+    from quantsweep.gguf.deepseek2 import deepseek2_table
+
+    table = deepseek2_table("mainline", n_layer=4, n_head=4)
+    shapes = {t.name: t.shape for t in table.tensors}
+    assert shapes["blk.0.attn_v_b.weight"] == (512, 128, 4) and "blk.0.attn_kv_b.weight" not in shapes
+    rng = np.random.default_rng(0)
+    kv_b, v_b = rng.random(512, dtype=np.float32) * 2, rng.random(4 * 512, dtype=np.float32) * 3
+    std_only = imatrix.Imatrix({"blk.0.attn_kv_b.weight": _entry(2, kv_b)})
+    fitted, actions = imatrix.remap(std_only, table)
+    assert "copy blk.0.attn_kv_b.weight -> blk.0.attn_v_b.weight" in actions
+    assert "repeat blk.0.attn_v_b.weight: 512 -> 2048 values (the same row data for every head)" in actions
+    e = fitted.entries["blk.0.attn_v_b.weight"]
+    assert e.ncall == 2 and np.array_equal(e.values, np.tile(kv_b, 4))
+    both = imatrix.Imatrix({"blk.0.attn_kv_b.weight": _entry(2, kv_b), "blk.0.attn_v_b.weight": _entry(3, v_b)})
+    fitted, actions = imatrix.remap(both, table)
+    assert "add blk.0.attn_kv_b.weight -> blk.0.attn_v_b.weight" in actions
+    assert not any(a.startswith("drop") for a in actions)
+    e = fitted.entries["blk.0.attn_v_b.weight"]
+    assert e.ncall == 5 and np.allclose(e.values, v_b + np.tile(kv_b, 4))
+
+
+def test_remap_refuses_an_imatrix_of_another_model(tiny_table):
+    """Only per-head MLA data changes layout; any other size mismatch names both sides."""
+    im = imatrix.read_dat(RAW)
+    ffn = im.entries["blk.0.ffn_down.weight"]
+    im.entries["blk.0.ffn_down.weight"] = _entry(ffn.ncall, np.tile(ffn.values, 2))  # 2 x ne0: not per-head
+    with pytest.raises(imatrix.ImatrixError, match=r"imatrix entry blk\.0\.ffn_down\.weight has 1536 values but "
+                                                    r"tensor blk\.0\.ffn_down\.weight \[768, 512\] needs 768"):
+        imatrix.remap(im, tiny_table)
+    foreign = imatrix.Imatrix({"model.layers.0.mlp.down_proj": _entry(1, np.ones(768))})
+    with pytest.raises(imatrix.ImatrixError, match="no entry of the imatrix matches a tensor"):
+        imatrix.remap(foreign, tiny_table)

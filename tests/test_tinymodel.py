@@ -1,4 +1,5 @@
-"""Tests of the tiny DeepSeek2 GGUF generator (numpy + gguf-py only, no engine)."""
+"""Tests of the tiny DeepSeek2 GGUF generator (numpy + gguf-py; the e2e-marked ones also run the
+real engine: the layouts' PPL and the imatrix entries they give)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import numpy as np
 import pytest
 
 from quantsweep import tinymodel as tm
-from quantsweep.errors import TinyModelError
-from quantsweep.tinymodel import TinySpec, tokenize, write_tiny_model
+from quantsweep.errors import QuantsweepError, TinyModelError
+from quantsweep.tinymodel import TinySpec, tokenize, write_tensors, write_tiny_model
 from quantsweep.tinymodel.bigram import log_bigram
 from quantsweep.tinymodel.forward import layer_attn, layer_ffn, moe_route, rmsnorm
 
@@ -157,13 +158,17 @@ def _expected_shapes(s: TinySpec) -> dict[str, tuple[int, ...]]:
             p + "attn_q_b.weight": (s.q_lora_rank, H * (s.qk_nope + s.qk_rope)),
             p + "attn_kv_a_mqa.weight": (D, s.kv_lora_rank + s.qk_rope),
             p + "attn_kv_a_norm.weight": (s.kv_lora_rank,),
-            p + "attn_kv_b.weight": (s.kv_lora_rank, H * (s.qk_nope + s.v_head)),
             p + "attn_output.weight": (H * s.v_head, D),
             p + "ffn_norm.weight": (D,),
         }
-        if s.split_kv_b:
+        if s.layout != "mainline":
+            sh[p + "attn_kv_b.weight"] = (s.kv_lora_rank, H * (s.qk_nope + s.v_head))
+        if s.layout == "ik":
             sh[p + "attn_k_b.weight"] = (s.qk_nope, H * s.kv_lora_rank)
             sh[p + "attn_v_b.weight"] = (s.kv_lora_rank, H * s.v_head)
+        if s.layout == "mainline":
+            sh[p + "attn_k_b.weight"] = (s.qk_nope, s.kv_lora_rank, H)
+            sh[p + "attn_v_b.weight"] = (s.kv_lora_rank, s.v_head, H)
         if i < s.n_dense:
             sh |= {
                 p + "ffn_gate.weight": (D, s.n_ff),
@@ -270,7 +275,7 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", fail)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises((OSError, QuantsweepError), match="disk full"):  # fileio names the file it could not write
         write_tiny_model(tmp_path / "x.gguf", _bundled("train"), TinySpec(fit_tokens=64))
     assert not list(tmp_path.iterdir())
 
@@ -333,3 +338,192 @@ def test_all_experts_receive_tokens(model):
             assert load.min() > 0.03, (il, load)
             np.testing.assert_allclose(w.sum(1), 1.0)
         h = h + layer_ffn(W, s, il, h)
+
+
+# ---------------------------------------------------------------------------
+# layouts of the kv_b projection, dead input channels
+# ---------------------------------------------------------------------------
+
+MAINLINE = TinySpec(layout="mainline")
+DEAD = TinySpec(dead_channels=256)
+
+
+def _read_model(path) -> tuple:
+    reader = gguf.GGUFReader(path)
+    return path, reader, _weights(reader)
+
+
+@pytest.fixture(scope="module")
+def mainline(tmp_path_factory):
+    """The same weights as `model` (same seed and knobs), written as mainline's converter does."""
+    path = tmp_path_factory.mktemp("tiny-mainline") / "tiny-mainline.gguf"
+    write_tiny_model(path, _bundled("train"), MAINLINE)
+    return _read_model(path)
+
+
+@pytest.fixture(scope="module")
+def dead(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-dead") / "tiny-dead.gguf"
+    write_tiny_model(path, _bundled("train"), DEAD)
+    return _read_model(path)
+
+
+def _ppl(W: dict, spec: TinySpec, ids: np.ndarray) -> float:
+    """Numpy PPL over the positions llama-perplexity scores (second half of the context)."""
+    logits = tm.forward_logits(W, spec, ids)
+    logp = logits - logits.max(1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+    pos = np.arange(len(ids) // 2, len(ids) - 1)
+    return float(np.exp(-np.mean(logp[pos, ids[pos + 1]])))
+
+
+def test_layout_spec_values():
+    assert TinySpec().layout == "kv_b"
+    assert TinySpec(split_kv_b=True).layout == "ik"  # the older spelling
+    assert TinySpec(split_kv_b=True) == TinySpec(layout="ik")
+    assert TinySpec(layout="ik", split_kv_b=True).layout == "ik"
+    with pytest.raises(TinyModelError, match=r"TinySpec\.layout: 'torch' is not one of kv_b, ik, mainline"):
+        TinySpec(layout="torch")
+    with pytest.raises(TinyModelError, match=r"TinySpec\.split_kv_b: .*'mainline'"):
+        TinySpec(layout="mainline", split_kv_b=True)
+
+
+def test_dead_channels_out_of_range_refused(tmp_path):
+    for n in (-1, 512):
+        with pytest.raises(TinyModelError, match=rf"TinySpec\.dead_channels: {n} must be in \[0, n_embd\)"):
+            write_tiny_model(tmp_path / "x.gguf", _bundled("train"), TinySpec(dead_channels=n))
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_layout_options():
+    from quantsweep.cli import build_parser
+
+    a = build_parser().parse_args(["tiny-model", "-o", "x.gguf", "--layout", "mainline", "--dead-channels", "7"])
+    assert (a.layout, a.split_kv_b, a.dead_channels) == ("mainline", False, 7)
+    a = build_parser().parse_args(["tiny-model", "-o", "x.gguf", "--split-kv-b"])
+    assert TinySpec(layout=a.layout, split_kv_b=a.split_kv_b).layout == "ik"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["tiny-model", "-o", "x.gguf", "--layout", "torch"])
+
+
+def test_mainline_layout_tensors(mainline):
+    _, r, _ = mainline
+    got = {t.name: tuple(int(x) for x in t.shape) for t in r.tensors}
+    assert got == _expected_shapes(MAINLINE)
+    assert not any("attn_kv_b" in n for n in got)
+    assert got["blk.0.attn_k_b.weight"] == (128, 512, 4)  # {qk_nope, kv_lora, n_head}
+    assert got["blk.0.attn_v_b.weight"] == (512, 128, 4)  # {kv_lora, v_head, n_head}
+    for t in r.tensors:
+        want = "F32" if t.name.endswith(("_norm.weight", ".bias")) else "BF16"
+        assert t.tensor_type == gguf.GGMLQuantizationType[want], t.name
+
+
+def test_mainline_is_kv_b_rearranged(model, mainline):
+    """Mainline k_b[h][c][n] = kv_b row (h, n) column c and v_b[h][d][c] = kv_b row (h, nope+d) column c
+    (llm_prepare_mla's views); ik's 2-D tensors hold the same elements in the same order."""
+    _, _, Wi = model
+    _, _, Wm = mainline
+    s, per_head = MAINLINE, MAINLINE.qk_nope + MAINLINE.v_head
+    for name in Wm:
+        if "attn_k_b" not in name and "attn_v_b" not in name:
+            np.testing.assert_array_equal(Wm[name], Wi[name], err_msg=name)
+    for i in range(s.n_layer):
+        p = f"blk.{i}."
+        kv_b, k_b, v_b = Wi[p + "attn_kv_b.weight"], Wm[p + "attn_k_b.weight"], Wm[p + "attn_v_b.weight"]
+        assert k_b.shape == (s.n_head, s.kv_lora_rank, s.qk_nope) and v_b.shape == (s.n_head, s.v_head, s.kv_lora_rank)
+        for h in range(s.n_head):
+            rows = kv_b[h * per_head : (h + 1) * per_head]
+            np.testing.assert_array_equal(k_b[h], rows[: s.qk_nope].T)
+            np.testing.assert_array_equal(v_b[h], rows[s.qk_nope :])
+        np.testing.assert_array_equal(k_b.reshape(-1, s.qk_nope), Wi[p + "attn_k_b.weight"])
+        np.testing.assert_array_equal(v_b.reshape(-1, s.kv_lora_rank), Wi[p + "attn_v_b.weight"])
+
+
+def test_layouts_compute_the_same_function(model, mainline):
+    """The numpy forward runs the mainline file through attn_k_b/attn_v_b (no attn_kv_b there)."""
+    _, _, Wi = model
+    _, _, Wm = mainline
+    W_kv_b = {k: v for k, v in Wi.items() if "attn_k_b" not in k and "attn_v_b" not in k}
+    ids = _chunk("evaluation", 256)
+    a, b = tm.forward_logits(W_kv_b, SPEC, ids), tm.forward_logits(Wm, MAINLINE, ids)
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-9 * np.abs(a).max())
+
+
+def test_dead_channels_weights_and_ppl(model, dead):
+    """Only layer 0's attn_norm has zero gains, exactly [0, N); the fitted model still behaves."""
+    _, _, W = dead
+    g = W["blk.0.attn_norm.weight"]
+    assert np.all(g[:256] == 0) and np.all(g[256:] > 0)
+    for name, a in W.items():
+        if name.endswith("_norm.weight") and name != "blk.0.attn_norm.weight":
+            assert np.all(a > 0), name
+    ids = _chunk("evaluation")
+    ppl_dead, ppl_base = _ppl(W, DEAD, ids), _ppl(model[2], SPEC, ids)
+    assert ppl_dead < 1.03 * ppl_base, (ppl_dead, ppl_base)
+
+
+# ---- the real engine ------------------------------------------------------------------------
+
+
+def _engine_ppl(bin_dir, model_path, mla: int, d) -> float:
+    from quantsweep.engine import run
+    from quantsweep.engine.argv import EvalSettings
+
+    text = d / "eval.txt"
+    if not text.exists():
+        text.write_text(_bundled("evaluation"))
+    ev = EvalSettings(ctx=512, chunks=4, mla=mla, fa="off")
+    tag = f"{model_path.stem}-mla{mla}"
+    return run.perplexity_base(bin_dir, model_path, text, d / f"{tag}.kld", d / f"{tag}.log", ev)["ppl"]
+
+
+def _imatrix_pass(bin_dir, model_path, mode: str, d):
+    from quantsweep import imatrix
+    from quantsweep.engine import run
+
+    cal = d / "cal.txt"
+    if not cal.exists():
+        cal.write_text(_bundled("calibration"))
+    out = d / f"{model_path.stem}-{mode}.dat"
+    run.collect_imatrix(bin_dir, model_path, cal, out, d / f"{model_path.stem}-{mode}.log", mode, 512, 4, 2)
+    return imatrix.read_dat(out)
+
+
+@pytest.mark.e2e
+def test_engine_ppl_same_for_kv_b_and_mainline(bin_dir, model, mainline, tmp_path):
+    """-mla 0 rebuilds attn_kv_b from the mainline tensors, -mla 1 uses them directly; the default
+    layout (written from the same weights) must give the same PPL either way."""
+    kv_b = tmp_path / "tiny-kv_b.gguf"
+    write_tensors(kv_b, model[2], TinySpec())
+    ppl = {(name, mla): _engine_ppl(bin_dir, path, mla, tmp_path)
+           for name, path in (("kv_b", kv_b), ("mainline", mainline[0])) for mla in (0, 1)}
+    for mla in (0, 1):
+        assert ppl["mainline", mla] == pytest.approx(ppl["kv_b", mla], rel=1e-3), ppl
+    assert ppl["kv_b", 1] == pytest.approx(ppl["kv_b", 0], rel=1e-3), ppl
+    assert ppl["kv_b", 0] < 20, ppl
+
+
+@pytest.mark.e2e
+def test_engine_imatrix_entries_on_mainline_layout(bin_dir, mainline, tmp_path):
+    """mla pass: per-head entries named as the file's 3-D tensors; std pass: an attn_kv_b entry
+    for the tensor the engine rebuilt (the file has none)."""
+    s = MAINLINE
+    mla = {n: e.nval for n, e in _imatrix_pass(bin_dir, mainline[0], "mla", tmp_path).entries.items()}
+    std = {n: e.nval for n, e in _imatrix_pass(bin_dir, mainline[0], "std", tmp_path).entries.items()}
+    for i in range(s.n_layer):
+        p = f"blk.{i}."
+        assert mla[p + "attn_k_b.weight"] == s.qk_nope * s.n_head
+        assert mla[p + "attn_v_b.weight"] == s.kv_lora_rank * s.n_head
+        assert std[p + "attn_kv_b.weight"] == s.kv_lora_rank
+    assert not [n for n in mla if "attn_kv_b" in n or "(reshaped)" in n]
+    assert not [n for n in std if "attn_k_b" in n or "attn_v_b" in n]
+
+
+@pytest.mark.e2e
+def test_engine_imatrix_dead_channels_are_exact_zeros(bin_dir, dead, tmp_path):
+    im = _imatrix_pass(bin_dir, dead[0], "mla", tmp_path)
+    n = DEAD.dead_channels
+    for name in ("blk.0.attn_q_a.weight", "blk.0.attn_kv_a_mqa.weight"):
+        np.testing.assert_array_equal(np.flatnonzero(im.entries[name].values == 0), np.arange(n), err_msg=name)
+    others = [name for name, e in im.entries.items() if not name.startswith("blk.0.attn_") and np.any(e.values == 0)]
+    assert not others

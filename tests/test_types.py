@@ -52,16 +52,23 @@ def test_recipes_and_imatrix_rules_follow_the_row(row):
     assert types.quantized(row.name) == row.quantized
 
 
-def test_imatrix_check_reports_zeros_only_for_types_that_read_the_imatrix():
+@pytest.mark.parametrize("zeros, flagged", [
+    (slice(0, 256), lambda g: g is not None),  # the whole row: every type with a zero column
+    (slice(32, 64), lambda g: g in (16, 32)),  # one aligned 32-group (two 16-groups)
+    (slice(16, 32), lambda g: g == 16),
+    (slice(0, 128), lambda g: g in (16, 32, 128)),
+    (np.arange(0, 256, 2), lambda g: False),  # scattered zeros: no type fails on them
+])
+def test_imatrix_check_flags_exactly_the_zero_groups_of_the_type_table(zeros, flagged):
     t = TensorInfo("blk.0.ffn_down.weight", (256, 4), types.by_name("bf16").id, 0)
     table = GGUFTable(Path("m"), 3, {}, [t], 0)
     v = np.ones(256, np.float32)
-    v[3] = 0
+    v[zeros] = 0
     im = imx.Imatrix({t.name: imx.Entry(1, v)})
     for row in ROWS:
         if row.quantized and row.storage:
-            zeros = [p for p in imx.check(im, table, {t.name: row.name}) if "zero values" in p.problem]
-            assert bool(zeros) == row.imatrix_weighted, row.name
+            found = [p for p in imx.check(im, table, {t.name: row.name}) if "all-zero group" in p.problem]
+            assert bool(found) == flagged(row.zero_group), (row.name, row.zero_group)
 
 
 @pytest.mark.parametrize("name", types.ftype_names())
@@ -101,7 +108,8 @@ def test_no_module_keeps_its_own_list_of_types():
 def test_a_new_type_is_one_row(monkeypatch):
     """A made-up type added as one row of the table: the reader sizes it, recipes accept it, the
     planner plans and sizes it (with its row-size fallback), the check asks data for it."""
-    (row,) = types._parse_types("900   iq9_zz       256  100    4   qsiw  256  iq4_nl    -").values()
+    (row,) = types._parse_types("900   iq9_zz       256  100    4   qsiw  256  iq4_nl    -   64").values()
+    assert row.zero_group == 64
     monkeypatch.setitem(types.TYPES, row.id, row)
     monkeypatch.setitem(types.BY_NAME, row.name, row)
     assert R.check_type("iq9_zz", "rules[0].type") == "iq9_zz"

@@ -29,6 +29,16 @@ def _json_arg(value: str, what: str):
         raise QuantsweepError(f"--{what}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
 
 
+def _timeout(a) -> float | None:
+    """--timeout-min (the rule's resources.runtime) in seconds; None = no watchdog."""
+    return a.timeout_min * 60 if a.timeout_min and a.timeout_min > 0 else None
+
+
+def _add_timeout(p) -> None:
+    p.add_argument("--timeout-min", type=float, default=0,
+                   help="kill the engine run after this many minutes (the workflow passes the rule's runtime)")
+
+
 def _write_record(path: str, rec: dict) -> None:
     from .fileio import write_json
 
@@ -52,7 +62,8 @@ def _tiny_model(a) -> None:
     from .tinymodel import TinySpec, write_tiny_model
 
     train = Path(a.train_text).read_text(encoding="utf-8") if a.train_text else bundled_text("train")
-    write_tiny_model(a.output, train, TinySpec(seed=a.seed, split_kv_b=a.split_kv_b))
+    spec = TinySpec(seed=a.seed, layout=a.layout, split_kv_b=a.split_kv_b, dead_channels=a.dead_channels)
+    write_tiny_model(a.output, train, spec)
 
 
 def _text(a) -> None:
@@ -61,11 +72,24 @@ def _text(a) -> None:
     write_text(a.output, bundled_text(a.name))
 
 
+def _config_check(a) -> None:
+    from . import config
+
+    cfg = config.merged(*(config.load_yaml(p) for p in a.files))
+    config.check_structure(cfg)
+    for key in ("models", "quants", "engine", "imatrix", "eval"):
+        if key not in cfg:
+            raise config.ConfigError(f"config {key}: missing (give the default config/config.yaml first)")
+    cfg["quants"] = config.resolve_recipe_paths(cfg["quants"], ".")
+    config.check(cfg)
+    print(f"OK: {' + '.join(a.files)}: {len(cfg['models'])} model(s), {len(cfg['quants'])} quant(s)")
+
+
 def _imatrix_collect(a) -> dict:
     from .steps import collect_imatrix
 
     rec = collect_imatrix(Path(a.bin_dir), Path(a.model), Path(a.text), Path(a.output), Path(a.log), a.mode,
-                          a.ctx, a.chunks, a.threads)
+                          a.ctx, a.chunks, a.threads, _timeout(a))
     _write_record(a.record, rec)
     return rec
 
@@ -137,7 +161,7 @@ def _quantize(a) -> dict:
     from .steps import quantize
 
     rec = quantize(Path(a.bin_dir), Path(a.model), Path(a.output), Path(a.log), a.ftype, a.recipe or None,
-                   a.threads, Path(a.imatrix) if a.imatrix else None)
+                   a.threads, Path(a.imatrix) if a.imatrix else None, _timeout(a))
     _write_record(a.record, rec)
     return rec
 
@@ -171,7 +195,7 @@ def _eval_base(a) -> dict:
     from .steps import evaluate_base
 
     rec = evaluate_base(Path(a.bin_dir), Path(a.model), Path(a.text), Path(a.kld_base), Path(a.log),
-                        _eval_settings(a))
+                        _eval_settings(a), _timeout(a))
     _write_record(a.result, rec)
     return rec
 
@@ -179,7 +203,8 @@ def _eval_base(a) -> dict:
 def _eval_kld(a) -> dict:
     from .steps import evaluate_quant
 
-    rec = evaluate_quant(Path(a.bin_dir), Path(a.model), Path(a.kld_base), Path(a.log), _eval_settings(a))
+    rec = evaluate_quant(Path(a.bin_dir), Path(a.model), Path(a.kld_base), Path(a.log), _eval_settings(a),
+                         _timeout(a))
     _write_record(a.result, rec)
     return rec
 
@@ -268,9 +293,19 @@ def _add_inputs(sub) -> None:
     p = sub.add_parser("tiny-model", help="write the embedded tiny DeepSeek2 GGUF")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--split-kv-b", action="store_true", help="also write ik-style 2-D attn_k_b/attn_v_b")
+    p.add_argument("--layout", choices=["kv_b", "ik", "mainline"], default="kv_b",
+                   help="kv_b: 2-D attn_kv_b only; ik: also 2-D attn_k_b/attn_v_b; "
+                        "mainline: 3-D attn_k_b/attn_v_b, no attn_kv_b")
+    p.add_argument("--split-kv-b", action="store_true", help="same as --layout ik")
+    p.add_argument("--dead-channels", type=int, default=0, metavar="N",
+                   help="layer 0's attn_norm gain is zero on channels [0, N)")
     p.add_argument("--train-text", default="", help="text for the bigram statistics (default: bundled)")
     p.set_defaults(func=_tiny_model)
+    p = sub.add_parser("config", help="config files").add_subparsers(dest="sub", required=True)
+    p = p.add_parser("check", help="check config files (merged in order, as --configfile does) "
+                     "with YAML errors named by line")
+    p.add_argument("files", nargs="+", help="e.g. config/config.yaml my-sweep.yaml")
+    p.set_defaults(func=_config_check)
     p = sub.add_parser("text", help="write a bundled text (train, calibration, evaluation)")
     p.add_argument("name", choices=["train", "calibration", "evaluation"])
     p.add_argument("-o", "--output", required=True)
@@ -290,6 +325,7 @@ def _add_imatrix(sub) -> None:
     p.add_argument("--chunks", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--record", default="", help="JSON record of the run")
+    _add_timeout(p)
     _manifested(p, inputs=("model", "text"), outputs=("output", "record"))
     p.set_defaults(func=_imatrix_collect)
     p = imx.add_parser("info", help="entries, ncall, per-tensor stats, experts without data")
@@ -345,6 +381,7 @@ def _add_quantize(sub) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--imatrix", default="")
     p.add_argument("--record", default="")
+    _add_timeout(p)
     _manifested(p, inputs=("model", "imatrix", "recipe"), outputs=("output", "record"))
     p.set_defaults(func=_quantize)
     rc = sub.add_parser("recipe", help="quantization recipes").add_subparsers(dest="sub", required=True)
@@ -373,6 +410,7 @@ def _add_eval(sub) -> None:
         p.add_argument("--threads", type=int, default=2)
         p.add_argument("--mla", type=int, default=1)
         p.add_argument("--fa", default="off", choices=["on", "off", "auto"])
+        _add_timeout(p)
     base.add_argument("--text", required=True)
     _manifested(base, inputs=("model", "text"), outputs=("kld_base", "result"))
     base.set_defaults(func=_eval_base)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import ConfigError, PlanError, RecipeError
 from .gguf.reader import first_shard
@@ -84,11 +85,77 @@ def parse_quants(items: list, key: str = "quants") -> list[Quant]:
     return out
 
 
+# Top-level sections that must be mappings, and lists whose items must have one of these types.
+_SECTIONS = ("engine", "models", "texts", "imatrix", "eval", "resources", "gate")
+_LISTS = {("quants",): (str, dict), ("imatrix", "passes"): (str,), ("imatrix", "external"): (str,)}
+
+
+def check_structure(config: dict) -> None:
+    """The shapes the schema and the rest of the checks assume (a mapping where a mapping is
+    expected, list items of the right kind), so that `quants: [8]` is one clear line rather
+    than an AttributeError from inside the schema validator."""
+    if not isinstance(config, dict):
+        raise ConfigError(f"config: the top level is {type(config).__name__}, not a mapping of sections")
+    for key in _SECTIONS:
+        if key in config and not isinstance(config[key], dict):
+            raise ConfigError(f"config {key}: is {config[key]!r}, not a mapping")
+    for name, m in (config.get("models") or {}).items():
+        if not isinstance(m, dict):
+            raise ConfigError(f"config models.{name}: is {m!r}, not a mapping")
+    for path, kinds in _LISTS.items():
+        value = config
+        for part in path:
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is None:
+            continue
+        where = ".".join(path)
+        if not isinstance(value, list):
+            raise ConfigError(f"config {where}: is {value!r}, not a list")
+        for i, item in enumerate(value):
+            if not isinstance(item, kinds):
+                want = " or ".join({str: "a name", dict: "a mapping"}[k] for k in kinds)
+                raise ConfigError(f"config {where}[{i}]: {item!r} is not {want}")
+
+
+def load_yaml(path: str | Path) -> dict:
+    """A config file, with a YAML syntax error named by file, line and column."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(f"{path}: {where}{getattr(e, 'problem', None) or e}") from None
+    return data if data is not None else {}
+
+
+def merged(*configs: dict) -> dict:
+    """Later configs deep-update earlier ones (as Snakemake's --configfile does); the inputs
+    are left as they were."""
+    import copy
+
+    out: dict = {}
+    for c in configs:
+        _deep_update(out, copy.deepcopy(c))
+    return out
+
+
+def _deep_update(d: dict, u: dict) -> None:
+    for k, v in u.items():
+        if isinstance(v, dict) and isinstance(d.get(k), dict):
+            _deep_update(d[k], v)
+        else:
+            d[k] = v
+
+
 def check(config: dict) -> None:
     """Semantic checks after schema validation; raises ConfigError naming the key."""
     for name, m in config["models"].items():
         if not NAME_RE.match(name):
             raise ConfigError(f"config models.{name}: model names must match {NAME_RE.pattern}")
+        if m.get("split_kv_b") and m.get("layout", "kv_b") not in ("kv_b", "ik"):
+            raise ConfigError(f"config models.{name}.split_kv_b: means layout ik, but layout is {m['layout']!r}")
         if m.get("source", "tiny") == "gguf":
             if not m.get("path"):
                 raise ConfigError(f"config models.{name}.path: required when source is 'gguf'")

@@ -15,6 +15,8 @@ from typing import BinaryIO
 
 import numpy as np
 
+from .errors import QuantsweepError
+
 
 @contextlib.contextmanager
 def partial_path(path: str | Path) -> Iterator[Path]:
@@ -26,6 +28,11 @@ def partial_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is not None:  # about some named file (an input, most likely): as it is
+            raise
+        # a write to an open file failed (a full disk: ENOSPC, a file size limit, EIO): name it
+        raise QuantsweepError(f"{path}: writing failed: {e.strerror or e}") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -59,7 +66,12 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 def write_json(path: str | Path, obj) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    """Strict JSON: a NaN or infinity is refused, not written as a bare `NaN` no reader takes."""
+    try:
+        text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False)
+    except ValueError as e:
+        raise QuantsweepError(f"{path}: not written: {e}") from None
+    write_text(path, text + "\n")
 
 
 class PipeWriter:

@@ -40,9 +40,10 @@ def matrices_per_entry(model: str | Path | None) -> dict[str, int]:
 
 
 def collect_imatrix(bin_dir: Path, model: Path, text: Path, output: Path, log: Path, mode: str,
-                    ctx: int, chunks: int, threads: int) -> dict:
+                    ctx: int, chunks: int, threads: int, timeout_s: float | None = None) -> dict:
     """One imatrix pass of the engine; returns its record."""
-    return run.collect_imatrix(bin_dir, first_shard(model), text, output, log, mode, ctx, chunks, threads)
+    return run.collect_imatrix(bin_dir, first_shard(model), text, output, log, mode, ctx, chunks, threads,
+                               timeout_s)
 
 
 def remap_imatrix(inputs: list[str], model: str | Path, output: str | Path) -> tuple[imx.Imatrix, list[str]]:
@@ -79,34 +80,39 @@ def check_imatrix(bin_dir: Path, model: Path, imatrix: Path, ftype: str | None, 
                   log: Path | None = None) -> CheckReport:
     """Pre-flight: the engine's --dry-run gives each tensor's type; the imatrix must have finite
     data of the right size for every tensor whose type needs it."""
-    ft, extra = quant_args(quant_spec(recipe, ftype))
+    spec = quant_spec(recipe, ftype)
+    ft, extra = quant_args(spec)
+    table = read_model(model)
+    im = imx.read_any(imatrix)
+    plan(table, spec, has_imatrix=True)  # a recipe rule that matches no tensor is refused here
     types = run.dry_run(bin_dir, first_shard(model), ft, extra, log=log).types
-    problems = imx.check(imx.read_any(imatrix), read_model(model), types, ft)
+    problems = imx.check(im, table, types, ft)
     return CheckReport(str(imatrix), str(model), ft, recipe or None, sum(1 for v in types.values() if v), problems)
 
 
 def quantize(bin_dir: Path, model: Path, output: Path, log: Path, ftype: str | None, recipe: str | None,
-             threads: int, imatrix: Path | None = None) -> dict:
+             threads: int, imatrix: Path | None = None, timeout_s: float | None = None) -> dict:
     """llama-quantize, with the size the planner predicted kept beside what the engine reports
     and what the written file's header says."""
     spec = quant_spec(recipe, ftype)
     ft, extra = quant_args(spec)
-    predicted = plan(read_model(model), spec, has_imatrix=bool(imatrix), strict=False)
-    rec = run.quantize(bin_dir, first_shard(model), output, log, ft, threads, imatrix, extra)
+    predicted = plan(read_model(model), spec, has_imatrix=bool(imatrix))  # refuses a rule matching nothing
+    rec = run.quantize(bin_dir, first_shard(model), output, log, ft, threads, imatrix, extra, timeout_s)
     rec.update(predicted_bytes=predicted.total_bytes, tensor_bytes=read_table(output).total_bytes,
                file_bytes=output.stat().st_size, recipe=recipe or None, ftype=ft)
     return rec
 
 
 def evaluate_base(bin_dir: Path, model: Path, text: Path, kld_base: Path, log: Path,
-                  ev: argv.EvalSettings) -> dict:
+                  ev: argv.EvalSettings, timeout_s: float | None = None) -> dict:
     """PPL of the reference, writing the KLD base logits; returns the evaluation record."""
-    return run.perplexity_base(bin_dir, first_shard(model), text, kld_base, log, ev)
+    return run.perplexity_base(bin_dir, first_shard(model), text, kld_base, log, ev, timeout_s)
 
 
-def evaluate_quant(bin_dir: Path, model: Path, kld_base: Path, log: Path, ev: argv.EvalSettings) -> dict:
+def evaluate_quant(bin_dir: Path, model: Path, kld_base: Path, log: Path, ev: argv.EvalSettings,
+                   timeout_s: float | None = None) -> dict:
     """PPL + KLD of a quant against the base logits; returns the evaluation record."""
-    return run.perplexity_kld(bin_dir, first_shard(model), kld_base, log, ev)
+    return run.perplexity_kld(bin_dir, first_shard(model), kld_base, log, ev, timeout_s)
 
 
 def require_clean(report: CheckReport) -> None:

@@ -10,9 +10,10 @@ from quantsweep import resources as qresources
 from quantsweep.gguf.reader import shards
 from quantsweep.report import record_paths, sweep_entries, to_json_data
 
-validate(config, schema="../schemas/config.schema.yaml")
-config["quants"] = qconfig.resolve_recipe_paths(config["quants"], workflow.basedir)
 try:
+    qconfig.check_structure(config)
+    validate(config, schema="../schemas/config.schema.yaml")
+    config["quants"] = qconfig.resolve_recipe_paths(config["quants"], workflow.basedir)
     qconfig.check(config)
 except qconfig.ConfigError as e:
     raise WorkflowError(str(e))
@@ -251,8 +252,19 @@ def get_eval_args(wildcards):
 
 
 def get_tiny_model_args(wildcards):
+    """quantsweep tiny-model options of a source: tiny model (split_kv_b: the older
+    spelling of layout ik). Only options that differ from the defaults, so an unchanged
+    model keeps unchanged params (no rerun)."""
     m = config["models"][wildcards.model]
-    return ["--seed", str(m["seed"])] + (["--split-kv-b"] if m["split_kv_b"] else [])
+    layout = "ik" if m.get("split_kv_b") else m.get("layout", "kv_b")
+    args = ["--seed", str(m["seed"])]
+    if layout == "ik":
+        args.append("--split-kv-b")
+    elif layout != "kv_b":
+        args += ["--layout", layout]
+    if m.get("dead_channels"):
+        args += ["--dead-channels", str(m["dead_channels"])]
+    return args
 
 
 def get_engine_outdir(wildcards, output):

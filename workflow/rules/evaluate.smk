@@ -26,6 +26,7 @@ rule eval_baseline:
         "quantsweep eval base --bin-dir {params.bin_dir:q} --model {input.model:q}"
         " --text {input.text:q} --kld-base {output.kld_base:q} --result {output.result:q}"
         " --log {log:q} --threads {threads} --manifest {output.manifest:q} {params.ev:q}"
+        " --timeout-min {resources.runtime}"
 
 
 # eval.reference = <quant>: that quant's PPL run writes the KLD base logits (and baseline.json)
@@ -72,3 +73,4 @@ rule eval_quant:
         "quantsweep eval kld --bin-dir {params.bin_dir:q} --model {input.model:q}"
         " --kld-base {input.kld_base:q} --result {output.result:q}"
         " --log {log:q} --threads {threads} --manifest {output.manifest:q} {params.ev:q}"
+        " --timeout-min {resources.runtime}"

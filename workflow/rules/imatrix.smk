@@ -27,7 +27,7 @@ rule imatrix_collect:
         "quantsweep imatrix collect --bin-dir {params.bin_dir:q} --model {input.model:q}"
         " --text {input.text:q} -o {output.dat:q} --record {output.record:q} --log {log:q}"
         " --mode {wildcards.imatrix_pass} --ctx {params.ctx} --chunks {params.chunks}"
-        " --threads {threads} --manifest {output.manifest:q}"
+        " --threads {threads} --manifest {output.manifest:q} --timeout-min {resources.runtime}"
 
 
 rule imatrix_remap:

@@ -22,4 +22,4 @@ rule quantize:
         "quantsweep quantize --bin-dir {params.bin_dir:q} --model {input.model:q}"
         " {params.type_args:q} {params.imatrix:q} -o {output.gguf:q}"
         " --record {output.record:q} --log {log:q} --threads {threads}"
-        " --manifest {output.manifest:q}"
+        " --manifest {output.manifest:q} --timeout-min {resources.runtime}"

@@ -79,6 +79,7 @@ def build_into_cache(spec: EngineSpec, cache: Path, log: Log) -> Path:
             note(log, f"engine cache hit: {key}")
             return entry
         note(log, f"engine cache miss: {key}; building")
+        _remove_stale(cache / "engines", f".{key}.")  # a killed build's tree; we hold the key's lock
         t0 = time.monotonic()
         with tempfile.TemporaryDirectory(dir=cache / "engines", prefix=f".{key}.") as tmp:
             work = Path(tmp)
@@ -127,6 +128,14 @@ def adopt_bin_dir(spec: EngineSpec) -> tuple[Path, dict]:
     return bdir, meta
 
 
+def _remove_stale(parent: Path, prefix: str) -> None:
+    """Temp trees a killed run left (kill -9 skips their cleanup); only called where no other
+    run can be using them."""
+    for d in parent.glob(prefix + "*"):
+        if d.is_dir():
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def install_engine(spec: EngineSpec, out_dir: Path, cache: Path | None = None, log: Log = None) -> dict:
     """Build or find the engine and place bin/<tools> + engine.json in out_dir (atomically)."""
     cache = cache or default_cache_dir()
@@ -139,6 +148,7 @@ def install_engine(spec: EngineSpec, out_dir: Path, cache: Path | None = None, l
         meta["cache_entry"] = str(entry)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(out_dir.parent, f".{out_dir.name}.")  # a killed install's staging (one job per work dir)
     staged = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     os.chmod(staged, 0o755)
     try:

@@ -39,6 +39,28 @@ _FALLBACK = re.compile(r"WARNING: (\d+) of (\d+) tensor\(s\) required fallback q
 _IMATRIX_STORED = re.compile(r"stored collected data after (\d+) chunks in (\S+)")
 
 
+_IMATRIX_CHUNKS = re.compile(r"computing over (\d+) chunks")
+_TOO_FEW = re.compile(r"you need at least (\d+) tokens .*?context of (\d+)")
+_ONLY = re.compile(r"tokenizes to only (\d+) tokens")
+# Lines in which the engine says why it stopped (the first one found is quoted in the error).
+_WHY = re.compile(r"\b(?:failed|error)\b|(?:GGML_ASSERT|what\(\)|does not look like|has been computed with|"
+                  r"inconsistent vocabulary|Missing importance|is different from tensor size|detected in|"
+                  r"Unsupported|no data in file|terminate called)", re.I)
+
+
+def failure_reason(text: str) -> str:
+    """Why an engine run stopped, in one line, from its own output ("" when it does not say)."""
+    if (need := _TOO_FEW.search(text)) and (only := _ONLY.search(text)):
+        return (f"the text tokenizes to only {only.group(1)} tokens; a context of {need.group(2)} "
+                f"needs at least {need.group(1)}")
+    return next((" ".join(ln.split()) for ln in text.splitlines() if _WHY.search(ln)), "")
+
+
+def _with_reason(what: str, text: str) -> str:
+    reason = failure_reason(text)
+    return f"{what}: {reason}" if reason else what
+
+
 _TENSOR_LINE = re.compile(r"^\[\s*\d+/\s*\d+\]\s+(\S+) - \[([\d,\s]+)\], type =\s*(\S+),(.*)$")
 _CONVERTING = re.compile(r"converting to (\S+) \.\.")
 
@@ -76,9 +98,9 @@ def parse_perplexity(text: str, expect_kld: bool = False) -> PerplexityResult:
     ppl_q = _PPL_Q.search(text)
     final = _FINAL_PPL.search(text)
     if expect_kld and not (kld and ppl_q):
-        raise EngineOutputError("no KL divergence statistics in the perplexity output (run failed or too few tokens)")
+        raise EngineOutputError(_with_reason("no KL divergence statistics in the perplexity output", text))
     if not final and not ppl_q:
-        raise EngineOutputError("no 'Final estimate: PPL' line in the perplexity output")
+        raise EngineOutputError(_with_reason("no 'Final estimate: PPL' line in the perplexity output", text))
     if final:
         res = PerplexityResult(ppl=_f(final.group(3)), ppl_err=_f(final.group(4)))
         if final.group(1):
@@ -109,6 +131,10 @@ def parse_perplexity(text: str, expect_kld: bool = False) -> PerplexityResult:
         res.rms_dp = _f(m.group(1))
     if not math.isfinite(res.ppl):
         raise EngineOutputError(f"perplexity is {res.ppl}")
+    bad = [k for k, v in (("mean KLD", res.kld_mean), ("PPL(Q)/PPL(base) ln ratio", res.ln_ratio))
+           if v is not None and not math.isfinite(v)]
+    if bad:
+        raise EngineOutputError(f"{bad[0]} is not a number in the perplexity output")
     return res
 
 
@@ -127,7 +153,8 @@ def parse_quantize(text: str) -> QuantizeResult:
     q = _QUANT_SIZE.search(text)
     m = _MODEL_SIZE.search(text)
     if not q or not m or "failed to quantize" in text:
-        reason = next((ln.strip() for ln in text.splitlines() if "failed to quantize" in ln or "Missing importance" in ln), "")
+        said = (ln.strip() for ln in text.splitlines() if "failed to quantize" in ln or "Missing importance" in ln)
+        reason = next(said, "") or failure_reason(text)
         raise EngineOutputError("quantize did not finish" + (f": {reason}" if reason else " (no 'quant size' line)"))
     res = QuantizeResult(model_mib=_f(m.group(1)), quant_mib=_f(q.group(1)))
     if lm := _IMATRIX_LOADED.search(text):
@@ -164,8 +191,9 @@ def parse_quantize_tensors(text: str) -> dict[str, str | None]:
 
 @dataclass
 class ImatrixRunResult:
-    chunks: int
+    chunks: int  # stored (the file's chunk count)
     ppl: float | None = None
+    planned: int | None = None  # "computing over N chunks": what the text allowed
 
 
 def parse_imatrix_run(text: str) -> ImatrixRunResult:
@@ -175,7 +203,9 @@ def parse_imatrix_run(text: str) -> ImatrixRunResult:
     if "detected in" in text:
         bad = next(ln.strip() for ln in text.splitlines() if "detected in" in ln)
         raise EngineOutputError(f"imatrix aborted: {bad}")
-    if not stored and not final:
-        raise EngineOutputError("imatrix did not finish (no 'stored collected data' or final PPL line)")
-    chunks = int(stored[-1][0]) if stored else 0
-    return ImatrixRunResult(chunks=chunks, ppl=_f(final.group(3)) if final else None)
+    if not stored or not final:
+        raise EngineOutputError(_with_reason("imatrix did not finish (no 'stored collected data' and final PPL lines)",
+                                             text))
+    planned = _IMATRIX_CHUNKS.search(text)
+    return ImatrixRunResult(chunks=int(stored[-1][0]), ppl=_f(final.group(3)),
+                            planned=int(planned.group(1)) if planned else None)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -18,10 +20,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TextIO, TypeVar
 
-from ..errors import EngineOutputError, StepError
+from ..errors import EngineOutputError, QuantsweepError, StepError
 from ..fileio import partial_path
-from ..gguf.reader import shards
+from ..gguf.reader import read_model, shards, verify_complete
+from ..imatrix.verify import verify_collected
 from . import argv, logparse
+from .outputs import kld_base_header, vocab_size
 
 T = TypeVar("T")
 
@@ -29,40 +33,58 @@ T = TypeVar("T")
 @dataclass
 class Completed:
     cmd: list[str]
-    rc: int
+    rc: int  # negative: killed by that signal
     text: str  # stdout + stderr as the program printed them
     wall_s: float
+    timed_out: bool = False
 
 
 def run_logged(cmd: list[str], log: Path | TextIO | None = None, cwd: Path | None = None,
-               env: dict | None = None) -> Completed:
+               env: dict | None = None, timeout_s: float | None = None) -> Completed:
     """The one way quantsweep runs a program (an argument list, never a shell string).
 
     log: a file path, appended to while the program runs (a three-hour imatrix pass can be
-    followed with tail -f); a text stream, written when it ends; or None, kept in memory."""
+    followed with tail -f); a text stream, written when it ends; or None, kept in memory.
+    timeout_s: the watchdog; a hung program is killed after it."""
     t0 = time.monotonic()
     head = "+ " + shlex.join(cmd) + "\n"
-    if isinstance(log, (str, Path)):
-        log = Path(log)
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "a", encoding="utf-8") as f:
+    path = Path(log) if isinstance(log, (str, Path)) else None
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
             f.write(head)
-            f.flush()
             start = f.tell()
-        with open(log, "ab") as f:
-            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                  cwd=cwd, env=env)
-        with open(log, "rb") as f:
-            f.seek(start)
-            text = f.read().decode("utf-8", errors="replace")
-        return Completed(cmd, proc.returncode, text, time.monotonic() - t0)
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                          cwd=cwd, env=env)
-    text = proc.stdout.decode("utf-8", errors="replace")
-    if log is not None:
+        out = open(path, "a+b")
+    else:
+        out = tempfile.TemporaryFile()
+    with out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd,
+                                env=env)
+        timed_out = _wait(proc, timeout_s)
+        out.flush()
+        out.seek(start if path is not None else 0)
+        text = out.read().decode("utf-8", errors="replace")
+    if path is None and log is not None:
         log.write(head + text)
         log.flush()
-    return Completed(cmd, proc.returncode, text, time.monotonic() - t0)
+    return Completed(cmd, proc.returncode, text, time.monotonic() - t0, timed_out)
+
+
+def _wait(proc: subprocess.Popen, timeout_s: float | None) -> bool:
+    """Wait for `proc`; past the timeout kill it. True if it was killed. The engine stays in
+    quantsweep's process group, so a signal to the job's group (Snakemake, SLURM, kill -9 of
+    the whole tree) reaches it too and no orphan writes a file a rerun is writing."""
+    try:
+        proc.wait(timeout=timeout_s)
+        return False
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return True
+    except BaseException:  # interrupted (Ctrl-C): take the engine down too
+        proc.kill()
+        proc.wait()
+        raise
 
 
 def note(log: Path | TextIO | None, line: str) -> None:
@@ -74,36 +96,83 @@ def note(log: Path | TextIO | None, line: str) -> None:
         (log or sys.stderr).write(line + "\n")
 
 
-def checked(res: Completed, parse: Callable[[str], T], log: Path | None, what: str) -> T:
+def checked(res: Completed, parse: Callable[[str], T], log: Path | None, what: str,
+            timeout_s: float | None = None) -> T:
     """The parsed log of a finished run, or StepError naming the log to read."""
     where = f"; see {log}" if log else ""
+    if res.timed_out:
+        raise StepError(f"{what} did not finish within {timeout_s / 60:g} min (the step's runtime); "
+                        f"killed{where}")
     try:
         parsed = parse(res.text)
     except EngineOutputError as e:
-        raise StepError(f"{what} failed (exit code {res.rc}): {e}{where}") from None
+        raise StepError(f"{what} failed ({_status(res.rc)}): {e}{where}") from None
     if res.rc != 0:
-        raise StepError(f"{what} exited with code {res.rc} although its output looks complete{where}")
+        raise StepError(f"{what} ended with {_status(res.rc)} although its output looks complete{where}")
     return parsed
 
 
+def _status(rc: int) -> str:
+    if rc < 0:
+        try:
+            return f"killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"killed by signal {-rc}"
+    return f"exit code {rc}"
+
+
+def _verified(tmp: Path, out: Path, verify: Callable[[Path], object], what: str, log: Path | None) -> None:
+    """StepError naming the final path when what the engine wrote at `tmp` does not read back."""
+    try:
+        verify(tmp)
+    except QuantsweepError as e:
+        full = " (the disk is full)" if _disk_full(tmp) else ""
+        detail = str(e).replace(str(tmp), str(out))
+        raise StepError(f"{what} wrote a bad file{full}: {detail}" + (f"; see {log}" if log else "")) from None
+
+
+def _disk_full(path: Path) -> bool:
+    try:
+        return shutil.disk_usage(path.parent).free < (1 << 20)
+    except OSError:
+        return False
+
+
+def _all_chunks(got: int | None, wanted: int, what: str, text_file: Path, log: Path | None) -> None:
+    """Fewer chunks than asked for is a failure (the engine just does fewer): the user asked
+    for that much data, and a sweep's numbers must all rest on the same amount."""
+    if got is not None and 0 < wanted and got < wanted:
+        raise StepError(f"{what} ran {got} of the {wanted} chunks asked for: {text_file} is too short for "
+                        f"{wanted} chunks" + (f"; see {log}" if log else ""))
+
+
 def collect_imatrix(bin_dir: Path, model: Path, text: Path, out: Path, log: Path, mode: str,
-                    ctx: int, chunks: int, threads: int) -> dict:
-    """One imatrix pass (`mode`: a key of argv.IMATRIX_PASSES); returns its parsed summary."""
+                    ctx: int, chunks: int, threads: int, timeout_s: float | None = None) -> dict:
+    """One imatrix pass (`mode`: a key of argv.IMATRIX_PASSES); returns its parsed summary.
+    The file is read back whole (every entry, value and the chunk count) before it is kept."""
+    what = f"imatrix ({mode} pass)"
     with partial_path(out) as tmp:
-        res = run_logged(argv.imatrix_cmd(bin_dir, model, text, tmp, mode, ctx, chunks, threads), log)
-        parsed = checked(res, logparse.parse_imatrix_run, log, f"imatrix ({mode} pass)")
+        res = run_logged(argv.imatrix_cmd(bin_dir, model, text, tmp, mode, ctx, chunks, threads), log,
+                         timeout_s=timeout_s)
+        parsed = checked(res, logparse.parse_imatrix_run, log, what, timeout_s)
+        _all_chunks(parsed.planned, chunks, what, text, log)
         if not tmp.exists():
-            raise StepError(f"imatrix ({mode} pass) wrote no file; see {log}")
+            raise StepError(f"{what} wrote no file; see {log}")
+        _verified(tmp, out, lambda p: verify_collected(p, read_model(model), parsed.chunks), what, log)
     return {"mode": mode, "chunks": parsed.chunks, "ppl": parsed.ppl, "wall_s": round(res.wall_s, 2),
             "cmd": res.cmd}
 
 
 def quantize(bin_dir: Path, model: Path, out: Path, log: Path, ftype: str, threads: int,
-             imatrix: Path | None = None, extra: list[str] | None = None) -> dict:
-    """extra: recipe options (--custom-q, --token-embedding-type, ...) before the positionals."""
+             imatrix: Path | None = None, extra: list[str] | None = None, timeout_s: float | None = None) -> dict:
+    """extra: recipe options (--custom-q, --token-embedding-type, ...) before the positionals.
+    The GGUF is read back (header, tensor table, every tensor's data present) before it is kept."""
+    what = f"quantize {ftype}"
     with partial_path(out) as tmp:
-        res = run_logged(argv.quantize_cmd(bin_dir, model, tmp, ftype, threads, imatrix, extra), log)
-        parsed = checked(res, logparse.parse_quantize, log, f"quantize {ftype}")
+        res = run_logged(argv.quantize_cmd(bin_dir, model, tmp, ftype, threads, imatrix, extra), log,
+                         timeout_s=timeout_s)
+        parsed = checked(res, logparse.parse_quantize, log, what, timeout_s)
+        _verified(tmp, out, verify_complete, what, log)
     return {**asdict(parsed), "wall_s": round(res.wall_s, 2), "cmd": res.cmd}
 
 
@@ -146,21 +215,30 @@ def _eval_record(model: Path, res: logparse.PerplexityResult, ev: argv.EvalSetti
 
 
 def perplexity_base(bin_dir: Path, model: Path, text: Path, kld_base: Path, log: Path,
-                    ev: argv.EvalSettings) -> dict:
-    """PPL of the reference; writes the KLD base logits once for every quant of the model."""
+                    ev: argv.EvalSettings, timeout_s: float | None = None) -> dict:
+    """PPL of the reference; writes the KLD base logits once for every quant of the model
+    (read back: its header must match the run and its size the tokens x vocabulary it holds)."""
     with partial_path(kld_base) as tmp:
-        res = run_logged(argv.perplexity_base_cmd(bin_dir, model, text, tmp, ev), log)
-        parsed = checked(res, logparse.parse_perplexity, log, "baseline perplexity")
-        if not tmp.exists() or tmp.stat().st_size == 0:
-            raise StepError(f"baseline perplexity wrote no KLD base file; see {log}")
+        res = run_logged(argv.perplexity_base_cmd(bin_dir, model, text, tmp, ev), log, timeout_s=timeout_s)
+        parsed = checked(res, logparse.parse_perplexity, log, "baseline perplexity", timeout_s)
+        _all_chunks(parsed.chunks, ev.chunks, "baseline perplexity", text, log)
+        n_vocab = vocab_size(read_model(model))
+        _verified(tmp, kld_base, lambda p: kld_base_header(p, ev.ctx, parsed.chunks, n_vocab),
+                  "baseline perplexity", log)
     return _eval_record(model, parsed, ev, res)
 
 
-def perplexity_kld(bin_dir: Path, model: Path, kld_base: Path, log: Path, ev: argv.EvalSettings) -> dict:
-    """PPL + KLD of a quant against the base logits."""
-    res = run_logged(argv.perplexity_kld_cmd(bin_dir, model, kld_base, ev), log)
-    parsed = checked(res, lambda t: logparse.parse_perplexity(t, expect_kld=True), log,
-                     f"perplexity/KLD of {model.name}")
+def perplexity_kld(bin_dir: Path, model: Path, kld_base: Path, log: Path, ev: argv.EvalSettings,
+                   timeout_s: float | None = None) -> dict:
+    """PPL + KLD of a quant against the base logits (checked first: a cut or foreign base file
+    is named as such, not left to the engine's exit code 0)."""
+    what = f"perplexity/KLD of {model.name}"
+    base = kld_base_header(kld_base, ev.ctx, None, vocab_size(read_model(model)))
+    res = run_logged(argv.perplexity_kld_cmd(bin_dir, model, kld_base, ev), log, timeout_s=timeout_s)
+    parsed = checked(res, lambda t: logparse.parse_perplexity(t, expect_kld=True), log, what, timeout_s)
+    if len(parsed.chunk_kld) != min(base.n_chunk, ev.chunks):
+        raise StepError(f"{what} scored {len(parsed.chunk_kld)} chunks, the base file {kld_base} holds "
+                        f"{base.n_chunk}; see {log}")
     return _eval_record(model, parsed, ev, res)
 
 

@@ -23,6 +23,7 @@ from .types import TYPES, tensor_nbytes, type_name
 GGUF_MAGIC = b"GGUF"
 # GGUF value types -> struct format (scalars); 8 = string, 9 = array.
 _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+MAX_DIM = 1 << 40  # no real tensor has a dimension near this; a larger one is a corrupt header
 _SHARD = re.compile(r"^(.*)-(\d{5})-of-(\d{5})\.gguf$")
 
 
@@ -116,6 +117,9 @@ class _Reader:
             raise GGUFFormatError(f"{self.path}: tensor {name} has {n_dims} dims at offset {self.f.tell() - 4}")
         shape = tuple(self.scalar("<Q") for _ in range(n_dims))
         type_id, offset = self.scalar("<I"), self.scalar("<Q")
+        if any(d < 1 or d > MAX_DIM for d in shape):
+            raise GGUFFormatError(f"{self.path}: tensor {name} declares shape {list(shape)} "
+                                  f"(every dimension must be 1..2^40)")
         if type_id not in TYPES:
             raise GGUFFormatError(f"{self.path}: tensor {name} has ggml type id {type_id}, "
                                   "which quantsweep's type table does not know")
@@ -139,10 +143,46 @@ def read_table(path: str | Path, keep_arrays: bool = False, shard: int = 0) -> G
             key = r.string()
             kv[key] = r.value(r.scalar("<I"), keep_arrays)
         infos = [r.tensor_info(shard) for _ in range(n_tensors)]
-        align = int(kv.get("general.alignment", 32))
+        align = kv.get("general.alignment", 32)
+        if not isinstance(align, int) or align < 1 or align & (align - 1):
+            raise GGUFFormatError(f"{path}: general.alignment is {align!r} (must be a power of 2)")
         pos = f.tell()
         data_offset = (pos + align - 1) // align * align
-    return GGUFTable(path=path, version=version, kv=kv, tensors=infos, data_offset=data_offset, files=[path])
+    table = GGUFTable(path=path, version=version, kv=kv, tensors=infos, data_offset=data_offset, files=[path])
+    _check_data(table, align)
+    return table
+
+
+def _check_data(table: GGUFTable, align: int) -> None:
+    """Every tensor aligned and inside the file: a file cut short (a full disk, a killed
+    writer) or a header declaring absurd shapes is refused here, before anything trusts it."""
+    size = table.path.stat().st_size
+    for t in table.tensors:
+        if t.offset % align:
+            raise GGUFFormatError(f"{table.path}: tensor {t.name} at data offset {t.offset} is not aligned to {align}")
+        end = table.data_offset + t.offset + t.nbytes
+        if end > size:
+            raise GGUFFormatError(f"{table.path}: truncated: tensor {t.name} ends at byte {end}, "
+                                  f"the file has {size}")
+
+
+def data_end(table: GGUFTable) -> int:
+    """Where the last tensor's data ends (the file's size, give or take the final padding)."""
+    ends = [table.data_offset + t.offset + t.nbytes for t in table.tensors]
+    return max(ends, default=table.data_offset)
+
+
+def verify_complete(path: str | Path) -> GGUFTable:
+    """A GGUF an engine tool just wrote: a readable header and tensor table, every tensor's
+    data present, and nothing after the last tensor but its alignment padding."""
+    table = read_table(path)
+    size, end = table.path.stat().st_size, data_end(table)
+    align = int(table.kv.get("general.alignment", 32))
+    if size > (end + align - 1) // align * align:
+        raise GGUFFormatError(f"{table.path}: {size - end} bytes after the last tensor's data (ends at byte {end})")
+    if not table.tensors:
+        raise GGUFFormatError(f"{table.path}: has no tensors")
+    return table
 
 
 def shards(path: str | Path) -> list[Path]:

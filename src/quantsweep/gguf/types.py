@@ -21,6 +21,15 @@ Type columns:
               aborts with "Unsupported tensor size encountered")
   interleave  row-interleaved types (interleaved_properties, 83-119): base type / rows; a
               tensor whose ne1 is not a multiple of rows gets the base type (1540-1545)
+  zero        llama-quantize fails (SIGABRT, SIGSEGV, or "quantized data validation failed")
+              when an aligned group of this many imatrix values of a row is all zero; "-":
+              never. Measured with the engine, every type against zero groups of 16/32/128/256
+              values, scattered zeros and a whole row (benchmarks/zero_imatrix.py): q4_K's
+              make_qp_quants divides 0/0 (ggml-quants.c:2409), q5_K/q2_K store a NaN scale,
+              iq4_nl/iq2_xxs/iq1_s assert, iq3_xxs/iq2_xs read an uninitialised array (so fail
+              on some runs only); the repacked and IQK types guard zero blocks (iqk_quantize.cpp
+              QHelper::row_weights). Dead input channels are normal: the pre-flight check flags
+              exactly these groups and `imatrix remap` floors every all-zero 16-group
 
 Ftype columns (quantize.cpp QUANT_OPTIONS, default type from src/llama-quantize.cpp:927-1017):
   name, id (llama_ftype: general.file_type of a file made with it), default type,
@@ -34,90 +43,90 @@ from dataclasses import dataclass
 
 from ..errors import PlanError
 
-# id   name        block bytes meta flags row  fallback  interleave
+# id   name        block bytes meta flags row  fallback  interleave                   zero
 _TYPES = """
-   0   f32            1    4    0   s     -    -         -
-   1   f16            1    2    0   s     -    -         -
-   2   q4_0          32   18    0   qsw   -    -         -
-   3   q4_1          32   20    0   qsw   -    -         -
-   6   q5_0          32   22    0   qsw   -    -         -
-   7   q5_1          32   24    0   qsw   -    -         -
-   8   q8_0          32   34    0   qs    -    -         -
-   9   q8_1          32   36    0   q     -    -         -
-  10   q2_K         256   84    0   qsw   256  iq4_nl    -
-  11   q3_K         256  110    0   qsw   256  iq4_nl    -
-  12   q4_K         256  144    0   qsw   256  q5_0      -
-  13   q5_K         256  176    0   qsw   256  q6_0      -
-  14   q6_K         256  210    0   qsw   256  q8_0      -
-  15   q8_K         256  296    0   q     -    -         -
-  16   iq2_xxs      256   66    0   qsiw  256  iq4_nl    -
-  17   iq2_xs       256   74    0   qsiw  256  iq4_nl    -
-  18   iq3_xxs      256   98    0   qsw   256  iq4_nl    -
-  19   iq1_s        256   50    0   qsiw  256  iq4_nl    -
-  20   iq4_nl        32   18    0   qsw   -    -         -
-  21   iq3_s        256  110    0   qsw   256  iq4_nl    -
-  22   iq2_s        256   82    0   qsiw  256  iq4_nl    -
-  23   iq4_xs       256  136    0   qsw   256  iq4_nl    -
-  24   i8             1    1    0   -     -    -         -
-  25   i16            1    2    0   -     -    -         -
-  26   i32            1    4    0   -     -    -         -
-  27   i64            1    8    0   -     -    -         -
-  28   f64            1    8    0   -     -    -         -
-  29   iq1_m        256   56    0   qsiw  256  iq4_nl    -
-  30   bf16           1    2    0   s     -    -         -
-  31   q4_0_4x4      32   18    0   qsw   -    -         q4_0/4
-  32   q4_0_4x8      32   18    0   qsw   -    -         q4_0/4
-  33   q4_0_8x8      32   18    0   qsw   -    -         q4_0/8
-  39   mxfp4         32   17    0   qsw   -    -         -
-  41   q1_0_g128    128   18    0   qsw   -    -         -
- 133   q6_0          32   26    0   qsw   -    -         -
- 134   iq1_bn        64   13    2   qsw   64   -         -
- 135   iq2_bn        64   16    4   qsw   64   -         -
- 137   iq2_k        256   76    0   qsw   256  iq4_nl    -
- 138   iq3_k        256  110    0   qsw   256  iq4_nl    -
- 139   iq4_k        256  144    0   qsw   256  q5_0      -
- 140   iq5_k        256  176    0   qsw   256  q6_0      -
- 141   iq6_k        256  212    0   qsw   256  q8_0      -
- 144   iq4_ks       256  136    4   qsw   256  iq4_nl    -
- 145   iq2_ks       256   70    2   qsw   256  iq4_nl    -
- 146   iq4_kss      256  128    4   qsw   256  iq4_nl    -
- 151   q8_KV         32   32    8   qs    -    -         -
- 152   iq5_ks       256  168    4   qsw   256  q5_0      -
- 153   iq2_kt       256   68    4   qsiw  256  iq4_nl    -
- 154   iq3_kt       256  100    4   qsw   256  iq4_nl    -
- 155   iq4_kt       256  128    4   qsw   256  iq4_nl    -
- 156   iq3_ks       256  102    2   qsw   256  iq4_nl    -
- 157   iq2_kl       256   86    2   qsw   256  iq4_nl    -
- 158   iq1_kt       256   56    4   qsiw  256  iq4_nl    -
- 202   q4_0_r8       32   18    0   qsw   -    -         q4_0/8
- 206   q5_0_r4       32   22    0   qsw   -    -         q5_0/4
- 208   q8_0_r8       32   34    0   qs    -    -         q8_0/8
- 210   q2_k_r4      256   84    0   qsw   256  iq4_nl    q2_K/4
- 211   q3_k_r4      256  110    0   qsw   256  iq4_nl    q3_K/4
- 212   q4_k_r4      256  144    0   qsw   256  q5_0      q4_K/4
- 213   q5_k_r4      256  176    0   qsw   256  q6_0      q5_K/4
- 214   q6_k_r4      256  210    0   qsw   256  q8_0      q6_K/4
- 216   iq2_xxs_r4   256   66    0   qsiw  256  iq4_nl    iq2_xxs/4
- 217   iq2_xs_r4    256   74    0   qsiw  256  iq4_nl    iq2_xs/4
- 218   iq3_xxs_r4   256   98    0   qsw   256  iq4_nl    iq3_xxs/4
- 219   iq1_s_r4      32    6    2   qsiw  -    -         iq1_s/4
- 220   iq4_nl_r4     32   18    0   qsw   -    -         iq4_nl/4
- 221   iq3_s_r4     256  110    0   qsw   256  iq4_nl    iq3_s/4
- 222   iq2_s_r4     256   82    0   qsiw  256  iq4_nl    iq2_s/4
- 223   iq4_xs_r8    256  136    0   qsw   256  iq4_nl    iq4_xs/8
- 229   iq1_m_r4      32    7    2   qsiw  -    -         iq1_m/4
- 230   bf16_r16       1    2    0   s     -    -         bf16/16
- 233   q6_0_r4       32   26    0   qsw   -    -         q6_0/4
- 335   iq2_bn_r4     64   16    4   qsw   64   -         iq2_bn/4
- 337   iq2_k_r4     256   76    0   qsw   256  iq4_nl    iq2_k/4
- 338   iq3_k_r4     256  110    0   qsw   256  iq4_nl    iq3_k/4
- 339   iq4_k_r4     256  144    0   qsw   256  q5_0      iq4_k/4
- 340   iq5_k_r4     256  176    0   qsw   256  q6_0      iq5_k/4
- 344   iq4_ks_r4    256  136    4   qsw   256  iq4_nl    iq4_ks/4
- 352   iq5_ks_r4    256  168    4   qsw   256  q5_0      iq5_ks/4
- 397   q8_k_r16     256  258    0   qs    -    -         -
- 398   q8_KV_r8      32   32    4   qs    -    -         q8_KV/8
- 399   q8_k_r8      256  258    0   qs    256  q8_0      q8_0/8
+   0   f32            1    4    0   s     -    -         -            -
+   1   f16            1    2    0   s     -    -         -            -
+   2   q4_0          32   18    0   qsw   -    -         -            -
+   3   q4_1          32   20    0   qsw   -    -         -            -
+   6   q5_0          32   22    0   qsw   -    -         -            -
+   7   q5_1          32   24    0   qsw   -    -         -            -
+   8   q8_0          32   34    0   qs    -    -         -            -
+   9   q8_1          32   36    0   q     -    -         -            -
+  10   q2_K         256   84    0   qsw   256  iq4_nl    -            256
+  11   q3_K         256  110    0   qsw   256  iq4_nl    -            -
+  12   q4_K         256  144    0   qsw   256  q5_0      -            256
+  13   q5_K         256  176    0   qsw   256  q6_0      -            256
+  14   q6_K         256  210    0   qsw   256  q8_0      -            -
+  15   q8_K         256  296    0   q     -    -         -            -
+  16   iq2_xxs      256   66    0   qsiw  256  iq4_nl    -            32
+  17   iq2_xs       256   74    0   qsiw  256  iq4_nl    -            16
+  18   iq3_xxs      256   98    0   qsw   256  iq4_nl    -            32
+  19   iq1_s        256   50    0   qsiw  256  iq4_nl    -            32
+  20   iq4_nl        32   18    0   qsw   -    -         -            32
+  21   iq3_s        256  110    0   qsw   256  iq4_nl    -            -
+  22   iq2_s        256   82    0   qsiw  256  iq4_nl    -            -
+  23   iq4_xs       256  136    0   qsw   256  iq4_nl    -            -
+  24   i8             1    1    0   -     -    -         -            -
+  25   i16            1    2    0   -     -    -         -            -
+  26   i32            1    4    0   -     -    -         -            -
+  27   i64            1    8    0   -     -    -         -            -
+  28   f64            1    8    0   -     -    -         -            -
+  29   iq1_m        256   56    0   qsiw  256  iq4_nl    -            -
+  30   bf16           1    2    0   s     -    -         -            -
+  31   q4_0_4x4      32   18    0   qsw   -    -         q4_0/4       -
+  32   q4_0_4x8      32   18    0   qsw   -    -         q4_0/4       -
+  33   q4_0_8x8      32   18    0   qsw   -    -         q4_0/8       -
+  39   mxfp4         32   17    0   qsw   -    -         -            -
+  41   q1_0_g128    128   18    0   qsw   -    -         -            -
+ 133   q6_0          32   26    0   qsw   -    -         -            -
+ 134   iq1_bn        64   13    2   qsw   64   -         -            -
+ 135   iq2_bn        64   16    4   qsw   64   -         -            -
+ 137   iq2_k        256   76    0   qsw   256  iq4_nl    -            -
+ 138   iq3_k        256  110    0   qsw   256  iq4_nl    -            -
+ 139   iq4_k        256  144    0   qsw   256  q5_0      -            -
+ 140   iq5_k        256  176    0   qsw   256  q6_0      -            -
+ 141   iq6_k        256  212    0   qsw   256  q8_0      -            -
+ 144   iq4_ks       256  136    4   qsw   256  iq4_nl    -            -
+ 145   iq2_ks       256   70    2   qsw   256  iq4_nl    -            -
+ 146   iq4_kss      256  128    4   qsw   256  iq4_nl    -            -
+ 151   q8_KV         32   32    8   qs    -    -         -            -
+ 152   iq5_ks       256  168    4   qsw   256  q5_0      -            -
+ 153   iq2_kt       256   68    4   qsiw  256  iq4_nl    -            -
+ 154   iq3_kt       256  100    4   qsw   256  iq4_nl    -            -
+ 155   iq4_kt       256  128    4   qsw   256  iq4_nl    -            -
+ 156   iq3_ks       256  102    2   qsw   256  iq4_nl    -            -
+ 157   iq2_kl       256   86    2   qsw   256  iq4_nl    -            -
+ 158   iq1_kt       256   56    4   qsiw  256  iq4_nl    -            -
+ 202   q4_0_r8       32   18    0   qsw   -    -         q4_0/8       -
+ 206   q5_0_r4       32   22    0   qsw   -    -         q5_0/4       -
+ 208   q8_0_r8       32   34    0   qs    -    -         q8_0/8       -
+ 210   q2_k_r4      256   84    0   qsw   256  iq4_nl    q2_K/4       -
+ 211   q3_k_r4      256  110    0   qsw   256  iq4_nl    q3_K/4       -
+ 212   q4_k_r4      256  144    0   qsw   256  q5_0      q4_K/4       -
+ 213   q5_k_r4      256  176    0   qsw   256  q6_0      q5_K/4       -
+ 214   q6_k_r4      256  210    0   qsw   256  q8_0      q6_K/4       -
+ 216   iq2_xxs_r4   256   66    0   qsiw  256  iq4_nl    iq2_xxs/4    -
+ 217   iq2_xs_r4    256   74    0   qsiw  256  iq4_nl    iq2_xs/4     -
+ 218   iq3_xxs_r4   256   98    0   qsw   256  iq4_nl    iq3_xxs/4    -
+ 219   iq1_s_r4      32    6    2   qsiw  -    -         iq1_s/4      -
+ 220   iq4_nl_r4     32   18    0   qsw   -    -         iq4_nl/4     -
+ 221   iq3_s_r4     256  110    0   qsw   256  iq4_nl    iq3_s/4      -
+ 222   iq2_s_r4     256   82    0   qsiw  256  iq4_nl    iq2_s/4      -
+ 223   iq4_xs_r8    256  136    0   qsw   256  iq4_nl    iq4_xs/8     -
+ 229   iq1_m_r4      32    7    2   qsiw  -    -         iq1_m/4      -
+ 230   bf16_r16       1    2    0   s     -    -         bf16/16      -
+ 233   q6_0_r4       32   26    0   qsw   -    -         q6_0/4       -
+ 335   iq2_bn_r4     64   16    4   qsw   64   -         iq2_bn/4     -
+ 337   iq2_k_r4     256   76    0   qsw   256  iq4_nl    iq2_k/4      -
+ 338   iq3_k_r4     256  110    0   qsw   256  iq4_nl    iq3_k/4      -
+ 339   iq4_k_r4     256  144    0   qsw   256  q5_0      iq4_k/4      -
+ 340   iq5_k_r4     256  176    0   qsw   256  q6_0      iq5_k/4      -
+ 344   iq4_ks_r4    256  136    4   qsw   256  iq4_nl    iq4_ks/4     -
+ 352   iq5_ks_r4    256  168    4   qsw   256  q5_0      iq5_ks/4     -
+ 397   q8_k_r16     256  258    0   qs    -    -         -            -
+ 398   q8_KV_r8      32   32    4   qs    -    -         q8_KV/8      -
+ 399   q8_k_r8      256  258    0   qs    256  q8_0      q8_0/8       -
 """
 
 # name          id  default       flags imatrix types  aliases
@@ -222,6 +231,7 @@ class GGMLType:
     row_multiple: int = 0  # 0: no row-size check
     fallback: str | None = None
     interleave: tuple[str, int] | None = None  # (base type, rows)
+    zero_group: int | None = None  # all-zero imatrix group that breaks quantize (-1: a whole row)
 
     def row_bytes(self, ne0: int) -> int:
         if ne0 % self.block:
@@ -256,7 +266,7 @@ class Ftype:
 def _parse_types(text: str) -> dict[int, GGMLType]:
     out = {}
     for line in text.strip().splitlines():
-        tid, name, block, size, meta, flags, row, fallback, inter = line.split()
+        tid, name, block, size, meta, flags, row, fallback, inter, zero = line.split()
         base, _, rows = inter.partition("/")
         out[int(tid)] = GGMLType(
             int(tid), name, int(block), int(size), int(meta),
@@ -264,6 +274,7 @@ def _parse_types(text: str) -> dict[int, GGMLType]:
             imatrix_weighted="w" in flags, row_multiple=0 if row == "-" else int(row),
             fallback=None if fallback == "-" else fallback,
             interleave=None if inter == "-" else (base, int(rows)),
+            zero_group=None if zero == "-" else (-1 if zero == "row" else int(zero)),
         )
     return out
 
@@ -281,6 +292,8 @@ def _parse_ftypes(text: str) -> dict[str, Ftype]:
 TYPES: dict[int, GGMLType] = _parse_types(_TYPES)
 BY_NAME: dict[str, GGMLType] = {t.name: t for t in TYPES.values()}
 FTYPES: dict[str, Ftype] = _parse_ftypes(_FTYPES)
+# The finest all-zero imatrix group any type breaks on: `imatrix remap` floors groups this size.
+ZERO_FLOOR_GROUP: int = min(t.zero_group for t in TYPES.values() if t.zero_group and t.zero_group > 0)
 
 
 def get(type_id: int) -> GGMLType:

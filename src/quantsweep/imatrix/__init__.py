@@ -5,9 +5,10 @@ from ..errors import ImatrixError, ImatrixFormatError
 from .check import EntryStats, Problem, check, describe, stats
 from .fit import STAND_INS, engine_lookup, expected_size, merge, remap
 from .formats import Entry, Imatrix, read_any, read_dat, read_gguf, write_any, write_dat, write_gguf
+from .verify import verify_collected
 
 __all__ = [
     "Entry", "EntryStats", "Imatrix", "ImatrixError", "ImatrixFormatError", "Problem", "STAND_INS", "check",
     "describe", "engine_lookup", "expected_size", "merge", "read_any", "read_dat", "read_gguf", "remap", "stats",
-    "write_any", "write_dat", "write_gguf",
+    "verify_collected", "write_any", "write_dat", "write_gguf",
 ]

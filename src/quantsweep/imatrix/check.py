@@ -9,7 +9,7 @@ import numpy as np
 
 from ..gguf.reader import GGUFTable
 from ..gguf.types import by_name, needs_imatrix
-from .fit import engine_lookup, expected_size
+from .fit import engine_lookup, expected_size, zero_groups
 from .formats import Imatrix
 
 
@@ -60,7 +60,8 @@ def check(im: Imatrix, model: GGUFTable, types: dict[str, str | None], ftype: st
     the planner; the same check serves the pre-flight step and `recipe plan`. A tensor whose
     type needs an imatrix must have an entry of exactly ne0*ne2 finite values with data for
     every expert; any found entry of the wrong size aborts the engine, so it is reported too;
-    zero values are reported because the engine's k-quant search divides by them. data=False
+    so is an all-zero group of values where the type table says the engine fails on one
+    (gguf.types, column zero: e.g. 256 for q4_K, 32 for iq4_nl); scattered zeros pass. data=False
     checks only what the engine's lookup decides (entries and sizes), reading no values."""
     problems: list[Problem] = []
     names = set(im.entries)
@@ -88,8 +89,14 @@ def check(im: Imatrix, model: GGUFTable, types: dict[str, str | None], ftype: st
         if not np.all(np.isfinite(v)):
             problems.append(Problem(t.name, new, key, f"{int(np.count_nonzero(~np.isfinite(v)))} NaN/inf values"))
             continue
-        if np.any(v == 0) and by_name(new).imatrix_weighted:
-            problems.append(Problem(t.name, new, key, f"{int(np.count_nonzero(v == 0))} zero values"))
+        group = by_name(new).zero_group
+        dead = zero_groups(v, t.shape[0], group) if group and np.count_nonzero(v) < v.size else []
+        if dead:
+            g = t.shape[0] if group < 0 else min(group, t.shape[0])
+            m, c = dead[0]
+            where = f"columns {c}-{c + g - 1}" + (f" of matrix {m}" if n_mat > 1 else "")
+            problems.append(Problem(t.name, new, key, f"{len(dead)} all-zero group(s) of {g} values (first: {where}): "
+                                    f"llama-quantize fails on them at {new} (imatrix remap floors them)"))
         if requires and n_mat > 1:
             means = (v / max(e.ncall, 1)).reshape(n_mat, -1)
             empty = [i for i in range(n_mat) if np.all(means[i] == 1.0)]

@@ -57,7 +57,7 @@ class Entry:
     `out` it fills and returns that array, so a writer's own buffers take the data directly.
     """
 
-    __slots__ = ("ncall", "nval", "_values", "_load", "source")
+    __slots__ = ("ncall", "nval", "_values", "_load", "source", "checked")
 
     def __init__(self, ncall: int, values: np.ndarray | None = None, *, nval: int | None = None,
                  load: Callable[[], np.ndarray] | None = None, source: tuple[_FileReader, int] | None = None):
@@ -66,10 +66,15 @@ class Entry:
         self._values = None if values is None else np.asarray(values, dtype=np.float32)
         self._load = load
         self.nval = int(self._values.size if self._values is not None else nval)
+        self.checked = False  # its values were read and checked once (a writer need not again)
 
     @property
     def values(self) -> np.ndarray:
-        return self._values if self._values is not None else self._load()
+        if self._values is not None:
+            return self._values
+        v = self._load()
+        self.checked = True
+        return v
 
     @property
     def means(self) -> np.ndarray:
@@ -126,6 +131,10 @@ def read_dat(path: str | Path) -> Imatrix:
             ncall, nval = struct.unpack("<ii", take(8, f"ncall/nval of {name}"))
             if nval < 1:
                 raise ImatrixFormatError(f"{path}: entry {i} ({name}) at offset {pos - 4} has nval {nval}")
+            if ncall < 1:  # the engine stores only entries that saw data
+                raise ImatrixFormatError(f"{path}: entry {i} ({name}) at offset {pos - 8} has ncall {ncall}")
+            if name in im.entries:
+                raise ImatrixFormatError(f"{path}: entry {i} ({name}) appears twice")
             if pos + 4 * nval > size:
                 raise ImatrixFormatError(f"{path}: truncated at offset {size} in the values of entry {i} ({name})")
             im.entries[name] = Entry(ncall, nval=nval, load=_dat_loader(reader, pos, nval, i, name),
@@ -141,15 +150,26 @@ def read_dat(path: str | Path) -> Imatrix:
             im.dataset = take(dlen, "dataset name").decode("utf-8", errors="replace")
         if pos != size:
             raise ImatrixFormatError(f"{path}: {size - pos} unexpected bytes at offset {pos}")
+    if not im.entries:
+        raise ImatrixFormatError(f"{path}: has no imatrix entries")
     return im
+
+
+def _check_values(vals: np.ndarray, path: Path, what: str) -> None:
+    """Sums of squares: finite and not negative, else the file is corrupt."""
+    lo = vals.min(initial=0.0)
+    if np.isfinite(lo) and lo >= 0 and np.isfinite(vals.max(initial=0.0)):
+        return
+    bad = int(np.flatnonzero(~np.isfinite(vals) | (vals < 0))[0])
+    raise ImatrixFormatError(f"{path}: {what} has value {vals[bad]} at index {bad} "
+                             "(sums of squares must be finite and >= 0)")
 
 
 def _dat_loader(reader: _FileReader, offset: int, nval: int, index: int, name: str) -> Callable[..., np.ndarray]:
     def load(check: bool = True, out: np.ndarray | None = None) -> np.ndarray:
         vals = reader.read(offset, nval, f"entry {index} ({name})", out)
-        if check and not np.isfinite(vals).all():
-            bad = int(np.flatnonzero(~np.isfinite(vals))[0])
-            raise ImatrixFormatError(f"{reader.path}: entry {index} ({name}) has non-finite value at index {bad}")
+        if check:
+            _check_values(vals, reader.path, f"entry {index} ({name})")
         return vals
 
     return load
@@ -175,7 +195,8 @@ def write_dat(im: Imatrix, path: str | Path) -> None:
             else:
                 w.write(head)
                 w.copy(fd, off, 4 * e.nval)
-            e.values  # noqa: B018
+            if not e.checked:  # remap's zero scan may have read (and checked) them already
+                e.values  # noqa: B018
         if im.trailer:
             ds = im.dataset.encode()
             w.write(struct.pack("<ii", im.chunks, len(ds)) + ds)
@@ -224,6 +245,10 @@ def read_gguf(path: str | Path) -> Imatrix:
         ncall = max(1, int(round(float(counts.max()) / chunk_size))) if counts.size else 1
         im.entries[name] = Entry(ncall, nval=t.n_elements,
                                  load=_gguf_loader(reader, off_s, ne0, n_mat, counts, ncall, name))
+    if not im.entries:
+        kind = kv.get("general.type") or kv.get("general.architecture") or "unknown"
+        raise ImatrixFormatError(f"{path}: a GGUF with no imatrix entries (general.type/architecture: {kind}); "
+                                 "is it a model rather than an imatrix?")
     return im
 
 
@@ -231,8 +256,9 @@ def _gguf_loader(reader: _FileReader, off_s: int, ne0: int, n_mat: int, counts: 
                  name: str) -> Callable[..., np.ndarray]:
     def load(check: bool = True, out: np.ndarray | None = None) -> np.ndarray:
         sums = reader.read(off_s, ne0 * n_mat, name, out).reshape(n_mat, ne0)
-        if check and not (np.isfinite(sums).all() and np.isfinite(counts).all()):
-            raise ImatrixFormatError(f"{reader.path}: entry {name} has non-finite values")
+        if check:
+            _check_values(sums, reader.path, f"entry {name}")
+            _check_values(counts, reader.path, f"{name}.counts")
         # mean * ncall, in place: per-matrix scale ncall / count, 1.0 * ncall where a count is 0
         with np.errstate(divide="ignore"):
             scale = np.where(counts > 0, np.float32(ncall) / counts, 0).astype(np.float32)

@@ -34,6 +34,11 @@ SAME_EVAL_KEYS = ("ctx", "chunks", "mla", "fa", "batch")
 # evaluation records
 
 
+# Keys that are a divergence or an error bar: below 0 they are a bug, not a result.
+NON_NEGATIVE = frozenset({"kld_mean", "kld_err", "ppl_err", "ln_ratio_err", "same_top_p", "rms_dp"})
+KLD_TOLERANCE = 1e-5  # the base file's 16-bit log-probs can leave a mean a hair below 0
+
+
 @dataclass(frozen=True)
 class Record:
     """One evaluation record (the JSON an eval rule writes) and where it came from."""
@@ -67,6 +72,10 @@ class Record:
             return None
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise self._bad(key, f"is {v!r}, not a number")
+        if not math.isfinite(v):
+            raise self._bad(key, f"is {v!r}, not a finite number")
+        if key in NON_NEGATIVE and v < -KLD_TOLERANCE:
+            raise self._bad(key, f"is {v!r}; it cannot be negative")
         return v
 
     def size_bytes(self) -> int:
@@ -84,8 +93,8 @@ class Record:
     def kld_p99(self) -> float | None:
         pct = self._typed("kld_percentiles", dict, "an object")
         v = (pct or {}).get("99.0")
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-            raise self._bad("kld_percentiles", f"has 99.0 = {v!r}, not a number")
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            raise self._bad("kld_percentiles", f"has 99.0 = {v!r}, not a finite number")
         return v
 
     def _typed(self, key: str, typ: type, what: str):

@@ -26,9 +26,11 @@ cares about:
   shared outlier channels), FFN hidden channels have log-normal scales, and the
   memory's hidden units are used with Zipfian token frequencies, so an imatrix
   clearly helps at 2 bits.
-* **No dead channels, balanced experts.**  Every matmul input column is non-zero
-  on text (q4_K's quantizer aborts on an all-zero imatrix column), and the
-  expert selection bias (``exp_probs_b``) is tuned so all experts get tokens.
+* **No dead channels (unless asked), balanced experts.**  By default every matmul
+  input column is non-zero on text (q4_K's quantizer aborts on an all-zero imatrix
+  column); ``TinySpec.dead_channels`` zeroes layer 0's attention inputs on the
+  first N channels to test exactly that case.  The expert selection bias
+  (``exp_probs_b``) is tuned so all experts get tokens.
 * **Engine-friendly activations.**  ik's CPU kernels for IQ-K types requantize
   activations to 8 bits per 256 values; the memory's "off" units sit deep in
   SiLU's negative tail so that this does not distort the predictions.
@@ -39,24 +41,28 @@ time dependence, and the file is written to a sibling temp file then renamed.
 
 Layout: `tokenizer` (vocabulary, `tokenize`), `spec` (`TinySpec`), `forward` (numpy
 reference forward pass), `bigram` (the knowledge), `draws` (seeded draws, BF16 rounding),
-`weights` (construction stage by stage), `write` (the GGUF).
+`weights` (construction stage by stage), `write` (the GGUF, in one of three layouts of
+the MLA ``kv_b`` projection: ``TinySpec.layout``).
 """
 
 from __future__ import annotations
 
-from .forward import forward_logits, split_kv_b
-from .spec import TinySpec
+from .forward import forward_logits, mainline_kv_b, split_kv_b
+from .spec import LAYOUTS, TinySpec
 from .tokenizer import N_VOCAB, tokenize, vocab
-from .write import MODEL_NAME, build_tensors, write_tiny_model
+from .write import MODEL_NAME, build_tensors, write_tensors, write_tiny_model
 
 __all__ = [
+    "LAYOUTS",
     "MODEL_NAME",
     "N_VOCAB",
     "TinySpec",
     "build_tensors",
     "forward_logits",
+    "mainline_kv_b",
     "split_kv_b",
     "tokenize",
     "vocab",
+    "write_tensors",
     "write_tiny_model",
 ]

@@ -3,6 +3,9 @@
 The weight construction runs it on the fit sample to calibrate block scales, balance the
 experts and fit the output; the tests run it on weights read back from the file. It follows
 the engine's MLA and MoE math, so its predictions are the engine's up to BF16/F32 rounding.
+Dead input channels (``TinySpec.dead_channels``) need no case here: they are zero norm gains,
+and ``rmsnorm(x) * 0`` is an exact zero, as in the engine. A file without ``attn_kv_b``
+(``layout="mainline"``) is evaluated through its ``attn_k_b``/``attn_v_b`` (`kv_heads`).
 """
 
 from __future__ import annotations
@@ -38,20 +41,48 @@ def rope_norm(x: np.ndarray, pos: np.ndarray, base: float) -> np.ndarray:
     return out
 
 
-def split_kv_b(kv_b: np.ndarray, n_head: int, qk_nope: int, v_head: int) -> tuple[np.ndarray, np.ndarray]:
-    """Derive ik-style 2-D ``attn_k_b``/``attn_v_b`` from ``attn_kv_b``.
+def mainline_kv_b(kv_b: np.ndarray, n_head: int, qk_nope: int, v_head: int) -> tuple[np.ndarray, np.ndarray]:
+    """Derive mainline-style 3-D ``attn_k_b``/``attn_v_b`` from ``attn_kv_b``.
 
     ``kv_b`` has numpy (= torch) shape ``(n_head*(nope+v), kv_lora)``; per head the
     first ``nope`` rows produce k_nope and the next ``v`` rows produce v (this is
-    how the engine's MLA-0 graph and ``llm_prepare_mla`` view it).  Returns
-    ``k_b`` of shape ``(n_head*kv_lora, nope)`` and ``v_b`` of shape
-    ``(n_head*v, kv_lora)``, exactly as ik's convert_hf_to_gguf.py.
+    how the engine's MLA-0 graph and ``llm_prepare_mla`` view it).  Returns ``k_b``
+    of numpy shape ``(n_head, kv_lora, nope)`` (GGUF {nope, kv_lora, n_head}) and
+    ``v_b`` of shape ``(n_head, v, kv_lora)`` (GGUF {kv_lora, v, n_head}), exactly as
+    mainline's convert_hf_to_gguf.py and ik's ``llm_prepare_mla`` build them.
     """
     kv_lora = kv_b.shape[1]
     t = kv_b.reshape(n_head, qk_nope + v_head, kv_lora)
-    k_b = t[:, :qk_nope, :].transpose(0, 2, 1).reshape(n_head * kv_lora, qk_nope)
-    v_b = t[:, qk_nope:, :].reshape(n_head * v_head, kv_lora)
+    k_b = t[:, :qk_nope, :].transpose(0, 2, 1)
+    v_b = t[:, qk_nope:, :]
     return np.ascontiguousarray(k_b), np.ascontiguousarray(v_b)
+
+
+def split_kv_b(kv_b: np.ndarray, n_head: int, qk_nope: int, v_head: int) -> tuple[np.ndarray, np.ndarray]:
+    """Derive ik-style 2-D ``attn_k_b``/``attn_v_b`` from ``attn_kv_b``.
+
+    The same elements in the same order as `mainline_kv_b`, with the head axis folded
+    into the rows: ``k_b`` of shape ``(n_head*kv_lora, nope)`` and ``v_b`` of shape
+    ``(n_head*v, kv_lora)``, exactly as ik's convert_hf_to_gguf.py.
+    """
+    k_b, v_b = mainline_kv_b(kv_b, n_head, qk_nope, v_head)
+    return k_b.reshape(-1, qk_nope), v_b.reshape(-1, kv_b.shape[1])
+
+
+def kv_heads(W: dict, spec: TinySpec, p: str, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-head k_nope (T, H, nope) and v (T, H, v) from the normed kv latent c (T, kv_lora).
+
+    Uses ``attn_kv_b`` when present (as ``-mla 0``), else ``attn_k_b``/``attn_v_b`` (as the
+    MLA graph; 2-D ik or 3-D mainline shapes), so a file without ``attn_kv_b`` is checked
+    through the tensors it actually holds.
+    """
+    T, H, nope, vd, r = c.shape[0], spec.n_head, spec.qk_nope, spec.v_head, spec.kv_lora_rank
+    if p + "attn_kv_b.weight" in W:
+        kv = (c @ W[p + "attn_kv_b.weight"].T).reshape(T, H, nope + vd)
+        return kv[:, :, :nope], kv[:, :, nope:]
+    k_b = W[p + "attn_k_b.weight"].reshape(H, r, nope)
+    v_b = W[p + "attn_v_b.weight"].reshape(H, vd, r)
+    return np.einsum("tc,hcn->thn", c, k_b), np.einsum("tc,hdc->thd", c, v_b)
 
 
 def layer_attn(W: dict, spec: TinySpec, il: int, h: np.ndarray) -> np.ndarray:
@@ -70,8 +101,7 @@ def attn_heads(W: dict, spec: TinySpec, il: int, h: np.ndarray) -> np.ndarray:
     kva = x @ W[p + "attn_kv_a_mqa.weight"].T
     c = rmsnorm(kva[:, : spec.kv_lora_rank], W[p + "attn_kv_a_norm.weight"], spec.rms_eps)
     k_rope = kva[:, spec.kv_lora_rank :]
-    kv = (c @ W[p + "attn_kv_b.weight"].T).reshape(T, H, nope + vd)
-    k_nope, v = kv[:, :, :nope], kv[:, :, nope:]
+    k_nope, v = kv_heads(W, spec, p, c)
     pos = np.arange(T, dtype=np.float64)
     q_rope = rope_norm(q[:, :, nope:], pos, spec.rope_freq_base)
     k_rope = rope_norm(k_rope, pos, spec.rope_freq_base)

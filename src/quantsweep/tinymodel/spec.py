@@ -3,10 +3,12 @@ that reject settings the generator or the engine cannot handle."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import TinyModelError
 from .tokenizer import N_VOCAB
+
+LAYOUTS = ("kv_b", "ik", "mainline")  # TinySpec.layout values
 
 
 @dataclass(frozen=True)
@@ -31,8 +33,18 @@ class TinySpec:
     * ``n_expert=8, n_expert_used=2, n_ff_exp=256, n_shared=1``: a real MoE
       (n_expert >= 8 triggers the same quantize heuristics as DeepSeek-V3).
     * ``seed``: all randomness derives from it.
-    * ``split_kv_b``: also write ik-style 2-D ``attn_k_b``/``attn_v_b`` derived from
-      ``attn_kv_b`` (as ik's convert_hf_to_gguf.py does).
+    * ``layout``: how the MLA ``kv_b`` projection is stored, as the converters in use
+      write it (`LAYOUTS`); the weights, hence the function, are the same in all three.
+      ``"kv_b"``: 2-D ``attn_kv_b`` only.  ``"ik"``: also 2-D ``attn_k_b``
+      {nope, n_head*kv_lora} / ``attn_v_b`` {kv_lora, n_head*v} derived from it (ik's
+      convert_hf_to_gguf.py).  ``"mainline"``: no ``attn_kv_b``, 3-D ``attn_k_b``
+      {nope, kv_lora, n_head} / ``attn_v_b`` {kv_lora, v, n_head} (mainline's converter;
+      ik then builds ``attn_kv_b`` itself for ``-mla 0/2/3``).
+    * ``split_kv_b``: older spelling of ``layout="ik"`` (constructor only; the
+      spec then reads ``layout == "ik"``).
+    * ``dead_channels``: layer 0's ``attn_norm`` gain is zero on residual channels
+      ``[0, N)``, so ``attn_q_a``/``attn_kv_a_mqa`` of layer 0 see exact zeros there
+      (real models have dead channels; N=256 zeroes a whole imatrix super-block).
 
     Behaviour knobs (defaults tuned against the engine; see the module docstring):
 
@@ -82,7 +94,9 @@ class TinySpec:
     n_ff_exp: int = 256
     n_shared: int = 1
     seed: int = 0
-    split_kv_b: bool = False
+    layout: str = "kv_b"
+    split_kv_b: bool = field(default=False, repr=False, compare=False)
+    dead_channels: int = 0
     # behaviour knobs
     bigram_rank: int = 64
     smoothing: float = 2.0
@@ -106,6 +120,15 @@ class TinySpec:
     rope_freq_base: float = 10000.0
     rms_eps: float = 1e-6
 
+    def __post_init__(self) -> None:
+        """Fold the older ``split_kv_b`` flag into ``layout`` and refuse unknown layouts at once."""
+        if self.layout not in LAYOUTS:
+            raise TinyModelError(f"TinySpec.layout: {self.layout!r} is not one of {', '.join(LAYOUTS)}")
+        if self.split_kv_b and self.layout != "ik":
+            if self.layout != "kv_b":
+                raise TinyModelError(f"TinySpec.split_kv_b: means layout 'ik', but layout is {self.layout!r}")
+            object.__setattr__(self, "layout", "ik")
+
     @property
     def n_vocab(self) -> int:
         return N_VOCAB
@@ -128,6 +151,10 @@ class TinySpec:
             )
         if not 0.0 < self.embd_mean < 1.0:
             raise TinyModelError(f"TinySpec.embd_mean: {self.embd_mean} must be in (0, 1)")
+        if not 0 <= self.dead_channels < self.n_embd:
+            raise TinyModelError(
+                f"TinySpec.dead_channels: {self.dead_channels} must be in [0, n_embd) = [0, {self.n_embd})"
+            )
         if self.n_layer in (26, 27):
             raise TinyModelError(
                 f"TinySpec.n_layer: {self.n_layer} makes the engine treat the model as DeepSeek-Lite"

@@ -11,6 +11,9 @@
 * attention, further dense layers and MoE layers: random maps (MoE rows read
   mostly the value subspace Q) with heavy-tailed inputs; output RMS
   calibrated on the fit sample; router bias balances the expert load.
+  With ``dead_channels`` N, layer 0's ``attn_norm`` gain is zero on [0, N)
+  (the rest rescaled to RMS 1); the calibration runs through that gain, so
+  the fit sees the dead inputs exactly as the engine does.
 * ``output``: ridge regression of the centred log-bigram row of the current
   token on the final normed hidden states of the fit sample, so the network
   as a whole predicts the bigram.
@@ -90,11 +93,21 @@ def _token_embeddings(spec: TinySpec) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return bf16_round(E), codes, m_hat
 
 
+def _dead_gain(g: np.ndarray, n: int) -> np.ndarray:
+    """Gain zero on channels [0, n) (dead inputs of the block), the others rescaled so the
+    gain keeps RMS 1 and the block's input power stays that of the other layers."""
+    g = g.copy()
+    g[:n] = 0.0
+    return bf16_round(g / np.sqrt(np.mean(g * g)))
+
+
 def _attention_block(st: _Build, il: int) -> None:
     """Random MLA attention of layer il, its output calibrated to RMS ``attn_scale``."""
     spec, W, p = st.spec, st.W, f"blk.{il}."
     D, H, nope, rope, vd = spec.n_embd, spec.n_head, spec.qk_nope, spec.qk_rope, spec.v_head
     W[p + "attn_norm.weight"] = norm_gain(spec, p + "attn_norm.weight", D, st.outliers)
+    if il == 0 and spec.dead_channels:
+        W[p + "attn_norm.weight"] = _dead_gain(W[p + "attn_norm.weight"], spec.dead_channels)
     W[p + "attn_q_a.weight"] = bf16_round(normal(spec, p + "attn_q_a.weight", (spec.q_lora_rank, D), D**-0.5))
     W[p + "attn_q_a_norm.weight"] = norm_gain(spec, p + "attn_q_a_norm.weight", spec.q_lora_rank, None)
     W[p + "attn_q_b.weight"] = bf16_round(

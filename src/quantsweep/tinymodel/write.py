@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..fileio import partial_path
-from .forward import split_kv_b
+from .forward import mainline_kv_b, split_kv_b
 from .spec import TinySpec
 from .tokenizer import BOS_ID, EOS_ID, N_VOCAB, TOKEN_TYPES, TOKENS, UNK_ID, tokenize
 from .weights import build_weights
@@ -28,8 +28,12 @@ _ATTN_TENSORS = (
     "attn_q_b.weight",
     "attn_kv_a_mqa.weight",
     "attn_kv_a_norm.weight",
-    "attn_kv_b.weight",
 )
+_KV_B_TENSORS = {  # per layout, after _ATTN_TENSORS
+    "kv_b": ("attn_kv_b.weight",),
+    "ik": ("attn_kv_b.weight", "attn_k_b.weight", "attn_v_b.weight"),
+    "mainline": ("attn_k_b.weight", "attn_v_b.weight"),
+}
 _MOE_TENSORS = (
     "ffn_gate_inp.weight",
     "exp_probs_b.bias",
@@ -47,9 +51,7 @@ def _tensor_order(spec: TinySpec) -> list[str]:
     names = ["token_embd.weight", "output_norm.weight", "output.weight"]
     for il in range(spec.n_layer):
         p = f"blk.{il}."
-        names += [p + n for n in _ATTN_TENSORS]
-        if spec.split_kv_b:
-            names += [p + "attn_k_b.weight", p + "attn_v_b.weight"]
+        names += [p + n for n in _ATTN_TENSORS + _KV_B_TENSORS[spec.layout]]
         names += [p + "attn_output.weight", p + "ffn_norm.weight"]
         if il < spec.n_dense:
             names += [p + "ffn_gate.weight", p + "ffn_up.weight", p + "ffn_down.weight"]
@@ -59,13 +61,20 @@ def _tensor_order(spec: TinySpec) -> list[str]:
 
 
 def build_tensors(train_text: str, spec: TinySpec = TinySpec()) -> dict[str, np.ndarray]:
-    """All tensors (float64, GGUF numpy layout, BF16-representable for matrices)."""
+    """All tensors of the file (float64, GGUF numpy layout, BF16-representable for matrices).
+
+    The construction always makes ``attn_kv_b``; the layouts only re-arrange its elements
+    (`split_kv_b`, `mainline_kv_b`), so every layout computes the same function.
+    """
     W = build_weights(tokenize(train_text), spec)
-    if spec.split_kv_b:
+    derive = {"ik": split_kv_b, "mainline": mainline_kv_b}.get(spec.layout)
+    if derive is not None:
         for il in range(spec.n_layer):
             p = f"blk.{il}."
-            k_b, v_b = split_kv_b(W[p + "attn_kv_b.weight"], spec.n_head, spec.qk_nope, spec.v_head)
+            k_b, v_b = derive(W[p + "attn_kv_b.weight"], spec.n_head, spec.qk_nope, spec.v_head)
             W[p + "attn_k_b.weight"], W[p + "attn_v_b.weight"] = k_b, v_b
+            if spec.layout == "mainline":
+                del W[p + "attn_kv_b.weight"]
     return W
 
 
@@ -128,9 +137,15 @@ def write_tiny_model(path: str | Path, train_text: str, spec: TinySpec = TinySpe
     Written to a sibling temp file that is renamed into place (`fileio.partial_path`), so a
     failure leaves nothing behind.  The output is byte-identical for identical inputs.
     """
+    W = build_tensors(train_text, spec)  # before touching the file system: bad input writes nothing
+    write_tensors(path, W, spec)
+
+
+def write_tensors(path: str | Path, W: dict[str, np.ndarray], spec: TinySpec) -> None:
+    """Write built tensors as the tiny model's GGUF; ``W`` may hold more than ``spec.layout``
+    writes (e.g. an ``ik`` build written as ``kv_b``), so tests need no second construction."""
     import gguf  # local import keeps `tokenize` usable without gguf
 
-    W = build_tensors(train_text, spec)  # before touching the file system: bad input writes nothing
     with partial_path(path) as tmp:
         w = gguf.GGUFWriter(tmp, ARCH)
         try:
