@@ -286,3 +286,16 @@ def test_report_links_each_row_to_its_manifests(demo):
     rows = read_csv(report / "summary.csv")
     assert all(r["eval_manifest"] for r in rows)
     assert sum(1 for r in rows if r["quant_manifest"]) == len(QUANTS)
+
+
+def test_records_say_which_attention_mode_really_ran(demo):
+    """Every imatrix and perplexity run of the real engine reports its context; the step
+    asserted it equals what was asked and the record keeps it."""
+    for mode, mla in (("mla", 1), ("std", 0)):
+        rec = json.loads((demo / "results" / "imatrix" / "tiny" / f"{mode}.json").read_text())
+        assert rec["ran"] == {"flash_attn": 0, "mla_attn": mla, "fused_moe": 0, "fused_up_gate": 0}
+    for rec_path in sorted((demo / "results" / "eval" / "tiny").glob("*.json")):
+        if rec_path.name.endswith(".manifest.json"):
+            continue
+        ran = json.loads(rec_path.read_text())["ran"]
+        assert ran["mla_attn"] == 1 and ran["flash_attn"] == 0, rec_path.name

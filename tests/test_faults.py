@@ -178,6 +178,10 @@ FAULTS = [
     Fault("imatrix-nan-abort", collect, r"imatrix aborted: nan detected in blk\.1\.ffn_up_exps\.weight", "nan"),
     Fault("imatrix-foreign-entries", collect, r"out\.dat: entry blk\.0\.attn_q\.wt names no matrix of \S+tiny\.gguf",
           "foreign"),
+    Fault("imatrix-attention-mode-forced", collect, r"imatrix \(mla pass\) ran with mla_attn = 3 \(asked 1\): "
+          r"the engine changed the attention mode", "forced_mla3"),
+    Fault("kld-attention-mode-forced", kld, r"perplexity/KLD of tiny\.gguf ran with mla_attn = 3 \(asked 1\)",
+          "forced_mla3"),
     Fault("imatrix-disk-full", collect, r"wrote a bad file \(the disk is full\): \S+out\.dat: truncated", "ok",
           tmpfs=True),
     # llama-quantize

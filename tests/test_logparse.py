@@ -69,3 +69,47 @@ def test_quantize_success_and_failure():
     assert ok.not_found == ["token_embd.weight", "output.weight"]
     with pytest.raises(logparse.EngineOutputError, match="imatrix size 2048 is different from tensor size 512"):
         logparse.parse_quantize(_read("quantize_size_mismatch.log"))
+
+
+def _completed(name: str, text: str | None = None):
+    import shlex
+
+    from quantsweep.engine.run import Completed
+
+    text = _read(name) if text is None else text
+    return Completed(shlex.split(text.splitlines()[0][2:]), 0, text, 1.0)
+
+
+@pytest.mark.parametrize("name, ran", [
+    ("imatrix_mla.log", {"flash_attn": 0, "mla_attn": 1, "fused_moe": 0, "fused_up_gate": 0}),
+    ("ppl_base.log", {"flash_attn": 0, "mla_attn": 1, "fused_moe": 1, "fused_up_gate": 1}),
+])
+def test_the_attention_mode_that_ran_is_read_from_the_log(name, ran):
+    """What the engine reports at context creation, checked against what its command line asked."""
+    from quantsweep.engine.argv import asked_context
+    from quantsweep.engine.run import ran_as_asked
+
+    assert logparse.parse_context(_read(name)) == ran
+    res = _completed(name)
+    assert asked_context(res.cmd).items() <= ran.items()
+    assert ran_as_asked(res, "x", None) == ran
+
+
+@pytest.mark.parametrize("edit, said", [
+    # ik_llama.cpp #1870 (newer engines): a partial GPU offload forces mla 3; the log then says so
+    (lambda t: t.replace("llama_init_from_model: mla_attn      = 1", "llama_init_from_model: mla_attn      = 3"),
+     r"mla_attn = 3 \(asked 1\)"),
+    # a GGUF without attn_kv_b: the engine switches to MLA 1 after printing the context
+    (lambda t: t.replace("-mla 1", "-mla 3", 1).replace("llama_init_from_model: mla_attn      = 1",
+                                                        "llama_init_from_model: mla_attn      = 3")
+     + "llama_kv_cache_init: changing MLA from 3 to 1\n", r"mla_attn = 1 \(asked 3\)"),
+    (lambda t: t.replace("llama_init_from_model: fused_moe     = 0", "llama_init_from_model: fused_moe     = 1"),
+     r"fused_moe = 1 \(asked 0\)"),
+])
+def test_a_run_in_another_mode_than_asked_fails_naming_both(edit, said):
+    from quantsweep.engine.run import ran_as_asked
+    from quantsweep.errors import StepError
+
+    res = _completed("imatrix_mla.log", edit(_read("imatrix_mla.log")))
+    with pytest.raises(StepError, match=f"x ran with {said}: the engine changed the attention mode"):
+        ran_as_asked(res, "x", None)

@@ -8,6 +8,7 @@ Installed under a tool's name (the test writes small launchers); QS_FAKE picks t
   short_text  the engine's "too few tokens" lines   fewer  a complete log of fewer chunks
   nan       statistics of nan (imatrix: its abort)  foreign  a complete log, another model's imatrix
   liar      a log whose chunk count the file contradicts  abort  the engine's size-mismatch abort (SIGABRT)
+  forced_mla3  a complete log reporting mla_attn = 3 (asked 1)
 Complete logs and outputs are the real engine's (tests/fixtures, see its README).
 """
 
@@ -69,6 +70,8 @@ def main() -> int:
             data = kld_base_bytes(int(opt(argv, "-c") or 512), 354, int(opt(argv, "--chunks") or 16))
             if mode == "fewer":
                 log = log.replace("over 16 chunks", "over 5 chunks")
+    if mode == "forced_mla3":  # what ik_llama.cpp #1870 does on a partial GPU offload
+        log = log.replace("mla_attn      = 1", "mla_attn      = 3")
     if mode == "silent":
         return 0
     if mode == "garbage":

@@ -41,6 +41,20 @@ class EvalSettings:
         return ["-mla", str(self.mla), "-fa", self.fa]
 
 
+def asked_context(cmd: list[str]) -> dict[str, int]:
+    """What a command line asks of the engine's context, in the names the engine reports it
+    with (logparse.parse_context): -mla, -fa on/off (auto: whatever it picks), fused ops off."""
+    asked: dict[str, int] = {}
+    for flag, value in zip(cmd, cmd[1:]):
+        if flag == "-mla":
+            asked["mla_attn"] = int(value)
+        elif flag == "-fa" and value in ("on", "off"):
+            asked["flash_attn"] = int(value == "on")
+    asked.update({"fused_moe": 0} if "-no-fmoe" in cmd else {})
+    asked.update({"fused_up_gate": 0} if "-no-fug" in cmd else {})
+    return asked
+
+
 def imatrix_cmd(
     bin_dir: Path, model: Path, text: Path, out: Path, mode: str, ctx: int, chunks: int, threads: int
 ) -> list[str]:

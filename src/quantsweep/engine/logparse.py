@@ -61,6 +61,21 @@ def _with_reason(what: str, text: str) -> str:
     return f"{what}: {reason}" if reason else what
 
 
+_CONTEXT = re.compile(r"^llama_init_from_model: (flash_attn|mla_attn|fused_moe|fused_up_gate)\s*=\s*(\d+)\s*$",
+                      re.M)
+_MLA_CHANGED = re.compile(r"changing MLA from (\d+) to (\d+)")
+
+
+def parse_context(text: str) -> dict[str, int]:
+    """The attention mode and fused ops a run really used, as the engine reports them when it
+    creates its context (flash_attn, mla_attn, fused_moe, fused_up_gate), with a later
+    "changing MLA from X to Y" (a GGUF without attn_kv_b) applied."""
+    ran = {m.group(1): int(m.group(2)) for m in _CONTEXT.finditer(text)}
+    if changed := _MLA_CHANGED.search(text):
+        ran["mla_attn"] = int(changed.group(2))
+    return ran
+
+
 _TENSOR_LINE = re.compile(r"^\[\s*\d+/\s*\d+\]\s+(\S+) - \[([\d,\s]+)\], type =\s*(\S+),(.*)$")
 _CONVERTING = re.compile(r"converting to (\S+) \.\.")
 

@@ -112,6 +112,18 @@ def checked(res: Completed, parse: Callable[[str], T], log: Path | None, what: s
     return parsed
 
 
+def ran_as_asked(res: Completed, what: str, log: Path | None) -> dict[str, int]:
+    """What the run's context really was (logparse.parse_context); StepError naming both sides
+    when the engine changed what was asked (ik_llama.cpp #1870: a partial GPU offload forces
+    mla 3, which collects no attn_k_b/attn_v_b data and evaluates another graph)."""
+    ran, asked = logparse.parse_context(res.text), argv.asked_context(res.cmd)
+    diff = [f"{k} = {ran[k]} (asked {v})" for k, v in asked.items() if k in ran and ran[k] != v]
+    if diff:
+        raise StepError(f"{what} ran with {', '.join(diff)}: the engine changed the attention mode or fused "
+                        "ops it was given (a partial GPU offload forces mla 3)" + (f"; see {log}" if log else ""))
+    return ran
+
+
 def _status(rc: int) -> str:
     if rc < 0:
         try:
@@ -155,11 +167,12 @@ def collect_imatrix(bin_dir: Path, model: Path, text: Path, out: Path, log: Path
         res = run_logged(argv.imatrix_cmd(bin_dir, model, text, tmp, mode, ctx, chunks, threads), log,
                          timeout_s=timeout_s)
         parsed = checked(res, logparse.parse_imatrix_run, log, what, timeout_s)
+        ran = ran_as_asked(res, what, log)
         _all_chunks(parsed.planned, chunks, what, text, log)
         if not tmp.exists():
             raise StepError(f"{what} wrote no file; see {log}")
         _verified(tmp, out, lambda p: verify_collected(p, read_model(model), parsed.chunks), what, log)
-    return {"mode": mode, "chunks": parsed.chunks, "ppl": parsed.ppl, "wall_s": round(res.wall_s, 2),
+    return {"mode": mode, "chunks": parsed.chunks, "ppl": parsed.ppl, "ran": ran, "wall_s": round(res.wall_s, 2),
             "cmd": res.cmd}
 
 
@@ -203,9 +216,11 @@ def dry_run(bin_dir: Path, model: Path, ftype: str, extra: list[str] | None = No
                   parsed.n_fallback, res.text, res.cmd)
 
 
-def _eval_record(model: Path, res: logparse.PerplexityResult, ev: argv.EvalSettings, run: Completed) -> dict:
+def _eval_record(model: Path, res: logparse.PerplexityResult, ev: argv.EvalSettings, run: Completed,
+                 ran: dict[str, int]) -> dict:
     return {
         **asdict(res),
+        "ran": ran,
         "model_file": str(model),
         "size_bytes": sum(os.path.getsize(f) for f in shards(model)),
         "eval": asdict(ev),
@@ -221,11 +236,12 @@ def perplexity_base(bin_dir: Path, model: Path, text: Path, kld_base: Path, log:
     with partial_path(kld_base) as tmp:
         res = run_logged(argv.perplexity_base_cmd(bin_dir, model, text, tmp, ev), log, timeout_s=timeout_s)
         parsed = checked(res, logparse.parse_perplexity, log, "baseline perplexity", timeout_s)
+        ran = ran_as_asked(res, "baseline perplexity", log)
         _all_chunks(parsed.chunks, ev.chunks, "baseline perplexity", text, log)
         n_vocab = vocab_size(read_model(model))
         _verified(tmp, kld_base, lambda p: kld_base_header(p, ev.ctx, parsed.chunks, n_vocab),
                   "baseline perplexity", log)
-    return _eval_record(model, parsed, ev, res)
+    return _eval_record(model, parsed, ev, res, ran)
 
 
 def perplexity_kld(bin_dir: Path, model: Path, kld_base: Path, log: Path, ev: argv.EvalSettings,
@@ -236,10 +252,11 @@ def perplexity_kld(bin_dir: Path, model: Path, kld_base: Path, log: Path, ev: ar
     base = kld_base_header(kld_base, ev.ctx, None, vocab_size(read_model(model)))
     res = run_logged(argv.perplexity_kld_cmd(bin_dir, model, kld_base, ev), log, timeout_s=timeout_s)
     parsed = checked(res, lambda t: logparse.parse_perplexity(t, expect_kld=True), log, what, timeout_s)
+    ran = ran_as_asked(res, what, log)
     if len(parsed.chunk_kld) != min(base.n_chunk, ev.chunks):
         raise StepError(f"{what} scored {len(parsed.chunk_kld)} chunks, the base file {kld_base} holds "
                         f"{base.n_chunk}; see {log}")
-    return _eval_record(model, parsed, ev, res)
+    return _eval_record(model, parsed, ev, res, ran)
 
 
 def gguf_split(bin_dir: Path, model: Path, out_prefix: Path, max_tensors: int, log: Path | None = None) -> list[Path]:
