@@ -89,10 +89,9 @@ def main() -> None:
         groups = [PATTERNS[p][1] for p in f if p in PATTERNS and PATTERNS[p][1]]
         measured = "any" if "none" in f else (str(min(groups)) if groups else "-")
         z = by_name[t].zero_group
-        table = "-" if z is None else ("row" if z < 0 else str(z))
+        table = "-" if z is None else str(z)
         # the table may be finer than one measurement (iq3_xxs, iq2_xs fail at random), never coarser
-        tnum = None if table == "-" else (NE0 if table == "row" else int(table))
-        coarser = measured == "any" or (measured != "-" and (tnum is None or int(measured) < tnum))
+        coarser = measured == "any" or (measured != "-" and (z is None or int(measured) < z))
         mark = "  <- the table misses this" if coarser else ("" if measured == table else "  (table: finer)")
         print(f"{t:12s} {','.join(sorted(f)) or '-':40s} {measured:9s} {table}{mark}")
 

@@ -75,13 +75,7 @@ def _text(a) -> None:
 def _config_check(a) -> None:
     from . import config
 
-    cfg = config.merged(*(config.load_yaml(p) for p in a.files))
-    config.check_structure(cfg)
-    for key in ("models", "quants", "engine", "imatrix", "eval"):
-        if key not in cfg:
-            raise config.ConfigError(f"config {key}: missing (give the default config/config.yaml first)")
-    cfg["quants"] = config.resolve_recipe_paths(cfg["quants"], ".")
-    config.check(cfg)
+    cfg = config.check_files(a.files)
     print(f"OK: {' + '.join(a.files)}: {len(cfg['models'])} model(s), {len(cfg['quants'])} quant(s)")
 
 

@@ -149,6 +149,19 @@ def _deep_update(d: dict, u: dict) -> None:
             d[k] = v
 
 
+def check_files(paths: list[str]) -> dict:
+    """Config files merged in order (as --configfile merges over config/config.yaml), given the
+    workflow's checks; the schema's type checks need Snakemake and run in the workflow only."""
+    cfg = merged(*(load_yaml(p) for p in paths))
+    check_structure(cfg)
+    for key in ("models", "quants", "engine", "imatrix", "eval"):
+        if key not in cfg:
+            raise ConfigError(f"config {key}: missing (give the default config/config.yaml first)")
+    cfg["quants"] = resolve_recipe_paths(cfg["quants"], ".")
+    check(cfg)
+    return cfg
+
+
 def check(config: dict) -> None:
     """Semantic checks after schema validation; raises ConfigError naming the key."""
     for name, m in config["models"].items():

@@ -63,6 +63,11 @@ class GGUFTable:
     def by_name(self) -> dict[str, TensorInfo]:
         return {t.name: t for t in self.tensors}
 
+    def arch_kv(self, key: str, default=None):
+        """`<architecture>.<key>`; per-layer arrays (e.g. head_count) give their first value."""
+        v = self.kv.get(f"{self.kv.get('general.architecture', '')}.{key}", default)
+        return v[0] if isinstance(v, (list, tuple)) and v else v
+
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)

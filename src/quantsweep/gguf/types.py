@@ -231,7 +231,7 @@ class GGMLType:
     row_multiple: int = 0  # 0: no row-size check
     fallback: str | None = None
     interleave: tuple[str, int] | None = None  # (base type, rows)
-    zero_group: int | None = None  # all-zero imatrix group that breaks quantize (-1: a whole row)
+    zero_group: int | None = None  # an all-zero imatrix group this wide breaks quantize
 
     def row_bytes(self, ne0: int) -> int:
         if ne0 % self.block:
@@ -274,7 +274,7 @@ def _parse_types(text: str) -> dict[int, GGMLType]:
             imatrix_weighted="w" in flags, row_multiple=0 if row == "-" else int(row),
             fallback=None if fallback == "-" else fallback,
             interleave=None if inter == "-" else (base, int(rows)),
-            zero_group=None if zero == "-" else (-1 if zero == "row" else int(zero)),
+            zero_group=None if zero == "-" else int(zero),
         )
     return out
 
@@ -293,7 +293,7 @@ TYPES: dict[int, GGMLType] = _parse_types(_TYPES)
 BY_NAME: dict[str, GGMLType] = {t.name: t for t in TYPES.values()}
 FTYPES: dict[str, Ftype] = _parse_ftypes(_FTYPES)
 # The finest all-zero imatrix group any type breaks on: `imatrix remap` floors groups this size.
-ZERO_FLOOR_GROUP: int = min(t.zero_group for t in TYPES.values() if t.zero_group and t.zero_group > 0)
+ZERO_FLOOR_GROUP: int = min(t.zero_group for t in TYPES.values() if t.zero_group)
 
 
 def get(type_id: int) -> GGMLType:

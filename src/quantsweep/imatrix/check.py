@@ -90,9 +90,9 @@ def check(im: Imatrix, model: GGUFTable, types: dict[str, str | None], ftype: st
             problems.append(Problem(t.name, new, key, f"{int(np.count_nonzero(~np.isfinite(v)))} NaN/inf values"))
             continue
         group = by_name(new).zero_group
-        dead = zero_groups(v, t.shape[0], group) if group and np.count_nonzero(v) < v.size else []
+        dead = zero_groups(v, t.shape[0], group) if group else []
         if dead:
-            g = t.shape[0] if group < 0 else min(group, t.shape[0])
+            g = min(group, t.shape[0])
             m, c = dead[0]
             where = f"columns {c}-{c + g - 1}" + (f" of matrix {m}" if n_mat > 1 else "")
             problems.append(Problem(t.name, new, key, f"{len(dead)} all-zero group(s) of {g} values (first: {where}): "

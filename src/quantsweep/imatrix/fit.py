@@ -153,13 +153,6 @@ def _renamed(im: Imatrix, actions: list[str]) -> dict[str, Entry]:
     return fixed
 
 
-def n_head_of(model: GGUFTable) -> int:
-    """The model's attention head count (0 when its header does not say)."""
-    arch = model.kv.get("general.architecture", "")
-    n = model.kv.get(f"{arch}.attention.head_count", 0)
-    return int(n[0] if isinstance(n, (list, tuple)) else n or 0)
-
-
 def _sources(name: str, fixed: dict[str, Entry], tensors: dict) -> list[str]:
     """Where a tensor's data comes from: its own entry, plus every stand-in whose own tensor
     the model lacks (data nothing else would use: a 3-D attn_v_b takes a -mla 0 pass's
@@ -174,9 +167,11 @@ FLOOR_FRACTION = 1e-3  # an all-zero group becomes this fraction of its matrix's
 
 
 def zero_groups(values: np.ndarray, ne0: int, group: int) -> list[tuple[int, int]]:
-    """(matrix, first column) of every aligned all-zero group of `group` values in each row of
-    ne0 values (group -1: the whole row); a short last group counts when it is all zero."""
-    g = ne0 if group < 0 else min(group, ne0)
+    """(matrix, first column) of every aligned all-zero group of `group` values (at most ne0)
+    in each row of ne0 values; a short last group counts when it is all zero."""
+    if np.count_nonzero(values) == values.size:  # the usual case, at memory speed
+        return []
+    g = min(group, ne0)
     rows = values.reshape(-1, ne0)
     out = []
     for start in range(0, ne0, g):
@@ -190,8 +185,6 @@ def _floored(e: Entry, name: str, ne0: int, actions: list[str]) -> Entry:
     finest any type breaks on) raised to FLOOR_FRACTION of its matrix's mean: dead input
     channels are normal, and a tiny weight says "unimportant" without dividing by zero."""
     v = e.values
-    if np.count_nonzero(v) == v.size:
-        return e
     groups = zero_groups(v, ne0, ZERO_FLOOR_GROUP)
     if not groups:
         return e
@@ -221,7 +214,7 @@ def remap(im: Imatrix, model: GGUFTable) -> tuple[Imatrix, list[str]]:
     actions: list[str] = []
     tensors = {t.name: t for t in model.tensors if len(t.shape) >= 2}
     fixed = _renamed(im, actions)
-    n_head = n_head_of(model)
+    n_head = int(model.arch_kv("attention.head_count") or 0)
     out: dict[str, Entry] = {}
     used: set[str] = set()
     for name, t in sorted(tensors.items()):

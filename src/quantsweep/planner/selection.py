@@ -153,14 +153,11 @@ class HParams:
         if not arch:
             raise PlanError(f"{table.path}: no general.architecture KV")
 
-        def first(v):
-            return v[0] if isinstance(v, (list, tuple)) else v
-
         n_layer = kv.get(f"{arch}.block_count")
         if n_layer is None:
             raise PlanError(f"{table.path}: no {arch}.block_count KV")
-        n_head = int(first(kv.get(f"{arch}.attention.head_count")) or 0)
-        n_head_kv = first(kv.get(f"{arch}.attention.head_count_kv"))
+        n_head = int(table.arch_kv("attention.head_count") or 0)
+        n_head_kv = table.arch_kv("attention.head_count_kv")
         n_head_kv = n_head if n_head_kv is None else int(n_head_kv)
         n_vocab = kv.get(f"{arch}.vocab_size")
         if n_vocab is None:
