@@ -1,13 +1,15 @@
 # quantsweep: imatrix-guided ik_llama.cpp quantization sweeps for DeepSeek-family models.
 #
-# resources/engine/            llama-imatrix, llama-quantize, llama-perplexity + engine.json
+# resources/engine/            llama-imatrix, -quantize, -perplexity, -sweep-bench + engine.json
 # resources/models/{model}.gguf  generated demo model (source: tiny)
 # resources/text/{kind}.txt    bundled calibration / evaluation text
 # results/imatrix/{model}/     one .dat per pass, then imatrix.dat fitted to the model
 # results/quants/{model}/      {model}-{quant}.gguf (+ .json: parsed quantize log)
 # results/eval/{model}/        baseline.kld (base logits of the reference), baseline.json, {quant}.json
+# results/bench/{model}/       baseline.json, {quant}.json: PP/TG tokens/s per depth (bench.enabled)
 # results/report/              summary.{csv,md,html}: one row per (model, quant) plus each
-#                              reference, gate and Pareto marks; size_vs_{lnppl,kld}.png
+#                              reference, gate and Pareto marks; size_vs_{lnppl,kld}.png,
+#                              kld_vs_speed.png
 from snakemake.utils import min_version
 
 min_version("9.19")
@@ -25,6 +27,13 @@ include: "workflow/rules/model.smk"
 include: "workflow/rules/imatrix.smk"
 include: "workflow/rules/quantize.smk"
 include: "workflow/rules/evaluate.smk"
+
+
+if BENCH:
+
+    include: "workflow/rules/bench.smk"
+
+
 include: "workflow/rules/report.smk"
 
 

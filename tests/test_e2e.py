@@ -134,7 +134,8 @@ def test_no_partial_outputs_or_stray_engine_logs_left(demo):
 
 # ---- report (results/report/) ------------------------------------------------------------------
 
-REPORT_FILES = ("summary.csv", "summary.md", "summary.html", "size_vs_lnppl.png", "size_vs_kld.png")
+REPORT_FILES = ("summary.csv", "summary.md", "summary.html", "size_vs_lnppl.png", "size_vs_kld.png",
+                "kld_vs_speed.png")
 CONFIG = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
 
 
@@ -180,7 +181,7 @@ def test_report_gate_and_values_match_records(demo):
     assert "reference: unquantized model (resources/models/tiny.gguf)" in md
     ev = CONFIG["eval"]
     assert f"ctx {ev['ctx']}, {ev['chunks']} chunks, -mla {ev['mla']} -fa {ev['fa']}" in md
-    assert html.count("data:image/png;base64,") == 2
+    assert html.count("data:image/png;base64,") == 3  # size vs ln PPL ratio, size vs KLD, KLD vs speed
 
 
 def test_snakemake_report_bundles_table_and_plots(demo, tmp_path):
@@ -248,6 +249,7 @@ def test_every_artifact_has_a_manifest_that_matches_it(demo):
     arts = [demo / "results" / "imatrix" / "tiny" / f"{p}.dat" for p in ("mla", "std", "imatrix")]
     arts += [demo / "results" / "quants" / "tiny" / f"tiny-{q.name}.gguf" for q in QUANTS]
     arts += [demo / "results" / "eval" / "tiny" / f"{q}.json" for q in ["baseline", *(q.name for q in QUANTS)]]
+    arts += [demo / "results" / "bench" / "tiny" / f"{q}.json" for q in ["baseline", *(q.name for q in QUANTS)]]
     arts += [demo / "results" / "report" / "summary.csv"]
     for art in arts:
         m = json.loads(manifest_path(art).read_text())
@@ -266,6 +268,10 @@ def test_every_artifact_has_a_manifest_that_matches_it(demo):
             assert m["engine"]["tools"] == engine["tools"]
             (cmd,) = m["engine_commands"]
             assert cmd.startswith("resources/engine/bin/llama-")
+            if "quants" not in art.parts:  # imatrix, eval and bench: the run settings and what ran
+                rec = json.loads(art.with_suffix(".json").read_text())
+                assert m["run_settings"] == (rec["eval"]["run"] if "eval" in rec else rec["run"])
+                assert m["ran"] == rec["ran"] and m["ran"]["mla_attn"] in (0, 1, 3)
         else:  # remap and the report are Python steps
             assert m["engine"] is None and m["engine_commands"] == []
     q = json.loads(manifest_path(demo / "results" / "quants" / "tiny" / "tiny-IQ2_KS.gguf").read_text())
@@ -293,9 +299,132 @@ def test_records_say_which_attention_mode_really_ran(demo):
     asserted it equals what was asked and the record keeps it."""
     for mode, mla in (("mla", 1), ("std", 0)):
         rec = json.loads((demo / "results" / "imatrix" / "tiny" / f"{mode}.json").read_text())
-        assert rec["ran"] == {"flash_attn": 0, "mla_attn": mla, "fused_moe": 0, "fused_up_gate": 0}
+        assert rec["ran"] == {"flash_attn": 0, "mla_attn": mla, "fused_moe": 0, "fused_up_gate": 0, "n_ctx": 512,
+                              "n_batch": 512, "n_ubatch": 512}
+        assert rec["run"] == {"gpu_layers": 0, "override_tensors": [], "batch": 0, "ubatch": 0, "mmap": True,
+                              "threads": 0, "threads_batch": 0, "extra_args": []}
     for rec_path in sorted((demo / "results" / "eval" / "tiny").glob("*.json")):
         if rec_path.name.endswith(".manifest.json"):
             continue
         ran = json.loads(rec_path.read_text())["ran"]
         assert ran["mla_attn"] == 1 and ran["flash_attn"] == 0, rec_path.name
+
+
+# ---- speed (results/bench/) and run settings ---------------------------------------------------
+
+
+def _records(d: Path, kind: str) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted((d / "results" / kind).glob("*/*.json"))
+            if not p.name.endswith(".manifest.json")}
+
+
+def test_bench_records_are_the_reports_speed_columns(demo, rows):
+    """Every quant and the unquantized reference were measured at each configured depth, `repeats`
+    times; the summary's pp_tps/tg_tps are the medians at the first depth, per-depth columns the
+    rest; the engine ran the benchmark in the mode asked (-mla 3 -fa on)."""
+    import statistics
+
+    bench = CONFIG["bench"]
+    recs = _records(demo, "bench")
+    assert set(recs) == {"baseline", *(q.name for q in QUANTS)}
+    for name, rec in recs.items():
+        assert [s["depth"] for s in rec["speed"]] == bench["depths"]
+        assert rec["ran"]["mla_attn"] == bench["mla"] and rec["ran"]["flash_attn"] == 1
+        assert rec["ran"]["n_ctx"] == max(bench["depths"]) + 512 and rec["ran"]["n_ubatch"] == 512
+        assert len(rec["runs"]) == bench["repeats"] and rec["host"]["cpu"] and rec["host"]["gpus"] == []
+        for s in rec["speed"]:
+            for key in ("pp_tps", "tg_tps"):
+                runs = s[key]["runs"]
+                assert len(runs) == bench["repeats"] and min(runs) > 0
+                assert s[key]["median"] == statistics.median(runs)
+                assert (s[key]["min"], s[key]["max"]) == (min(runs), max(runs))
+                assert float(rows[name][f"{key}@{s['depth']}"]) == s[key]["median"]
+        head = rec["speed"][0]
+        assert float(rows[name]["pp_tps"]) == head["pp_tps"]["median"]
+        assert float(rows[name]["tg_tps"]) == head["tg_tps"]["median"]
+        log = (demo / "logs" / "bench" / "tiny" / f"{name}.log").read_text()
+        assert log.count('"n_kv": 0,') == bench["repeats"]  # each run's rows are in the log
+
+
+def test_speed_plot_and_report_text(demo):
+    """The third plot draws every quant at (TG t/s, mean KLD) of the table; the report says which
+    host the speeds come from."""
+    from quantsweep.report import png_points
+
+    out = demo / "results" / "report"
+    table = {r["quant"]: r for r in read_csv(out / "summary.csv")}
+    drawn = {p["quant"]: (p["x"], p["y"]) for p in png_points(out / "kld_vs_speed.png")}
+    assert drawn == {q.name: (float(table[q.name]["tg_tps"]), float(table[q.name]["kld_mean"])) for q in QUANTS}
+    host = _records(demo, "bench")["baseline"]["host"]
+    for page in ("summary.md", "summary.html"):
+        text = (out / page).read_text()
+        assert host["cpu"] in text and "no GPU" in text, page
+
+
+@pytest.fixture(scope="session")
+def tuned(tmp_path_factory) -> Path:
+    """The demo sweep (two quants) with run settings for every step (experts in RAM, small
+    batches, no mmap) and 1 thread per engine job on 2 cores: engine jobs may run two at a time,
+    a benchmark must still run alone."""
+    run = {"defaults": {"override_tensors": ["exps=CPU"], "mmap": False, "extra_args": ["--no-warmup"]},
+           "eval": {"batch": 256, "ubatch": 128}, "bench": {"ubatch": 256}}
+    wd = make_workdir(tmp_path_factory.mktemp("tuned"), {
+        "quants": ["Q8_0", "IQ2_KS"], "run": run, "resources": {"threads": 1},
+        "bench": {"depths": [0, 256], "repeats": 3}})
+    r = smk(wd, "--cores", "2")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
+    return wd
+
+
+def test_cpu_engine_runs_every_step_with_the_run_settings(tuned):
+    """The settings reached every engine command, the engine reports it ran with them (batches,
+    tensors moved to the CPU buffer), records keep them and the report's evaluation line says so."""
+    for kind in ("imatrix", "eval", "bench"):
+        for name, rec in _records(tuned, kind).items():
+            cmd = rec["cmd"]
+            assert cmd[cmd.index("-ot") + 1] == "exps=CPU" and "--no-mmap" in cmd and "--no-warmup" in cmd, name
+            assert rec["ran"]["tensors_overridden"] == 9, (kind, name)  # 3 MoE layers x 3 expert tensors
+            run = rec["eval"]["run"] if kind == "eval" else rec["run"]
+            assert run["override_tensors"] == ["exps=CPU"] and run["mmap"] is False
+    for name, rec in _records(tuned, "eval").items():
+        assert (rec["ran"]["n_batch"], rec["ran"]["n_ubatch"]) == (256, 128), name
+        assert rec["eval"]["run"]["batch"] == 256
+    for name, rec in _records(tuned, "bench").items():
+        assert rec["ran"]["n_ubatch"] == 256 and [s["depth"] for s in rec["speed"]] == [0, 256]
+    md = (tuned / "results" / "report" / "summary.md").read_text()
+    assert "-ot exps=CPU" in md and "-ub 128" in md, md[:2000]
+
+
+def test_benchmarks_ran_alone(tuned):
+    """No engine job ran while a benchmark did (it holds every core), though other engine jobs
+    did run side by side (1 thread each on 2 cores): the isolation is the scheduler's doing."""
+    jobs = [(kind, name, r["started_at"], r["ended_at"]) for kind in ("imatrix", "quants", "eval", "bench")
+            for name, r in _records(tuned, kind).items()]
+    assert len(jobs) == 2 + 2 + 3 + 3
+    overlaps = [(a[:2], b[:2]) for i, a in enumerate(jobs) for b in jobs[i + 1:] if a[2] < b[3] and b[2] < a[3]]
+    assert not [o for o in overlaps if "bench" in (o[0][0], o[1][0])], overlaps
+    assert overlaps, "no two engine jobs overlapped: the check above proves nothing"
+
+
+def test_gpu_check_script_passes_on_the_cpu_sweeps(demo, tuned):
+    """tests/gpu/check.py (what tests/gpu/run.sh runs on a GPU machine) on the CPU sweeps: its
+    checks of the records hold, and it fails on a record whose mode differs from the one asked."""
+    import subprocess
+    import sys
+
+    check = ROOT / "tests" / "gpu" / "check.py"
+    r = subprocess.run([sys.executable, str(check), "--full", str(demo), "--exps-cpu", str(tuned), "--cpu"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "GPU check: passed" in r.stdout and "host: " in r.stdout
+    r = subprocess.run([sys.executable, str(check), "--full", str(demo)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "layers, not all" in r.stdout  # a CPU sweep is no GPU sweep
+
+
+def test_an_unknown_engine_flag_stops_the_sweep_before_any_engine_step(tmp_path):
+    wd = make_workdir(tmp_path / "wd", {"run": {"eval": {"extra_args": ["--no-such-flag"]}}})
+    r = smk(wd, "--cores", "2")
+    assert r.returncode != 0
+    log = (wd / "logs" / "run_settings.log").read_text()
+    assert "run.eval.extra_args: llama-perplexity does not know --no-such-flag (not in its --help)" in log
+    assert not (wd / "results").exists()  # no imatrix, quantize or eval job started

@@ -30,7 +30,7 @@ from quantsweep.gguf.writer import header
 from quantsweep.tinymodel import TinySpec, write_tiny_model
 
 OUTPUTS = ("out.dat", "out.gguf", "rec.json", "man.json", "base.kld", "res.json", "report.csv", "report.md",
-           "report.html", "lnppl.png", "kld.png", "check.txt")
+           "report.html", "lnppl.png", "kld.png", "check.txt", "bench.json", "run.json")
 
 
 @dataclass
@@ -86,6 +86,19 @@ def kld(c: Ctx, base_bytes: bytes | None = None) -> list[str]:
     good.write_bytes(kld_base_bytes(512, 354, 16) if base_bytes is None else base_bytes)
     return ["eval", "kld", "--bin-dir", str(c.bin), "--model", str(c.model), "--kld-base", str(good),
             "--result", c.p("res.json"), "--log", c.log("kld.log"), "--chunks", "16", *FAST]
+
+
+def bench(c: Ctx, *extra: str, depths: str = "0,128",
+          run: str = '{"ubatch": 128, "override_tensors": ["exps=CPU"]}') -> list[str]:
+    """Two sweep-bench runs at the depths of the fake's (the real engine's) log: -c 256 -ub 128."""
+    return ["bench", "--bin-dir", str(c.bin), "--model", str(c.model), "--result", c.p("bench.json"),
+            "--log", c.log("bench.log"), "--depths", depths, "--repeats", "2", "--run", run,
+            "--manifest", c.p("man.json"), *extra, *FAST]
+
+
+def check_run(c: Ctx, run: dict, steps: str = "imatrix,eval,bench") -> list[str]:
+    return ["engine", "check-run", "--engine", str(c.bin.parent / "engine.json"), "--run", json.dumps(run),
+            "--steps", steps, "-o", c.p("run.json")]
 
 
 def remap(c: Ctx, imatrix: Path) -> list[str]:
@@ -218,6 +231,36 @@ FAULTS = [
     Fault("kld-base-other-vocabulary", lambda c: kld(c, kld_base_bytes(512, 1000, 16)),
           r"in\.kld: n_vocab is 1000, the evaluation has 354"),
     Fault("kld-base-is-a-model", lambda c: kld(c, c.model.read_bytes()[:4096]), r"in\.kld: not a KLD base logits file"),
+    # llama-sweep-bench and run settings
+    Fault("bench-prints-nothing", bench, r"sweep-bench of tiny\.gguf \(run 1 of 2\) failed \(exit code 0\): no "
+          r"sweep-bench result lines in the output" + LOG, "silent"),
+    Fault("bench-garbage", bench, r"no sweep-bench result lines in the output", "garbage"),
+    Fault("bench-exit1-after-complete-log", bench, r"\(run 1 of 2\) ended with exit code 1 although its output looks "
+          r"complete", "exit1"),
+    Fault("bench-sigsegv", bench, r"sweep-bench of tiny\.gguf \(run 1 of 2\) failed \(killed by SIGSEGV\)", "segv"),
+    Fault("bench-hangs", bench, r"sweep-bench of tiny\.gguf \(run 1 of 2\) did not finish within 0\.03 min", "hang"),
+    Fault("bench-stops-early", bench, r"sweep-bench measured depths \[0\], not \[0, 128\]: it stopped early", "cut"),
+    Fault("bench-nan-speed", bench, r"sweep-bench speed at depth 0 is PP [\d.]+, TG nan t/s", "nan"),
+    Fault("bench-depth-not-measured", lambda c: bench(c, depths="0,256"),
+          r"\(run 1 of 2\) measured no depth 256 \(it measured \[0, 128\]\)", "ok"),
+    Fault("bench-depth-not-a-multiple", lambda c: bench(c, depths="0,100"),
+          r"bench\.depths: \[0, 100\]: each must be a different multiple of the prompt batch 128"),
+    Fault("bench-attention-mode-forced", lambda c: bench(c, "--mla", "1"),
+          r"sweep-bench of tiny\.gguf \(run 1 of 2\) ran with mla_attn = 3 \(asked 1\)", "forced_mla3"),
+    Fault("bench-override-moves-nothing",
+          lambda c: bench(c, run='{"ubatch": 128, "override_tensors": ["ffn_upp=CPU"]}'),
+          r"\(run 1 of 2\): the tensor override\(s\) ffn_upp=CPU matched no tensor of the model", "ok"),
+    Fault("run-unknown-engine-flag", lambda c: check_run(c, {"eval": {"extra_args": ["--no-such-flag"]}}),
+          r"run\.eval\.extra_args: llama-perplexity does not know --no-such-flag \(not in its --help\)"),
+    Fault("run-flag-quantsweep-sets", lambda c: check_run(c, {"defaults": {"extra_args": ["-c", "4096"]}}),
+          r"run\.defaults\.extra_args: -c is set by quantsweep itself"),
+    Fault("run-gpu-layers-on-a-cpu-engine", lambda c: base(c) + ["--run", '{"gpu_layers": 99}'],
+          r"run\.eval\.gpu_layers: 99 but this engine has no GPU offload \(llama-perplexity --help lists no -ngl\)"),
+    Fault("run-not-a-mapping", lambda c: collect(c) + ["--run", "[1]"], r"run\.imatrix: \[1\] is not a mapping"),
+    Fault("run-bad-override", lambda c: config(c, "run:\n  bench: {override_tensors: [exps]}\n"),
+          r"config run\.bench\.override_tensors: 'exps' is not PATTERN=BUFFER"),
+    Fault("gate-speed-without-bench", lambda c: config(c, "bench: {enabled: false}\ngate: {min_tg_tps: 5}\n"),
+          r"config gate\.min_tg_tps: a speed limit needs bench\.enabled: true"),
     # GGUF inputs
     Fault("gguf-cut-model", lambda c: ["gguf", "info", str(cut_model(c))], r"cut\.gguf: truncated"),
     Fault("gguf-2^62-dimension", lambda c: ["gguf", "info", str(gguf(c, [], [("t", (1 << 62, 1), 0, 0)]))],

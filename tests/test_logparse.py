@@ -81,8 +81,13 @@ def _completed(name: str, text: str | None = None):
 
 
 @pytest.mark.parametrize("name, ran", [
-    ("imatrix_mla.log", {"flash_attn": 0, "mla_attn": 1, "fused_moe": 0, "fused_up_gate": 0}),
-    ("ppl_base.log", {"flash_attn": 0, "mla_attn": 1, "fused_moe": 1, "fused_up_gate": 1}),
+    ("imatrix_mla.log", {"n_ctx": 512, "n_batch": 512, "n_ubatch": 512, "flash_attn": 0, "mla_attn": 1,
+                         "fused_moe": 0, "fused_up_gate": 0}),
+    ("ppl_base.log", {"n_ctx": 2048, "n_batch": 2048, "n_ubatch": 512, "flash_attn": 0, "mla_attn": 1,
+                      "fused_moe": 1, "fused_up_gate": 1}),
+    # -ot exps=CPU -b 256 -ub 128 --no-mmap: the batches ran as asked, 3 layers x 3 expert tensors moved
+    ("ppl_kld_run_settings.log", {"n_ctx": 512, "n_batch": 256, "n_ubatch": 128, "flash_attn": 0, "mla_attn": 1,
+                                  "fused_moe": 1, "fused_up_gate": 1, "tensors_overridden": 9}),
 ])
 def test_the_attention_mode_that_ran_is_read_from_the_log(name, ran):
     """What the engine reports at context creation, checked against what its command line asked."""
@@ -113,3 +118,57 @@ def test_a_run_in_another_mode_than_asked_fails_naming_both(edit, said):
     res = _completed("imatrix_mla.log", edit(_read("imatrix_mla.log")))
     with pytest.raises(StepError, match=f"x ran with {said}: the engine changed the attention mode"):
         ran_as_asked(res, "x", None)
+
+
+def test_an_override_that_moves_nothing_fails():
+    """-ot with a pattern matching no tensor name: the engine says nothing; the step must."""
+    from quantsweep.engine.run import ran_as_asked
+    from quantsweep.errors import StepError
+
+    text = _read("ppl_kld_run_settings.log")
+    assert ran_as_asked(_completed("ppl_kld_run_settings.log"), "x", None)["tensors_overridden"] == 9
+    moved = "\n".join(ln for ln in text.splitlines() if "buffer type overriden" not in ln)
+    res = _completed("ppl_kld_run_settings.log", moved.replace("-ot exps=CPU", "-ot expz=CPU", 1))
+    with pytest.raises(StepError, match=r"x: the tensor override\(s\) expz=CPU matched no tensor of the model"):
+        ran_as_asked(res, "x", None)
+
+
+def test_offloaded_layers_are_read():
+    """What a CUDA build prints after loading (src/llama.cpp: "offloaded %d/%d layers to GPU");
+    a CPU build prints no such line (the fixture), so no GPU layers are recorded."""
+    text = _read("ppl_base.log")
+    assert "gpu_layers" not in logparse.parse_context(text)
+    gpu = text.replace("llm_load_tensors:", "llm_load_tensors: offloaded 4/4 layers to GPU\nllm_load_tensors:", 1)
+    ran = logparse.parse_context(gpu)
+    assert (ran["gpu_layers"], ran["layers"]) == (4, 4)
+
+
+def _bench_run(n: int) -> str:
+    """The n-th run (0-based) of the two in sweep_bench.log (quantsweep's "+ cmd" line starts each)."""
+    runs = _read("sweep_bench.log").split("\n+ ")
+    return runs[n] if n == 0 else "+ " + runs[n]
+
+
+def test_sweep_bench_rows():
+    text = _bench_run(0)
+    rows = logparse.parse_sweep_bench(text)
+    assert [(r.n_kv, r.pp, r.tg, r.n_kv_max) for r in rows] == [(0, 128, 16, 256), (128, 128, 16, 256)]
+    for r in rows:
+        assert f'"n_kv": {r.n_kv}, "t_pp"' in text and f'"speed_pp": {r.pp_tps:f}' in text
+        assert r.pp_tps > 0 and r.tg_tps > 0
+    assert logparse.parse_context(text)["mla_attn"] == 3
+    assert logparse.parse_sweep_bench(_bench_run(1))[0].n_kv == 0
+
+
+@pytest.mark.parametrize("edit, said", [
+    (lambda t: "\n".join(ln for ln in t.splitlines() if '"n_kv": 128' not in ln), r"measured depths \[0\]"),
+    (lambda t: "\n".join(ln for ln in t.splitlines() if not ln.startswith("{")), "no sweep-bench result lines"),
+    (lambda t: t.replace('"speed_tg": ', '"speed_tg": -', 1), "speed at depth 0 is PP"),
+    (lambda t: t.replace('"speed_pp": ', '"speed_pp": nan, "x": ', 1), "unreadable sweep-bench result line"),
+    (lambda t: t.replace('"n_kv": 0,', '', 1), "unreadable sweep-bench result line"),
+])
+def test_sweep_bench_incomplete_or_bad(edit, said):
+    from quantsweep.errors import EngineOutputError
+
+    with pytest.raises(EngineOutputError, match=said):
+        logparse.parse_sweep_bench(edit(_bench_run(0)))

@@ -28,7 +28,7 @@ QUANTS = ["IQ4_KS", "IQ2_KS", "Q4_K_M", "IQ3_K"]
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> Path:
     wd = make_workdir(tmp_path_factory.mktemp("mainline"),
-                      {"quants": QUANTS, "imatrix": {"chunks": 8}, "eval": {"chunks": 4}})
+                      {"quants": QUANTS, "imatrix": {"chunks": 8}, "eval": {"chunks": 4}, "bench": {"enabled": False}})
     cfg_file = wd / "config" / "config.yaml"
     cfg = yaml.safe_load(cfg_file.read_text())
     cfg["models"] = {"ml": {"source": "tiny", "layout": "mainline", "dead_channels": 256, "seed": 0}}

@@ -16,7 +16,7 @@ import pytest
 from conftest import make_workdir, smk
 from quantsweep import cli
 from quantsweep.errors import ReportError
-from quantsweep.report import (Gate, Record, Row, annotate, gate_verdict, load_rows, make_rows, pareto_front,
+from quantsweep.report import (Gate, ModelInfo, Record, Row, annotate, gate_verdict, load_rows, make_rows, pareto_front,
                                plot_metric, plotted_fronts, plotted_points, png_points, read_rows,
                                smallest_passing, to_csv, write_report)
 
@@ -72,6 +72,50 @@ def make_entries(tmp_path, models=("tiny",), reference: str | None = None, quant
     return entries
 
 
+# TG tokens/s at the headline depth (PP is 10x): the speed front (no other quant both as fast and
+# as good) is Q8_0, Q6_K, IQ6_K, IQ4_KS, IQ2_KS, IQ2_KS-noimatrix; IQ3_K is slower and worse than
+# IQ4_KS, IQ2_XS slower and worse than IQ2_KS.
+TG = {"baseline": 20.0, "Q8_0": 40.0, "Q6_K": 47.0, "IQ6_K": 48.0, "IQ4_KS": 60.0, "IQ3_K": 55.0, "IQ2_KS": 70.0,
+      "IQ2_KS-noimatrix": 72.0, "IQ2_XS": 65.0}
+SPEED_FRONT = {"Q8_0", "Q6_K", "IQ6_K", "IQ4_KS", "IQ2_KS", "IQ2_KS-noimatrix"}
+HOST = {"hostname": "box1", "cpu": "AMD EPYC 7763 64-Core Processor", "cpus": 2, "gpus": []}
+CPU_RUN = {"gpu_layers": 0, "override_tensors": [], "batch": 0, "ubatch": 0, "mmap": True, "threads": 2,
+           "threads_batch": 0, "extra_args": []}
+
+
+def _spread(median: float) -> dict:
+    runs = [median, median * 0.97, median * 1.02]  # median, min, max in this order
+    return {"median": median, "min": min(runs), "max": max(runs), "runs": runs}
+
+
+def bench_record(tg: float, size: int, depths=(0, 512), host=HOST, run=CPU_RUN, cuda=False) -> dict:
+    """A bench record as the bench rule writes it; deeper depths are slower."""
+    return {"model_file": "m.gguf", "size_bytes": size,
+            "bench": {"depths": list(depths), "pp": 512, "tg": 32, "ctx": 1024, "repeats": 3, "mla": 3, "fa": "on"},
+            "run": run, "host": host, "engine": {"key": "3db1dd22848cc7d0be4f", "cuda": cuda},
+            "speed": [{"depth": d, "pp_tps": _spread(10 * tg / (1 + i)), "tg_tps": _spread(tg / (1 + i))}
+                      for i, d in enumerate(depths)],
+            "ran": {"mla_attn": 3, "flash_attn": 1}, "cmd": ["llama-sweep-bench", "-m", "m.gguf"], "wall_s": 4.2}
+
+
+def add_bench(tmp_path, entries: list[dict], skip=(), **kw) -> list[dict]:
+    """Bench records for every row of the entries (the reference's too, sized like its evaluation
+    record) but the quants in `skip`, and their keys in the entries; kw: bench_record's."""
+    for e in entries:
+        d = tmp_path / "bench" / e["model"]
+        d.mkdir(parents=True)
+        ref = "baseline" if e["reference"] == "base" else e["reference"]["name"]
+        rows = [(ref, e["base"], e if ref == "baseline" else e["reference"], "base_bench" if ref == "baseline"
+                 else "bench")] + [(q["name"], q["result"], q, "bench") for q in e["quants"]]
+        for name, result, where, key in rows:
+            if name in skip:
+                continue
+            size = json.loads(open(result).read())["size_bytes"]
+            (d / f"{name}.json").write_text(json.dumps(bench_record(TG[name], size, **kw)))
+            where[key] = str(d / f"{name}.json")
+    return entries
+
+
 def report_paths(tmp_path) -> dict:
     out = tmp_path / "report"
     return {"csv": out / "summary.csv", "md": out / "summary.md", "html": out / "summary.html",
@@ -89,13 +133,14 @@ def csv_dicts(path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-Y_COLUMN = {"lnppl": "ln_ppl_ratio", "kld": "kld_mean"}
+Y_COLUMN = {"lnppl": "ln_ppl_ratio", "kld": "kld_mean", "speed": "kld_mean"}
+X_COLUMNS = {"lnppl": ("size_gib", "bpw"), "kld": ("size_gib", "bpw"), "speed": ("tg_tps",)}
 
 
 def points_vs_table(points: list[dict], table: list[dict], metric: str) -> list[str]:
     """Every disagreement between plotted points and the CSV rows (strings as written): each
-    quant row with a value is drawn once per x axis at exactly (x column, metric column), the
-    reference rows and nothing else are left out."""
+    quant row with values is drawn once per x axis at exactly (x column, metric column), the
+    reference rows and nothing else are left out (metric "speed": x = tg_tps, y = mean KLD)."""
     problems = []
     drawn = {(p["model"], p["quant"], p["x_col"]): (p["x"], p["y"]) for p in points}
     if len(drawn) != len(points):
@@ -104,7 +149,9 @@ def points_vs_table(points: list[dict], table: list[dict], metric: str) -> list[
     for r in table:
         if r["quant"] in ("baseline", r["reference"]) or r[Y_COLUMN[metric]] == "":
             continue
-        for xcol in ("size_gib", "bpw"):
+        for xcol in X_COLUMNS[metric]:
+            if r[xcol] == "":
+                continue
             key = (r["model"], r["quant"], xcol)
             expected.add(key)
             want = (float(r[xcol]), float(r[Y_COLUMN[metric]]))
@@ -212,6 +259,26 @@ def test_make_rows_refuses_other_eval_settings():
     make_rows("m", base, [("IQ4_KS", "IQ4_KS", "yes", ok)])
 
 
+def test_make_rows_refuses_other_batch_sizes_and_the_eval_line_names_the_run_settings():
+    """PPL depends on -b/-ub (run settings, `eval.run`): the reference and its quants must share
+    them; GPU layers and tensor overrides may differ (the same graph, placed elsewhere)."""
+    run = {"gpu_layers": 99, "override_tensors": ["exps=CPU"], "batch": 0, "ubatch": 1024, "mmap": False,
+           "threads": 0, "threads_batch": 0, "extra_args": ["--n-cpu-moe", "3"]}
+    base = Record("e/baseline.json", {"size_bytes": 100, "bpw": 8.5, "ppl": 10.0, "ppl_err": 0.1,
+                                      "eval": {**EVAL, "run": run}})
+    rec = Record("e/IQ4_KS.json", {**_record(50, 4.25, 0.1, 0.02), "eval": {**EVAL, "run": {**run, "ubatch": 512}}})
+    with pytest.raises(ReportError, match=r"reference e/baseline.json: eval.run.ubatch 512 vs 1024$"):
+        make_rows("m", base, [("IQ4_KS", "IQ4_KS", "yes", rec)])
+    moved = Record("e/IQ4_KS.json", {**_record(50, 4.25, 0.1, 0.02),
+                                     "eval": {**EVAL, "run": {**run, "gpu_layers": 0, "override_tensors": []}}})
+    make_rows("m", base, [("IQ4_KS", "IQ4_KS", "yes", moved)])
+    info = ModelInfo("m", "base", "m.gguf", base.eval, [])
+    assert info.describe_eval().endswith(", run: -ngl 99 -ot exps=CPU -ub 1024 --no-mmap --n-cpu-moe 3")
+    plain = ModelInfo("m", "base", "m.gguf", {**EVAL, "run": {**run, "gpu_layers": 0, "override_tensors": [],
+                                                              "ubatch": 0, "mmap": True, "extra_args": []}}, [])
+    assert plain.describe_eval().endswith(", run: engine defaults (no -ngl, -ot, -b, -ub)")
+
+
 @pytest.mark.parametrize("edit, expected", [
     (lambda r: r.pop("ppl"), "key 'ppl' is missing"),
     (lambda r: r.update(ppl_err=None), "key 'ppl_err' is null"),
@@ -242,8 +309,10 @@ def test_unreadable_record_names_the_file(tmp_path):
         load_rows(entries)
 
 
-def test_csv_round_trip_is_exact(tmp_path):
-    rows, _ = load_rows(make_entries(tmp_path))
+@pytest.mark.parametrize("bench", [False, True])
+def test_csv_round_trip_is_exact(tmp_path, bench):
+    entries = make_entries(tmp_path)
+    rows, _ = load_rows(add_bench(tmp_path, entries, skip={"IQ3_K"}) if bench else entries)
     annotate(rows, Gate(5.0, 0.05))
     path = tmp_path / "s.csv"
     path.write_text(to_csv(rows))
@@ -251,6 +320,18 @@ def test_csv_round_trip_is_exact(tmp_path):
     d = csv_dicts(path)
     assert [r["gate"] for r in d] == ["", "pass", "pass", "pass", "pass", "pass", "fail", "fail", "fail"]
     assert d[4]["ln_ppl_ratio"] == "0.00472" and d[1]["size_gib"] == repr(18975968 / 2**30)
+    # the headline speeds always have a column; every depth's only with bench records, in their order
+    speed = ["pp_tps", "pp_tps_spread", "pp_tps_min", "pp_tps_max", "tg_tps", "tg_tps_spread", "tg_tps_min",
+             "tg_tps_max"] + (["pp_tps@0", "tg_tps@0", "pp_tps@512", "tg_tps@512"] if bench else [])
+    at = list(d[0]).index("same_top_p") + 1
+    assert list(d[0])[at:at + len(speed) + 1] == speed + ["gate"]
+    if bench:
+        assert rows[0].speeds == {"pp_tps@0": 200.0, "tg_tps@0": 20.0, "pp_tps@512": 100.0, "tg_tps@512": 10.0}
+        assert (d[4]["tg_tps"], d[4]["tg_tps_min"], d[4]["tg_tps@512"]) == ("60.0", repr(60.0 * 0.97), "30.0")
+        assert d[4]["tg_tps_spread"] == repr(60.0 * 1.02 - 60.0 * 0.97)
+        assert {k for k, v in d[5].items() if "tps" in k and v} == set() and rows[5].speeds == {}  # IQ3_K
+    else:
+        assert all(r[c] == "" for r in d for c in speed)
 
 
 # ----------------------------------------------------------------------------------------------

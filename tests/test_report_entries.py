@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import pytest
 
 from quantsweep.errors import ReportError
-from quantsweep.report import ModelEntry, QuantEntry, parse_entries, record_paths, sweep_entries
+from quantsweep.report import (ModelEntry, QuantEntry, bench_paths, evaluation_paths, parse_entries, record_paths,
+                               sweep_entries)
 
 PATHS = {
     "eval": "results/eval/{model}/{quant}.json",
@@ -116,3 +117,51 @@ def test_sweep_entries_refuses_unknown_reference_and_missing_pattern():
         sweep_entries(["a"], {}, QUANTS, PATHS)
     with pytest.raises(ReportError, match="no path pattern for 'base_manifest'"):
         sweep_entries(["a"], {"a": "base"}, QUANTS, {k: v for k, v in PATHS.items() if k != "base_manifest"})
+
+
+BENCH_PATHS = {**PATHS, "bench": "results/bench/{model}/{quant}.json", "base_bench": "results/bench/{model}/base.json"}
+
+
+def test_sweep_entries_with_bench_records():
+    """With the bench patterns every quant has a bench record; the unquantized model's only where
+    it is the reference, a reference quant's is its own."""
+    a, b = sweep_entries(["a", "b"], {"a": "base", "b": "IQ4_KS"}, QUANTS, BENCH_PATHS)
+    assert a.base_bench == a.reference_bench == "results/bench/a/base.json"
+    assert [q.bench for q in a.quants] == [f"results/bench/a/{q.name}.json" for q in QUANTS]
+    assert b.base_bench == "" and b.reference_bench == b.reference.bench == "results/bench/b/IQ4_KS.json"
+    assert a.to_dict()["base_bench"] == "results/bench/a/base.json" and "base_bench" not in b.to_dict()
+    assert b.to_dict()["quants"][0] == {**_quant_dict("b", "Q8_0", "Q8_0", "yes"), "bench": "results/bench/b/Q8_0.json"}
+    back = parse_entries(json.loads(json.dumps([a.to_dict(), b.to_dict()])))
+    assert back == [a, b]
+    assert bench_paths([a, b]) == [
+        "results/bench/a/base.json", "results/bench/a/Q8_0.json", "results/bench/a/IQ4_KS.json",
+        "results/bench/a/IQ2_KS-noimatrix.json", "results/bench/b/IQ4_KS.json", "results/bench/b/Q8_0.json",
+        "results/bench/b/IQ2_KS-noimatrix.json"]
+    # record_paths: every record the report reads (the report rule's inputs), evaluations first
+    assert record_paths([a, b]) == evaluation_paths([a, b]) + bench_paths([a, b])
+    assert evaluation_paths([a, b]) == record_paths(sweep_entries(["a", "b"], {"a": "base", "b": "IQ4_KS"}, QUANTS,
+                                                                  PATHS))
+
+
+def test_without_bench_patterns_no_bench_records():
+    entries = sweep_entries(["a", "b"], {"a": "base", "b": "IQ4_KS"}, QUANTS, PATHS)
+    assert bench_paths(entries) == [] and record_paths(entries) == evaluation_paths(entries)
+    assert not any("bench" in json.dumps(e.to_dict()) for e in entries)
+    only_quants = sweep_entries(["a"], {"a": "base"}, QUANTS, {**PATHS, "bench": BENCH_PATHS["bench"]})
+    assert only_quants[0].base_bench == "" and len(bench_paths(only_quants)) == len(QUANTS)
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda d: d["quants"][0].update(bench=3), "model 'tiny' quants[0] 'IQ4_KS': key 'bench' is 3, not a non-empty "
+                                               "string"),
+    (lambda d: d.update(base_bench="b.json"), "model 'tiny': key 'base_bench' is for reference 'base'; reference "
+                                              "quant 'Q8_0' has its own 'bench'"),
+    (lambda d: d.update(bench="b.json"), "model 'tiny': unknown key 'bench'"),
+    (lambda d: d["quants"][0].update(speed="b.json"), "model 'tiny' quants[0] 'IQ4_KS': unknown key 'speed'"),
+])
+def test_bench_keys_are_checked(edit, expected):
+    d = sweep_entries(["tiny"], {"tiny": "Q8_0"}, QUANTS, BENCH_PATHS)[0].to_dict()
+    edit(d)
+    with pytest.raises(ReportError) as e:
+        ModelEntry.from_dict(d)
+    assert str(e.value) == f"report entries: {expected}"

@@ -35,9 +35,11 @@ IN_CI = os.environ.get("CI") == "true"
 UP = ROOT / "tests" / "slurm" / "up.sh"
 DOWN = ROOT / "tests" / "slurm" / "down.sh"
 CONFIG = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
-LOCAL_RULES = {"all", "report"}  # localrule: True, run by the main Snakemake process
+LOCAL_RULES = {"all", "report", "run_settings"}  # localrule: True, run by the main Snakemake process
 RUN_TIMEOUT = 2400  # s, hard limit (SIGKILL) on the Snakemake run
-REPORT_FILES = ("summary.csv", "summary.md", "summary.html", "size_vs_lnppl.png", "size_vs_kld.png")
+REPORT_FILES = ("summary.csv", "summary.md", "summary.html", "size_vs_lnppl.png", "size_vs_kld.png",
+                "kld_vs_speed.png")
+BENCH_RULES = {"bench_quant", "bench_base"}
 
 
 def _unavailable(reason: str) -> None:
@@ -124,7 +126,7 @@ def test_default_sweep_runs_through_slurm(slurm, tmp_path):
     cpus = _nproc()
     # every imatrix/perplexity job asks for gpu=1: the node's one fake GPU
     wd = make_workdir(tmp_path / "wd", {"resources": {"gpus": 1}})
-    gpu_rules = {"imatrix_collect", "eval_baseline", "eval_reference", "eval_quant"}
+    gpu_rules = {"imatrix_collect", "eval_baseline", "eval_reference", "eval_quant", *BENCH_RULES}
 
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
     cmd = [
@@ -177,6 +179,12 @@ def test_default_sweep_runs_through_slurm(slurm, tmp_path):
         else:
             assert "gpu" not in j.get("TresPerJob", "") + j.get("TresPerNode", ""), j
             assert step.group(1) == "<unset>", text[-2000:]
+
+    # benchmarks had the node to themselves (profiles/slurm: sbatch --exclusive), the rest shared it
+    bench_jobs = [j for j in jobs if j["rule"] in BENCH_RULES]
+    assert len(bench_jobs) == len(quants) + 1
+    assert {j.get("OverSubscribe") for j in bench_jobs} == {"NO"}, [j.get("OverSubscribe") for j in bench_jobs]
+    assert "NO" not in {j.get("OverSubscribe") for j in jobs if j not in bench_jobs}
 
     n_gpu = len(gpu_jobs)
     print(f"\nSLURM sweep: {wall:.0f} s wall, {len(jobs)} SLURM jobs ({n_gpu} with the fake GPU), "

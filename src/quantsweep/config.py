@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .engine.argv import BenchSettings
+from .engine.settings import RunSettings, resolve
 from .errors import ConfigError, PlanError, RecipeError
 from .gguf.reader import first_shard
 from .gguf.types import FTYPES, canonical_ftype, ftype_names
@@ -86,7 +88,7 @@ def parse_quants(items: list, key: str = "quants") -> list[Quant]:
 
 
 # Top-level sections that must be mappings, and lists whose items must have one of these types.
-_SECTIONS = ("engine", "models", "texts", "imatrix", "eval", "resources", "gate")
+_SECTIONS = ("engine", "models", "texts", "imatrix", "eval", "resources", "gate", "run", "bench")
 _LISTS = {("quants",): (str, dict), ("imatrix", "passes"): (str,), ("imatrix", "external"): (str,)}
 
 
@@ -187,6 +189,7 @@ def check(config: dict) -> None:
     ev = config["eval"]
     if ev["ctx"] < 128 or ev["ctx"] % 2:
         raise ConfigError(f"config eval.ctx: {ev['ctx']} must be an even number >= 128")
+    check_run(config)
     names = [q.name for q in parse_quants(config["quants"])]
     for model, m in config["models"].items():
         ref, key = (m["reference"], f"models.{model}.reference") if m.get("reference") else (
@@ -194,6 +197,47 @@ def check(config: dict) -> None:
         if ref != BASE_REFERENCE and ref not in names:
             raise ConfigError(f"config {key}: {ref!r} is neither {BASE_REFERENCE!r} nor a quant name of the sweep "
                               f"({', '.join(names)})")
+
+
+def check_run(config: dict) -> None:
+    """run.* (each step's settings over run.defaults) and bench: what can be checked without the
+    engine (its flags are checked once it is installed: quantsweep engine check-run)."""
+    settings = run_settings(config)
+    if bench_enabled(config):
+        try:
+            bench_settings(config, settings["bench"], threads=1).check()
+        except ConfigError as e:
+            raise ConfigError(f"config {e}") from None
+    gate = config.get("gate") or {}
+    for key in ("min_tg_tps", "min_pp_tps"):
+        if gate.get(key) is not None and not bench_enabled(config):
+            raise ConfigError(f"config gate.{key}: a speed limit needs bench.enabled: true")
+
+
+def run_settings(config: dict) -> dict[str, RunSettings]:
+    """Each engine step's run settings (run.<step> over run.defaults; none: CPU only, as before)."""
+    try:
+        return resolve(config.get("run"))
+    except ConfigError as e:
+        raise ConfigError(f"config {e}") from None
+
+
+def bench_enabled(config: dict) -> bool:
+    return bool((config.get("bench") or {}).get("enabled", True))
+
+
+def bench_settings(config: dict, run: RunSettings, threads: int) -> BenchSettings:
+    b = config.get("bench") or {}
+    default = BenchSettings()
+    return BenchSettings(depths=tuple(b.get("depths", default.depths)), tg=b.get("tg", default.tg),
+                         repeats=b.get("repeats", default.repeats), mla=b.get("mla", default.mla),
+                         fa=b.get("fa", default.fa), threads=threads, run=run)
+
+
+def engine_steps(config: dict) -> list[str]:
+    """The engine steps a sweep runs (whose run settings must suit the engine)."""
+    return [s for s, on in (("imatrix", bool(config["imatrix"]["passes"])), ("eval", True),
+                            ("bench", bench_enabled(config))) if on]
 
 
 def reference_of(config: dict, model: str) -> str:

@@ -65,6 +65,21 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def read_json_object(path: str | Path, what: str) -> dict:
+    """A JSON file that must hold an object; QuantsweepError naming `what` and the path says why not."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise QuantsweepError(f"{what} {path}: cannot be read ({e.strerror or e})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise QuantsweepError(f"{what} {path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(data, dict):
+        raise QuantsweepError(f"{what} {path}: not a JSON object")
+    return data
+
+
 def write_json(path: str | Path, obj) -> None:
     """Strict JSON: a NaN or infinity is refused, not written as a bare `NaN` no reader takes."""
     try:

@@ -15,6 +15,9 @@ from pathlib import Path
 
 from . import imatrix as imx
 from .engine import argv, run
+from .engine.bench import sweep_bench
+from .engine.build import installed_flags
+from .engine.settings import STEP_TOOLS, RunSettings
 from .errors import ImatrixError
 from .gguf.reader import first_shard, read_model, read_table
 from .planner.plan import as_options, plan
@@ -39,11 +42,24 @@ def matrices_per_entry(model: str | Path | None) -> dict[str, int]:
     return {t.name: t.shape[2] for t in read_model(model).tensors if len(t.shape) > 2}
 
 
+def run_settings(bin_dir: Path, step: str, d: dict | None) -> RunSettings:
+    """A step's run settings (the config's run.<step>, defaults applied), checked against the
+    flags the installed engine's tool lists in its --help."""
+    s, tool = RunSettings.from_dict(d, f"run.{step}"), STEP_TOOLS[step]
+    if not (s.extra_args or s.gpu_layers):
+        return s  # nothing the engine's --help has a say on
+    flags = installed_flags(bin_dir)
+    if tool in flags:  # a missing tool fails the step itself, naming the file
+        s.check_engine(flags[tool], f"run.{step}", tool)
+    return s
+
+
 def collect_imatrix(bin_dir: Path, model: Path, text: Path, output: Path, log: Path, mode: str,
-                    ctx: int, chunks: int, threads: int, timeout_s: float | None = None) -> dict:
+                    ctx: int, chunks: int, threads: int, timeout_s: float | None = None,
+                    settings: RunSettings = RunSettings()) -> dict:
     """One imatrix pass of the engine; returns its record."""
     return run.collect_imatrix(bin_dir, first_shard(model), text, output, log, mode, ctx, chunks, threads,
-                               timeout_s)
+                               timeout_s, settings)
 
 
 def remap_imatrix(inputs: list[str], model: str | Path, output: str | Path) -> tuple[imx.Imatrix, list[str]]:
@@ -113,6 +129,11 @@ def evaluate_quant(bin_dir: Path, model: Path, kld_base: Path, log: Path, ev: ar
                    timeout_s: float | None = None) -> dict:
     """PPL + KLD of a quant against the base logits; returns the evaluation record."""
     return run.perplexity_kld(bin_dir, first_shard(model), kld_base, log, ev, timeout_s)
+
+
+def bench(bin_dir: Path, model: Path, log: Path, b: argv.BenchSettings, timeout_s: float | None = None) -> dict:
+    """Speed of a model (a quant or the reference): llama-sweep-bench, repeated; its record."""
+    return sweep_bench(bin_dir, first_shard(model), log, b, timeout_s)
 
 
 def require_clean(report: CheckReport) -> None:

@@ -9,6 +9,8 @@ Installed under a tool's name (the test writes small launchers); QS_FAKE picks t
   nan       statistics of nan (imatrix: its abort)  foreign  a complete log, another model's imatrix
   liar      a log whose chunk count the file contradicts  abort  the engine's size-mismatch abort (SIGABRT)
   forced_mla3  a complete log reporting mla_attn = 3 (asked 1)
+llama-sweep-bench prints the first run of the real engine's tests/fixtures/logs/sweep_bench.log
+(-c 256 -ub 128, two depths); `cut` prints its first result line only, `nan` a NaN speed.
 Complete logs and outputs are the real engine's (tests/fixtures, see its README).
 """
 
@@ -70,6 +72,14 @@ def main() -> int:
             data = kld_base_bytes(int(opt(argv, "-c") or 512), 354, int(opt(argv, "--chunks") or 16))
             if mode == "fewer":
                 log = log.replace("over 16 chunks", "over 5 chunks")
+    elif tool == "llama-sweep-bench":
+        log = "\n+ ".join((LOGS / "sweep_bench.log").read_text().split("\n+ ")[:1])
+        if opt(argv, "-ot") != "exps=CPU":  # the real log's override lines are for that pattern
+            log = "\n".join(ln for ln in log.splitlines() if "buffer type overriden" not in ln)
+        if mode == "cut":
+            log = "\n".join(ln for ln in log.splitlines() if '"n_kv": 128' not in ln)
+        if mode == "nan":
+            log = log.replace('"speed_tg": ', '"speed_tg": NaN, "was": ', 1)
     if mode == "forced_mla3":  # what ik_llama.cpp #1870 does on a partial GPU offload
         log = log.replace("mla_attn      = 1", "mla_attn      = 3")
     if mode == "silent":
@@ -111,10 +121,19 @@ if __name__ == "__main__":
 
 
 def install(bin_dir: Path) -> Path:
-    """Launchers named like the engine's tools, running this script."""
+    """Launchers named like the engine's tools, running this script, and an engine.json whose
+    flags are the real engine's (its --help, tests/fixtures/help) as `quantsweep engine build`
+    writes them."""
+    import json
+
+    from quantsweep.engine.settings import help_flags
+
     bin_dir.mkdir(parents=True, exist_ok=True)
-    for tool in ("llama-imatrix", "llama-quantize", "llama-perplexity"):
+    for tool in ("llama-imatrix", "llama-quantize", "llama-perplexity", "llama-sweep-bench"):
         p = bin_dir / tool
         p.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{Path(__file__).resolve()}" {tool} "$@"\n')
         p.chmod(0o755)
+    flags = {t: help_flags((FIX / "help" / f"{t}.txt").read_text()) for t in ("llama-imatrix", "llama-perplexity")}
+    flags["llama-sweep-bench"] = flags["llama-perplexity"]
+    (bin_dir.parent / "engine.json").write_text(json.dumps({"source": "fake", "flags": flags}))
     return bin_dir

@@ -30,6 +30,12 @@ def one_of(names):
     return "|".join(re.escape(n) for n in names) or "(?!)"
 
 
+# Each engine step's run settings (run.<step> over run.defaults) and the steps the sweep runs.
+RUN = qconfig.run_settings(config)
+BENCH = qconfig.bench_enabled(config)
+ENGINE_STEPS = qconfig.engine_steps(config)
+
+
 # Models whose reference is a quant (rule eval_reference).
 REFERENCE_QUANT_MODELS = one_of(m for m in MODELS if REFERENCES[m] != "base")
 
@@ -55,7 +61,34 @@ def get_final_output():
         "results/report/size_vs_lnppl.png",
         "results/report/size_vs_kld.png",
         "results/report/summary.manifest.json",
-    ]
+    ] + (["results/report/kld_vs_speed.png"] if BENCH else [])
+
+
+def get_engine_tool_outputs():
+    """The engine tools the sweep runs (llama-sweep-bench only with bench.enabled, so a prebuilt
+    engine.source: bin_dir without it still works for a sweep without speed)."""
+    tools = {
+        "imatrix": "llama-imatrix",
+        "quantize": "llama-quantize",
+        "perplexity": "llama-perplexity",
+    }
+    if BENCH:
+        tools["sweep_bench"] = "llama-sweep-bench"
+    return {k: f"resources/engine/bin/{t}" for k, t in tools.items()}
+
+
+def get_run_section_json(wildcards):
+    return json.dumps(config.get("run") or {}, sort_keys=True)
+
+
+def get_run_json(step):
+    """A step's --run: only the settings that differ from the defaults, so a sweep without a
+    `run:` section keeps the params (and results) it had; a change reruns that step."""
+
+    def run_json(wildcards):
+        return json.dumps(RUN[step].changed(), sort_keys=True)
+
+    return run_json
 
 
 def get_engine_spec(wildcards):
@@ -104,6 +137,8 @@ def get_imatrix_inputs(wildcards):
 def get_quantize_input(wildcards):
     inputs = {
         "quantize": rules.engine_build.output.quantize,
+        # no engine job starts before the run settings are checked (rule run_settings)
+        "run_settings": ancient(rules.run_settings.output[0]),
         "model": get_model(wildcards),
         "model_files": get_model_files(wildcards),
     }
@@ -148,6 +183,9 @@ def get_summary_entries(wildcards):
         "base": rules.eval_baseline.output.result,
         "base_manifest": rules.eval_baseline.output.manifest,
     }
+    if BENCH:
+        paths["bench"] = rules.bench_quant.output.result
+        paths["base_bench"] = rules.bench_base.output.result
     return sweep_entries(MODELS, REFERENCES, list(QUANTS.values()), paths)
 
 
@@ -168,11 +206,40 @@ def get_summary_input(wildcards):
     return record_paths(get_summary_entries(wildcards))
 
 
+def get_speed_plot_output():
+    """The KLD-vs-speed plot, with bench.enabled only."""
+    if not BENCH:
+        return {}
+    return {
+        "speed": report(
+            "results/report/kld_vs_speed.png",
+            caption="../report/kld_vs_speed.rst",
+            category="Plots",
+            labels={"plot": "mean KLD vs generation speed"},
+        )
+    }
+
+
+def get_speed_plot_arg(wildcards, output):
+    return ["--plot-speed", output.speed] if BENCH else []
+
+
 # ---- resources: named functions; sizes come from the model's GGUF header (quantsweep.resources)
 
 
 def _model_size(wildcards):
     return qresources.model_size(get_model(wildcards))
+
+
+def threads_bench(wildcards):
+    """A benchmark job holds every core Snakemake was given, so no other job runs beside it on
+    this machine (its engine still runs threads_engine threads); a cluster run: 8, which
+    profiles/slurm's set-threads overrides, and it asks SLURM for the node (--exclusive).
+    """
+    try:
+        return workflow.cores
+    except WorkflowError:
+        return 8
 
 
 def threads_engine(wildcards):
@@ -233,6 +300,12 @@ def runtime_eval(wildcards, attempt):
     return qresources.runtime_min(_model_size(wildcards), tokens, attempt)
 
 
+def runtime_bench(wildcards, attempt):
+    b = config["bench"]
+    tokens = (max(b["depths"]) + 512) * 2 * b["repeats"]
+    return qresources.runtime_min(_model_size(wildcards), tokens, attempt)
+
+
 def runtime_quantize(wildcards, attempt):
     return qresources.runtime_min(_model_size(wildcards), 0, attempt)
 
@@ -248,6 +321,26 @@ def get_eval_args(wildcards):
         str(ev["mla"]),
         "--fa",
         ev["fa"],
+        "--run",
+        get_run_json("eval")(wildcards),
+    ]
+
+
+def get_bench_args(wildcards):
+    b = config["bench"]
+    return [
+        "--depths",
+        ",".join(str(d) for d in b["depths"]),
+        "--tg",
+        str(b["tg"]),
+        "--repeats",
+        str(b["repeats"]),
+        "--mla",
+        str(b["mla"]),
+        "--fa",
+        b["fa"],
+        "--run",
+        get_run_json("bench")(wildcards),
     ]
 
 

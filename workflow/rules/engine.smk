@@ -1,8 +1,6 @@
 rule engine_build:
     output:
-        imatrix="resources/engine/bin/llama-imatrix",
-        quantize="resources/engine/bin/llama-quantize",
-        perplexity="resources/engine/bin/llama-perplexity",
+        **get_engine_tool_outputs(),
         meta="resources/engine/engine.json",
     log:
         "logs/engine_build.log",
@@ -16,3 +14,24 @@ rule engine_build:
     shell:
         "quantsweep engine build --spec {params.spec:q} --cache-dir={params.cache_dir:q}"
         " --out {params.outdir:q} --log {log:q}"
+
+
+# Every engine step's run settings against the flags the installed engine lists in its --help,
+# once, before any engine job starts (every engine rule takes this file as input). As ancient():
+# changing one step's settings reruns this check and that step (its own params), not every step.
+rule run_settings:
+    input:
+        meta=rules.engine_build.output.meta,
+    output:
+        "resources/engine/run_settings.json",
+    log:
+        "logs/run_settings.log",
+    localrule: True
+    conda:
+        "../../envs/quantsweep.yaml"
+    params:
+        run=get_run_section_json,
+        steps=",".join(ENGINE_STEPS),
+    shell:
+        "quantsweep engine check-run --engine {input.meta:q} --run {params.run:q}"
+        " --steps {params.steps:q} -o {output:q} > {log:q} 2>&1"

@@ -4,6 +4,7 @@ rule eval_baseline:
         model_files=get_model_files,
         quantize=rules.engine_build.output.quantize,
         perplexity=rules.engine_build.output.perplexity,
+        run_settings=ancient(rules.run_settings.output[0]),
         text=get_text("evaluation"),
     output:
         kld_base="results/eval/{model}/baseline.kld",
@@ -37,6 +38,7 @@ use rule eval_baseline as eval_reference with:
         model_files=get_reference_quant,
         quantize=rules.engine_build.output.quantize,
         perplexity=rules.engine_build.output.perplexity,
+        run_settings=ancient(rules.run_settings.output[0]),
         text=get_text("evaluation"),
     log:
         "logs/eval_reference/{model}.log",
@@ -53,6 +55,7 @@ rule eval_quant:
         kld_base=rules.eval_baseline.output.kld_base,
         quantize=rules.engine_build.output.quantize,
         perplexity=rules.engine_build.output.perplexity,
+        run_settings=ancient(rules.run_settings.output[0]),
     output:
         result="results/eval/{model}/{quant}.json",
         manifest="results/eval/{model}/{quant}.manifest.json",

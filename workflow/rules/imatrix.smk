@@ -4,6 +4,7 @@ rule imatrix_collect:
         model_files=get_model_files,
         quantize=rules.engine_build.output.quantize,
         imatrix_tool=rules.engine_build.output.imatrix,
+        run_settings=ancient(rules.run_settings.output[0]),
         text=get_text("calibration"),
     output:
         dat="results/imatrix/{model}/{imatrix_pass}.dat",
@@ -23,11 +24,13 @@ rule imatrix_collect:
         bin_dir=get_bin_dir,
         ctx=config["imatrix"]["ctx"],
         chunks=config["imatrix"]["chunks"],
+        run=get_run_json("imatrix"),
     shell:
         "quantsweep imatrix collect --bin-dir {params.bin_dir:q} --model {input.model:q}"
         " --text {input.text:q} -o {output.dat:q} --record {output.record:q} --log {log:q}"
         " --mode {wildcards.imatrix_pass} --ctx {params.ctx} --chunks {params.chunks}"
-        " --threads {threads} --manifest {output.manifest:q} --timeout-min {resources.runtime}"
+        " --threads {threads} --run {params.run:q} --manifest {output.manifest:q}"
+        " --timeout-min {resources.runtime}"
 
 
 rule imatrix_remap:
@@ -54,6 +57,7 @@ rule imatrix_check:
         model_files=get_model_files,
         imatrix=rules.imatrix_remap.output.dat,
         quantize=rules.engine_build.output.quantize,
+        run_settings=ancient(rules.run_settings.output[0]),
     output:
         report="results/imatrix/{model}/check/{quant}.txt",
     log:

@@ -2,6 +2,7 @@ rule report:
     input:
         get_summary_input,
     output:
+        **get_speed_plot_output(),
         csv=report(
             "results/report/summary.csv",
             caption="../report/summary.rst",
@@ -36,8 +37,9 @@ rule report:
     params:
         entries=get_summary_entries_json,
         gate=get_gate_json,
+        speed=get_speed_plot_arg,
     shell:
         "quantsweep report --entries {params.entries:q} --gate {params.gate:q}"
         " --csv {output.csv:q} --md {output.md:q} --html {output.html:q}"
-        " --plot-lnppl {output.lnppl:q} --plot-kld {output.kld:q}"
+        " --plot-lnppl {output.lnppl:q} --plot-kld {output.kld:q} {params.speed:q}"
         " --manifest {output.manifest:q} > {log:q} 2>&1"

@@ -8,10 +8,11 @@ reference): `-fa` takes a value, `-fmoe` no longer exists, fused ops are switche
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import StepError
+from ..errors import ConfigError, StepError
+from .settings import RunSettings
 
 # What each imatrix pass collects (ik_llama.md §1.5): `-mla 1 -fa off` gives per-head
 # attn_k_b/attn_v_b data, `-mla 0` gives attn_kv_b. Fused MoE/up-gate ops would hide the
@@ -35,7 +36,7 @@ class EvalSettings:
     threads: int = 2
     mla: int = 1
     fa: str = "off"
-    batch: int = 0  # 0 = engine default
+    run: RunSettings = field(default_factory=RunSettings)  # -ngl, -ot, -b/-ub, ... (run.eval)
 
     def attention_args(self) -> list[str]:
         return ["-mla", str(self.mla), "-fa", self.fa]
@@ -56,7 +57,8 @@ def asked_context(cmd: list[str]) -> dict[str, int]:
 
 
 def imatrix_cmd(
-    bin_dir: Path, model: Path, text: Path, out: Path, mode: str, ctx: int, chunks: int, threads: int
+    bin_dir: Path, model: Path, text: Path, out: Path, mode: str, ctx: int, chunks: int, threads: int,
+    run: RunSettings = RunSettings(),
 ) -> list[str]:
     if mode not in IMATRIX_PASSES:
         raise StepError(f"imatrix pass {mode!r} is not one of {sorted(IMATRIX_PASSES)}")
@@ -67,7 +69,7 @@ def imatrix_cmd(
         "-o", str(out),
         "-c", str(ctx),
         "--chunks", str(chunks),
-        "-t", str(threads),
+        *run.argv(threads),
         *IMATRIX_PASSES[mode],
         *COLLECT_FLAGS,
         *NO_LOG_FILE,
@@ -93,12 +95,12 @@ def perplexity_base_cmd(bin_dir: Path, model: Path, text: Path, kld_base: Path, 
         "-f", str(text),
         "-c", str(ev.ctx),
         "--chunks", str(ev.chunks),
-        "-t", str(ev.threads),
+        *ev.run.argv(ev.threads),
         *ev.attention_args(),
         "--kl-divergence-base", str(kld_base),
         *NO_LOG_FILE,
     ]
-    return cmd + (["-b", str(ev.batch)] if ev.batch else [])
+    return cmd
 
 
 def perplexity_kld_cmd(bin_dir: Path, model: Path, kld_base: Path, ev: EvalSettings) -> list[str]:
@@ -108,13 +110,62 @@ def perplexity_kld_cmd(bin_dir: Path, model: Path, kld_base: Path, ev: EvalSetti
         "-m", str(model),
         "-c", str(ev.ctx),
         "--chunks", str(ev.chunks),
-        "-t", str(ev.threads),
+        *ev.run.argv(ev.threads),
         *ev.attention_args(),
         "--kl-divergence-base", str(kld_base),
         "--kl-divergence",
         *NO_LOG_FILE,
     ]
-    return cmd + (["-b", str(ev.batch)] if ev.batch else [])
+    return cmd
+
+
+# The engine's physical batch when -ub is not given: sweep-bench's prompt step is one ubatch.
+ENGINE_UBATCH = 512
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What llama-sweep-bench measures: PP (one ubatch of tokens) and TG (`tg` tokens) at each KV
+    depth, in the attention mode generation uses; the first depth is the report's headline."""
+
+    depths: tuple[int, ...] = (0,)
+    tg: int = 128
+    repeats: int = 5
+    mla: int = 3
+    fa: str = "on"
+    threads: int = 2
+    run: RunSettings = field(default_factory=RunSettings)  # run.bench
+
+    @property
+    def pp(self) -> int:
+        return self.run.ubatch or ENGINE_UBATCH
+
+    @property
+    def ctx(self) -> int:
+        """sweep-bench measures at depths 0, pp, 2 pp, ... below the context: up to the deepest asked."""
+        return max(self.depths) + self.pp
+
+    def check(self) -> None:
+        bad = [d for d in self.depths if d < 0 or d % self.pp]
+        if not self.depths or bad or len(set(self.depths)) != len(self.depths):
+            raise ConfigError(f"bench.depths: {list(self.depths)}: each must be a different multiple of the "
+                              f"prompt batch {self.pp} (run.bench.ubatch, else the engine's {ENGINE_UBATCH})")
+
+
+def sweep_bench_cmd(bin_dir: Path, model: Path, b: BenchSettings, engine_log: Path) -> list[str]:
+    """One llama-sweep-bench run (JSON lines out, one per depth). --log-disable would silence the
+    result lines too, so the tool's own log file goes to `engine_log`.log instead of ./llama.log."""
+    return [
+        str(Path(bin_dir) / "llama-sweep-bench"),
+        "-m", str(model),
+        "-c", str(b.ctx),
+        "-n", str(b.tg),
+        *b.run.argv(b.threads),
+        *(["-ub", str(b.pp)] if not b.run.ubatch else []),
+        "-mla", str(b.mla), "-fa", b.fa,
+        "--output-format", "jsonl",
+        "--log-file", str(engine_log),
+    ]
 
 
 def gguf_split_cmd(bin_dir: Path, model: Path, out_prefix: Path, max_tensors: int) -> list[str]:

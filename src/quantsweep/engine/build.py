@@ -21,17 +21,19 @@ from pathlib import Path
 
 from ..errors import EngineError
 from ..fileio import sha256_file
-from .run import note
+from .hardware import usable_cpus
+from .run import note, run_logged
+from .settings import HELP_FROM, STEP_TOOLS, help_flags
 from .sources import Log, prepare_source, run_checked, source_identity, toolchain_identity
 from .spec import EngineSpec
 
 # What the sweep runs; llama-gguf-split is built too (split models, tests) but a prebuilt
 # bin dir (engine.source: bin_dir) need not have it.
 REQUIRED_TOOLS = ("llama-imatrix", "llama-quantize", "llama-perplexity")
-TOOLS = (*REQUIRED_TOOLS, "llama-gguf-split")
+TOOLS = (*REQUIRED_TOOLS, "llama-gguf-split", "llama-sweep-bench")
 # Bump when the build procedure changes in a way that changes the binaries (the tool list is
 # part of the key by itself). 2: -ffile-prefix-map, builds of one key are byte-identical;
-# 3: llama-gguf-split and the tool list joined the key.
+# 3: llama-gguf-split and the tool list joined the key (then llama-sweep-bench joined the list).
 BUILD_PROCEDURE = 3
 
 
@@ -44,13 +46,6 @@ def _reproducible_flags(work: Path, spec: EngineSpec) -> list[str]:
     if spec.cuda:
         flags.append(f"-DCMAKE_CUDA_FLAGS=-Xcompiler={remap}")
     return flags
-
-
-def _usable_cpus() -> int:
-    """The CPUs this process may run on (a SLURM job's allocation), not all of the node's."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0)) or 1
-    return os.cpu_count() or 1
 
 
 def default_cache_dir() -> Path:
@@ -87,7 +82,7 @@ def build_into_cache(spec: EngineSpec, cache: Path, log: Log) -> Path:
             build = work / "build"
             run_checked(["cmake", "-S", str(src), "-B", str(build), "-G", "Unix Makefiles", *_reproducible_flags(work, spec),
                   *spec.cmake_args()], log)
-            jobs = spec.jobs or _usable_cpus()
+            jobs = spec.jobs or usable_cpus()
             run_checked(["cmake", "--build", str(build), "-j", str(jobs), "--target", *TOOLS], log)
             staged = work / "entry"
             (staged / "bin").mkdir(parents=True)
@@ -128,6 +123,31 @@ def adopt_bin_dir(spec: EngineSpec) -> tuple[Path, dict]:
     return bdir, meta
 
 
+def tool_flags(bin_dir: Path) -> dict[str, list[str]]:
+    """The flags each step's tool lists in its --help, asked once per install: run settings'
+    extra arguments are checked against them before a sweep starts (settings.check_engine)."""
+    out = {}
+    for tool in STEP_TOOLS.values():
+        helper = (bin_dir / HELP_FROM.get(tool, tool)).resolve()
+        if os.access(bin_dir / tool, os.X_OK) and os.access(helper, os.X_OK):
+            with tempfile.TemporaryDirectory(prefix="quantsweep-help-") as scratch:  # --help writes ./llama.log
+                flags = help_flags(run_logged([str(helper), "--help"], cwd=Path(scratch), timeout_s=120).text)
+            if "-m" not in flags:
+                raise EngineError(f"{helper} --help lists no -m option: not an ik_llama.cpp tool?")
+            out[tool] = flags
+    return out
+
+
+def installed_flags(bin_dir: Path) -> dict[str, list[str]]:
+    """The step tools' flags of an installed engine (engine.json beside bin/, asked when an older
+    install lacks them)."""
+    try:
+        meta = json.loads((Path(bin_dir).parent / "engine.json").read_text())
+    except (OSError, ValueError):
+        meta = {}
+    return meta.get("flags") or tool_flags(Path(bin_dir))
+
+
 def _remove_stale(parent: Path, prefix: str) -> None:
     """Temp trees a killed run left (kill -9 skips their cleanup); only called where no other
     run can be using them."""
@@ -157,6 +177,7 @@ def install_engine(spec: EngineSpec, out_dir: Path, cache: Path | None = None, l
             # A copy, not a hard link: Snakemake touches outputs, and a shared inode would make
             # every other work dir using the same cache entry look out of date.
             shutil.copy2(bin_src / tool, staged / "bin" / tool)
+        meta["flags"] = tool_flags(staged / "bin")
         (staged / "engine.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)

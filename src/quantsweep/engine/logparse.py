@@ -3,6 +3,7 @@ so a run counts as done only when its log carries the final lines parsed here.""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -61,19 +62,65 @@ def _with_reason(what: str, text: str) -> str:
     return f"{what}: {reason}" if reason else what
 
 
-_CONTEXT = re.compile(r"^llama_init_from_model: (flash_attn|mla_attn|fused_moe|fused_up_gate)\s*=\s*(\d+)\s*$",
-                      re.M)
+_CONTEXT = re.compile(r"^llama_init_from_model: (n_ctx|n_batch|n_ubatch|flash_attn|mla_attn|fused_moe|fused_up_gate)"
+                      r"\s*=\s*(\d+)\s*$", re.M)
 _MLA_CHANGED = re.compile(r"changing MLA from (\d+) to (\d+)")
+_OFFLOADED = re.compile(r"offloaded (\d+)/(\d+) layers to GPU")
+_OVERRIDDEN = re.compile(r"^Tensor \S+ \(size = .*?\) buffer type overriden to (\S+)", re.M)
 
 
 def parse_context(text: str) -> dict[str, int]:
-    """The attention mode and fused ops a run really used, as the engine reports them when it
-    creates its context (flash_attn, mla_attn, fused_moe, fused_up_gate), with a later
-    "changing MLA from X to Y" (a GGUF without attn_kv_b) applied."""
+    """What a run really used, as the engine reports it: its context (n_ctx, n_batch, n_ubatch,
+    flash_attn, mla_attn, fused_moe, fused_up_gate) with a later "changing MLA from X to Y" (a
+    GGUF without attn_kv_b) applied; the layers offloaded to a GPU (GPU builds print it) and the
+    number of tensors an -ot pattern moved (any build prints each one)."""
     ran = {m.group(1): int(m.group(2)) for m in _CONTEXT.finditer(text)}
     if changed := _MLA_CHANGED.search(text):
         ran["mla_attn"] = int(changed.group(2))
+    if off := _OFFLOADED.search(text):
+        ran["gpu_layers"], ran["layers"] = int(off.group(1)), int(off.group(2))
+    if moved := _OVERRIDDEN.findall(text):
+        ran["tensors_overridden"] = len(moved)
     return ran
+
+
+_BENCH_ROW = re.compile(r'^\{"n_kv_max":.*\}\s*$', re.M)
+
+
+@dataclass
+class BenchRow:
+    """One sweep-bench measurement: at `n_kv` tokens of context, a prompt of `pp` tokens and
+    `tg` generated tokens, in tokens per second."""
+
+    n_kv: int
+    pp: int
+    tg: int
+    pp_tps: float
+    tg_tps: float
+    n_kv_max: int
+
+
+def parse_sweep_bench(text: str) -> list[BenchRow]:
+    """The JSON lines of a llama-sweep-bench run (--output-format jsonl); complete only when a row
+    came for every depth 0, pp, 2 pp, ... below its context and every speed is a positive number."""
+    rows = []
+    for m in _BENCH_ROW.finditer(text):
+        try:
+            d = json.loads(m.group(0))
+            rows.append(BenchRow(int(d["n_kv"]), int(d["pp"]), int(d["tg"]), float(d["speed_pp"]),
+                                 float(d["speed_tg"]), int(d["n_kv_max"])))
+        except (ValueError, KeyError, TypeError) as e:
+            raise EngineOutputError(f"unreadable sweep-bench result line ({e}): {m.group(0)[:120]}") from None
+    if not rows:
+        raise EngineOutputError(_with_reason("no sweep-bench result lines in the output", text))
+    want = list(range(0, rows[0].n_kv_max, rows[0].pp))
+    if [r.n_kv for r in rows] != want:
+        raise EngineOutputError(f"sweep-bench measured depths {[r.n_kv for r in rows]}, not {want}: it stopped early")
+    bad = next((r for r in rows if not (math.isfinite(r.pp_tps) and r.pp_tps > 0 and math.isfinite(r.tg_tps)
+                                        and r.tg_tps > 0)), None)
+    if bad is not None:
+        raise EngineOutputError(f"sweep-bench speed at depth {bad.n_kv} is PP {bad.pp_tps}, TG {bad.tg_tps} t/s")
+    return rows
 
 
 _TENSOR_LINE = re.compile(r"^\[\s*\d+/\s*\d+\]\s+(\S+) - \[([\d,\s]+)\], type =\s*(\S+),(.*)$")

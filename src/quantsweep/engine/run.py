@@ -26,6 +26,7 @@ from ..gguf.reader import read_model, shards, verify_complete
 from ..imatrix.verify import verify_collected
 from . import argv, logparse
 from .outputs import kld_base_header, vocab_size
+from .settings import RunSettings
 
 T = TypeVar("T")
 
@@ -37,6 +38,12 @@ class Completed:
     text: str  # stdout + stderr as the program printed them
     wall_s: float
     timed_out: bool = False
+    started: float = 0.0  # epoch seconds
+
+    def times(self) -> dict[str, float]:
+        """When the run started and ended (epoch seconds): records keep them, so a check can
+        see which jobs ran at the same time (a benchmark must run alone)."""
+        return {"started_at": round(self.started, 3), "ended_at": round(self.started + self.wall_s, 3)}
 
 
 def run_logged(cmd: list[str], log: Path | TextIO | None = None, cwd: Path | None = None,
@@ -46,7 +53,7 @@ def run_logged(cmd: list[str], log: Path | TextIO | None = None, cwd: Path | Non
     log: a file path, appended to while the program runs (a three-hour imatrix pass can be
     followed with tail -f); a text stream, written when it ends; or None, kept in memory.
     timeout_s: the watchdog; a hung program is killed after it."""
-    t0 = time.monotonic()
+    t0, started = time.monotonic(), time.time()
     head = "+ " + shlex.join(cmd) + "\n"
     path = Path(log) if isinstance(log, (str, Path)) else None
     if path is not None:
@@ -67,7 +74,7 @@ def run_logged(cmd: list[str], log: Path | TextIO | None = None, cwd: Path | Non
     if path is None and log is not None:
         log.write(head + text)
         log.flush()
-    return Completed(cmd, proc.returncode, text, time.monotonic() - t0, timed_out)
+    return Completed(cmd, proc.returncode, text, time.monotonic() - t0, timed_out, started)
 
 
 def _wait(proc: subprocess.Popen, timeout_s: float | None) -> bool:
@@ -118,9 +125,14 @@ def ran_as_asked(res: Completed, what: str, log: Path | None) -> dict[str, int]:
     mla 3, which collects no attn_k_b/attn_v_b data and evaluates another graph)."""
     ran, asked = logparse.parse_context(res.text), argv.asked_context(res.cmd)
     diff = [f"{k} = {ran[k]} (asked {v})" for k, v in asked.items() if k in ran and ran[k] != v]
+    where = f"; see {log}" if log else ""
     if diff:
         raise StepError(f"{what} ran with {', '.join(diff)}: the engine changed the attention mode or fused "
-                        "ops it was given (a partial GPU offload forces mla 3)" + (f"; see {log}" if log else ""))
+                        "ops it was given (a partial GPU offload forces mla 3)" + where)
+    patterns = [v for f, v in zip(res.cmd, res.cmd[1:]) if f == "-ot"]
+    if patterns and not ran.get("tensors_overridden"):
+        raise StepError(f"{what}: the tensor override(s) {', '.join(patterns)} matched no tensor of the model "
+                        "(run.*.override_tensors)" + where)
     return ran
 
 
@@ -159,12 +171,13 @@ def _all_chunks(got: int | None, wanted: int, what: str, text_file: Path, log: P
 
 
 def collect_imatrix(bin_dir: Path, model: Path, text: Path, out: Path, log: Path, mode: str,
-                    ctx: int, chunks: int, threads: int, timeout_s: float | None = None) -> dict:
+                    ctx: int, chunks: int, threads: int, timeout_s: float | None = None,
+                    run: RunSettings = RunSettings()) -> dict:
     """One imatrix pass (`mode`: a key of argv.IMATRIX_PASSES); returns its parsed summary.
     The file is read back whole (every entry, value and the chunk count) before it is kept."""
     what = f"imatrix ({mode} pass)"
     with partial_path(out) as tmp:
-        res = run_logged(argv.imatrix_cmd(bin_dir, model, text, tmp, mode, ctx, chunks, threads), log,
+        res = run_logged(argv.imatrix_cmd(bin_dir, model, text, tmp, mode, ctx, chunks, threads, run), log,
                          timeout_s=timeout_s)
         parsed = checked(res, logparse.parse_imatrix_run, log, what, timeout_s)
         ran = ran_as_asked(res, what, log)
@@ -172,8 +185,8 @@ def collect_imatrix(bin_dir: Path, model: Path, text: Path, out: Path, log: Path
         if not tmp.exists():
             raise StepError(f"{what} wrote no file; see {log}")
         _verified(tmp, out, lambda p: verify_collected(p, read_model(model), parsed.chunks), what, log)
-    return {"mode": mode, "chunks": parsed.chunks, "ppl": parsed.ppl, "ran": ran, "wall_s": round(res.wall_s, 2),
-            "cmd": res.cmd}
+    return {"mode": mode, "chunks": parsed.chunks, "ppl": parsed.ppl, "run": run.to_dict(), "ran": ran,
+            "wall_s": round(res.wall_s, 2), **res.times(), "cmd": res.cmd}
 
 
 def quantize(bin_dir: Path, model: Path, out: Path, log: Path, ftype: str, threads: int,
@@ -186,7 +199,7 @@ def quantize(bin_dir: Path, model: Path, out: Path, log: Path, ftype: str, threa
                          timeout_s=timeout_s)
         parsed = checked(res, logparse.parse_quantize, log, what, timeout_s)
         _verified(tmp, out, verify_complete, what, log)
-    return {**asdict(parsed), "wall_s": round(res.wall_s, 2), "cmd": res.cmd}
+    return {**asdict(parsed), "wall_s": round(res.wall_s, 2), **res.times(), "cmd": res.cmd}
 
 
 @dataclass
@@ -223,9 +236,10 @@ def _eval_record(model: Path, res: logparse.PerplexityResult, ev: argv.EvalSetti
         "ran": ran,
         "model_file": str(model),
         "size_bytes": sum(os.path.getsize(f) for f in shards(model)),
-        "eval": asdict(ev),
+        "eval": {**asdict(ev), "run": ev.run.to_dict()},
         "cmd": run.cmd,
         "wall_s": round(run.wall_s, 2),
+        **run.times(),
     }
 
 

@@ -4,16 +4,20 @@ This is the one contract between the workflow and the report. The workflow build
 `sweep_entries` and passes it as JSON (`ModelEntry.to_dict`, one dict per model):
 
     {"model": "tiny",
-     "reference": "base" | {"name", "ftype", "imatrix", "result", "manifests"},
+     "reference": "base" | {"name", "ftype", "imatrix", "result", "manifests", "bench"},
      "base": "results/eval/tiny/baseline.json",             # the reference's evaluation record
      "base_manifest": "results/eval/tiny/baseline.manifest.json",
+     "base_bench": "results/bench/tiny/baseline.json",      # the unquantized model's bench record
      "quants": [{"name", "ftype", "imatrix": "yes" | "no", "result": record path,
-                 "manifests": {"quantize": path, "eval": path}}, ...]}   # sweep order
+                 "manifests": {"quantize": path, "eval": path},
+                 "bench": bench record path}, ...]}          # sweep order
 
-`base_manifest`, `manifests` and the reference quant's `result` may be left out. `from_dict`
-refuses anything else with a `ReportError` naming the model, the quant and the key;
-`record_paths` lists every evaluation record the report reads (the CLI's manifest inputs) and
-`load_rows` reads them into summary rows.
+`base_manifest`, `manifests`, the reference quant's `result` and every bench record (a sweep
+without the bench step has none) may be left out; `base_bench` is only for reference "base" (a
+reference quant's bench record is its own `bench`). `from_dict` refuses anything else with a
+`ReportError` naming the model, the quant and the key; `record_paths` lists every record the
+report reads (the CLI's manifest inputs, the report rule's inputs), `evaluation_paths` and
+`bench_paths` each kind, and `load_rows` reads them into summary rows.
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ..errors import ReportError
+from .speed import BenchRecord, check_same_bench
 from .table import BASE_REFERENCE, ModelInfo, Record, Row, make_rows
 
 MANIFEST_KINDS = ("quantize", "eval")
+# Required path patterns of sweep_entries; "bench" and "base_bench" are optional (bench step off: none).
 PATH_KEYS = ("eval", "eval_manifest", "quant_manifest", "base", "base_manifest")
 
 
@@ -61,6 +67,7 @@ class QuantEntry:
     result: str = ""  # evaluation record (not read for a reference quant: its record is the model's `base`)
     quant_manifest: str = ""
     eval_manifest: str = ""
+    bench: str = ""  # bench record ("": not benchmarked)
 
     def to_dict(self) -> dict:
         d = {"name": self.name, "ftype": self.ftype, "imatrix": self.imatrix}
@@ -69,6 +76,8 @@ class QuantEntry:
         manifests = {k: v for k, v in zip(MANIFEST_KINDS, (self.quant_manifest, self.eval_manifest)) if v}
         if manifests:
             d["manifests"] = manifests
+        if self.bench:
+            d["bench"] = self.bench
         return d
 
     @classmethod
@@ -77,13 +86,13 @@ class QuantEntry:
         d = _object(d, where)
         if isinstance(d.get("name"), str) and d["name"]:
             where = f"{where} {d['name']!r}"
-        _no_other_keys(d, ("name", "ftype", "imatrix", "result", "manifests"), where)
+        _no_other_keys(d, ("name", "ftype", "imatrix", "result", "manifests", "bench"), where)
         manifests = _object(d.get("manifests", {}), f"{where} manifests")
         _no_other_keys(manifests, MANIFEST_KINDS, f"{where} manifests")
         return cls(_str(d, "name", where), _str(d, "ftype", where), _str(d, "imatrix", where),
                    _str(d, "result", where, need_result),
                    _str(manifests, "quantize", f"{where} manifests", False),
-                   _str(manifests, "eval", f"{where} manifests", False))
+                   _str(manifests, "eval", f"{where} manifests", False), _str(d, "bench", where, False))
 
 
 @dataclass
@@ -95,10 +104,16 @@ class ModelEntry:
     base: str  # the reference's evaluation record (baseline.json)
     quants: list[QuantEntry]  # sweep order, without the reference quant
     base_manifest: str = ""
+    base_bench: str = ""  # the unquantized model's bench record (reference "base" only)
 
     @property
     def reference_name(self) -> str:
         return BASE_REFERENCE if self.reference is None else self.reference.name
+
+    @property
+    def reference_bench(self) -> str:
+        """The reference row's bench record ("": none)."""
+        return self.base_bench if self.reference is None else self.reference.bench
 
     def to_dict(self) -> dict:
         d = {"model": self.model,
@@ -106,6 +121,8 @@ class ModelEntry:
              "base": self.base}
         if self.base_manifest:
             d["base_manifest"] = self.base_manifest
+        if self.base_bench:
+            d["base_bench"] = self.base_bench
         d["quants"] = [q.to_dict() for q in self.quants]
         return d
 
@@ -113,7 +130,7 @@ class ModelEntry:
     def from_dict(cls, d) -> "ModelEntry":
         d = _object(d, "an entry")
         where = f"model {d['model']!r}" if isinstance(d.get("model"), str) else "an entry"
-        _no_other_keys(d, ("model", "reference", "base", "base_manifest", "quants"), where)
+        _no_other_keys(d, ("model", "reference", "base", "base_manifest", "base_bench", "quants"), where)
         model = _str(d, "model", where)
         ref = d.get("reference", BASE_REFERENCE)
         if isinstance(ref, str) and ref != BASE_REFERENCE:
@@ -124,7 +141,11 @@ class ModelEntry:
         if not isinstance(d["quants"], list):
             raise ReportError(f"report entries: {where}: key 'quants' is not a list")
         quants = [QuantEntry.from_dict(q, f"{where} quants[{i}]") for i, q in enumerate(d["quants"])]
-        entry = cls(model, reference, _str(d, "base", where), quants, _str(d, "base_manifest", where, False))
+        entry = cls(model, reference, _str(d, "base", where), quants, _str(d, "base_manifest", where, False),
+                    _str(d, "base_bench", where, False))
+        if reference is not None and entry.base_bench:
+            raise ReportError(f"report entries: {where}: key 'base_bench' is for reference {BASE_REFERENCE!r}; "
+                              f"reference quant {reference.name!r} has its own 'bench'")
         names = [entry.reference_name] + [q.name for q in quants]
         dup = next((n for i, n in enumerate(names) if n in names[:i]), None)
         if dup is not None:
@@ -150,9 +171,19 @@ def to_json_data(entries: Sequence[ModelEntry]) -> list[dict]:
     return [e.to_dict() for e in entries]
 
 
-def record_paths(entries) -> list[str]:
+def evaluation_paths(entries) -> list[str]:
     """Every evaluation record the report reads, per model its reference's then its quants'."""
     return [p for e in parse_entries(entries) for p in [e.base, *(q.result for q in e.quants)]]
+
+
+def bench_paths(entries) -> list[str]:
+    """Every bench record the report reads, per model its reference's then its quants' ([]: no bench)."""
+    return [p for e in parse_entries(entries) for p in [e.reference_bench, *(q.bench for q in e.quants)] if p]
+
+
+def record_paths(entries) -> list[str]:
+    """Every record the report reads: the evaluation records, then the bench records."""
+    return evaluation_paths(entries) + bench_paths(entries)
 
 
 def _fill(paths: Mapping[str, str], key: str, **fields: str) -> str:
@@ -166,8 +197,9 @@ def sweep_entries(models: Sequence[str], references: Mapping[str, str], quants: 
                   paths: Mapping[str, str]) -> list[ModelEntry]:
     """The entries of a sweep. models: model names in report order; references: {model: "base" |
     quant name}; quants: in sweep order, objects with .name, .ftype and .imatrix (bool); paths:
-    format strings with {model} / {quant} fields for each key of PATH_KEYS. A model's reference
-    quant is its `reference`, not one of its `quants`."""
+    format strings with {model} / {quant} fields for each key of PATH_KEYS, and optionally
+    "bench" ({model}, {quant}) and "base_bench" ({model}): left out, no bench records are read.
+    A model's reference quant is its `reference`, not one of its `quants`."""
     missing = [k for k in PATH_KEYS if k not in paths]
     if missing:
         raise ReportError(f"report entries: no path pattern for {missing[0]!r}")
@@ -176,7 +208,8 @@ def sweep_entries(models: Sequence[str], references: Mapping[str, str], quants: 
     def entry(model: str, q) -> QuantEntry:
         f = {"model": model, "quant": q.name}
         return QuantEntry(q.name, q.ftype, "yes" if q.imatrix else "no", _fill(paths, "eval", **f),
-                          _fill(paths, "quant_manifest", **f), _fill(paths, "eval_manifest", **f))
+                          _fill(paths, "quant_manifest", **f), _fill(paths, "eval_manifest", **f),
+                          _fill(paths, "bench", **f) if "bench" in paths else "")
 
     out = []
     for model in models:
@@ -186,15 +219,28 @@ def sweep_entries(models: Sequence[str], references: Mapping[str, str], quants: 
         if ref != BASE_REFERENCE and ref not in by_name:
             raise ReportError(f"report entries: model {model!r}: reference {ref!r} is neither "
                               f"{BASE_REFERENCE!r} nor a quant of the sweep")
+        base_bench = _fill(paths, "base_bench", model=model) if ref == BASE_REFERENCE and "base_bench" in paths else ""
         out.append(ModelEntry(model, None if ref == BASE_REFERENCE else entry(model, by_name[ref]),
                               _fill(paths, "base", model=model), [entry(model, q) for q in quants if q.name != ref],
-                              _fill(paths, "base_manifest", model=model)))
+                              _fill(paths, "base_manifest", model=model), base_bench))
+    return out
+
+
+def _add_benches(e: ModelEntry, rows: list[Row]) -> list[BenchRecord]:
+    """Read the model's bench records into its rows (reference row first); returns them."""
+    out = []
+    for row, path in zip(rows, [e.reference_bench, *(q.bench for q in e.quants)]):
+        if path:
+            b = BenchRecord.load(path, row.model, row.quant)
+            row.add_bench(b)
+            out.append(b)
     return out
 
 
 def load_rows(entries) -> tuple[list[Row], list[ModelInfo]]:
     """Read every model's records into summary rows (reference row first, then the quants in
-    entry order, with their manifests) and what each model was measured against."""
+    entry order, with their manifests and speeds) and what each model was measured against and
+    benchmarked with (every bench record of the sweep must use the same bench settings)."""
     rows: list[Row] = []
     infos: list[ModelInfo] = []
     for e in parse_entries(entries):
@@ -209,5 +255,6 @@ def load_rows(entries) -> tuple[list[Row], list[ModelInfo]]:
         for row, q in zip(model_rows[1:], e.quants):
             row.quant_manifest, row.eval_manifest = q.quant_manifest, q.eval_manifest
         rows += model_rows
-        infos.append(ModelInfo.from_record(e.model, e.reference_name, base))
+        infos.append(ModelInfo.from_record(e.model, e.reference_name, base, _add_benches(e, model_rows)))
+    check_same_bench([b for i in infos for b in i.benches])
     return rows, infos

@@ -1,8 +1,9 @@
 """The quality gate, the Pareto fronts and the verdict text, over summary rows.
 
-`annotate` fills the rows' `gate` ('pass' / 'fail' / '') and `pareto` ('ppl', 'kld',
-'ppl+kld') columns per model; `smallest_passing` and `notes` / `verdict_text` turn them into
-the report's answer.
+`annotate` fills the rows' `gate` ('pass' / 'fail' / '') and `pareto` ('ppl', 'kld', 'speed',
+joined by '+') columns per model; `smallest_passing` and `notes` / `verdict_text` turn them
+into the report's answer. The gate's speed limits and the `speed` front use the bench's
+headline depth (higher tokens/s is better).
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import ReportError
-from .table import ModelInfo, Row
+from .speed import speed_notes
+from .table import ModelInfo, Row, speed_cell
 
-GATE_KEYS = ("max_dppl_pct", "max_kld")
+GATE_KEYS = ("max_dppl_pct", "max_kld", "min_tg_tps", "min_pp_tps")
 
 
 @dataclass(frozen=True)
@@ -23,10 +25,12 @@ class Gate:
 
     max_dppl_pct: float | None = None
     max_kld: float | None = None
+    min_tg_tps: float | None = None  # TG tokens/s at the headline depth; no bench record: fails
+    min_pp_tps: float | None = None
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "Gate":
-        """From the config's `gate` section ({"max_dppl_pct": x | null, "max_kld": y | null})."""
+        """From the config's `gate` section ({key: number | null} for each of GATE_KEYS)."""
         d = d or {}
         if not isinstance(d, dict):
             raise ReportError(f"gate: {d!r} is not an object")
@@ -37,11 +41,11 @@ class Gate:
             v = d.get(k)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
                 raise ReportError(f"gate: key {k!r} is {v!r}, not a number or null")
-        return cls(d.get("max_dppl_pct"), d.get("max_kld"))
+        return cls(**{k: d.get(k) for k in GATE_KEYS})
 
     @property
     def active(self) -> bool:
-        return self.max_dppl_pct is not None or self.max_kld is not None
+        return any(getattr(self, k) is not None for k in GATE_KEYS)
 
     @property
     def max_ln_ppl_ratio(self) -> float | None:
@@ -49,12 +53,16 @@ class Gate:
         return None if self.max_dppl_pct is None else math.log1p(self.max_dppl_pct / 100.0)
 
     def describe(self, only: str | None = None) -> str:
-        """The limits in words; only='lnppl' or 'kld' names just the one a plot's axis shows."""
+        """The limits in words; only='lnppl', 'kld', 'tg' or 'pp' names just the one a plot's axis shows."""
         parts = []
         if self.max_dppl_pct is not None and only in (None, "lnppl"):
             parts.append(f"ΔPPL ≤ {self.max_dppl_pct:g} %")
         if self.max_kld is not None and only in (None, "kld"):
             parts.append(f"mean KLD ≤ {self.max_kld:g}")
+        if self.min_tg_tps is not None and only in (None, "tg"):
+            parts.append(f"TG ≥ {self.min_tg_tps:g} t/s")
+        if self.min_pp_tps is not None and only in (None, "pp"):
+            parts.append(f"PP ≥ {self.min_pp_tps:g} t/s")
         return " and ".join(parts) if parts else "none configured"
 
 
@@ -67,6 +75,10 @@ def gate_verdict(row: Row, gate: Gate) -> str:
         ok = ok and row.dppl_pct <= gate.max_dppl_pct
     if gate.max_kld is not None:
         ok = ok and row.kld_mean is not None and row.kld_mean <= gate.max_kld
+    if gate.min_tg_tps is not None:
+        ok = ok and row.tg_tps is not None and row.tg_tps >= gate.min_tg_tps
+    if gate.min_pp_tps is not None:
+        ok = ok and row.pp_tps is not None and row.pp_tps >= gate.min_pp_tps
     return "pass" if ok else "fail"
 
 
@@ -98,6 +110,15 @@ METRICS = {
 }
 # Pareto fronts use the file size (the plots' bpw panels show the same points against the engine's bpw).
 SIZE = "size_bytes"
+# The third front: mean KLD (lower is better) against TG tokens/s (higher is better).
+SPEED_TAG = "speed"
+
+
+def speed_front(rows: list[Row]) -> list[Row]:
+    """The rows with a mean KLD and a TG speed that no other is both as fast and as good as, and
+    better in one (slowest first)."""
+    have = [r for r in rows if r.kld_mean is not None and r.tg_tps is not None]
+    return [have[i] for i in reversed(pareto_front([(-r.tg_tps, r.kld_mean) for r in have]))]
 
 
 def models_of(rows: list[Row]) -> list[str]:
@@ -119,6 +140,8 @@ def annotate(rows: list[Row], gate: Gate) -> list[Row]:
             have = [r for r in qs if getattr(r, m.column) is not None]
             for i in pareto_front([(getattr(r, SIZE), getattr(r, m.column)) for r in have]):
                 have[i].pareto = "+".join(t for t in (have[i].pareto, m.tag) if t)
+        for r in speed_front(qs):
+            r.pareto = "+".join(t for t in (r.pareto, SPEED_TAG) if t)
     return rows
 
 
@@ -135,6 +158,8 @@ def _describe_row(r: Row) -> str:
     bits.append(f"ΔPPL {r.dppl_pct:.3f} %")
     if r.kld_mean is not None:
         bits.append(f"mean KLD {r.kld_mean:.6f}")
+    if r.tg_tps is not None:
+        bits.append(f"TG {speed_cell(r.tg_tps, r.tg_tps_spread)} t/s")
     return ", ".join(bits)
 
 
@@ -146,7 +171,8 @@ def model_notes(rows: list[Row], infos: list[ModelInfo], gate: Gate) -> list[tup
 
 
 def notes(rows: list[Row], infos: list[ModelInfo], gate: Gate) -> list[str]:
-    """Markdown lines above the table: reference, evaluation settings, gate and verdict per model."""
+    """Markdown lines above the table: reference, evaluation settings, gate and verdict per model,
+    then (with bench records) how and where the speeds were measured."""
     out = ["# quantsweep summary", ""]
     out.append(f"Quality gate: {gate.describe()}" + (" (against each model's reference)." if gate.active else "."))
     out.append("")
@@ -156,6 +182,11 @@ def notes(rows: list[Row], infos: list[ModelInfo], gate: Gate) -> list[str]:
             out.append(f"  - reference: {info.describe_reference()}")
             out.append(f"  - evaluation: {info.describe_eval()}")
         out.append(f"  - {verdict}")
+    head, items = speed_notes([b for i in infos for b in i.benches])
+    if head:
+        out += ["", head, ""]
+        for text, sub in items:
+            out += [f"- {text}"] + [f"  - {t}" for t in sub]
     return out
 
 

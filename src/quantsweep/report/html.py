@@ -10,10 +10,12 @@ import io
 from pathlib import Path
 
 from .gate import Gate, model_notes, models_of, smallest_passing
-from .table import DISPLAY, ModelInfo, Row, display_cells, manifest_links
+from .speed import speed_notes
+from .table import ModelInfo, Row, display_cells, display_columns, has_speed, manifest_links
 
 _CSS = """
-body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2em auto;max-width:1400px;color:#1f2d3d;padding:0 1em}
+body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2em auto;max-width:1400px;color:#1f2d3d;
+padding:0 1em}
 h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.6em}
 table{border-collapse:collapse;font-size:.9em;margin:.6em 0}
 th,td{border:1px solid #d5dbe3;padding:.25em .55em;text-align:right;white-space:nowrap}
@@ -30,6 +32,10 @@ _EXPLAIN = ("<p>ΔPPL % and ln(PPL(Q)/PPL(ref)) compare each quant with its mode
             "text, context and chunks; mean KLD is over every evaluated token. <i>Pareto</i> names the fronts "
             "(file size vs ln PPL ratio: <code>ppl</code>, vs mean KLD: <code>kld</code>) a quant is on: "
             "no other quant is both smaller and better.</p>")
+_EXPLAIN_SPEED = ("<p>PP t/s and TG t/s are prompt processing and token generation speeds at the bench's "
+                  "headline depth: the median of the runs ± half their range (summary.csv has the range, min, "
+                  "max and every depth). The <code>speed</code> front: no other quant is both at least as fast "
+                  "(TG) and at least as good (mean KLD), and better in one.</p>")
 _e = html.escape
 
 
@@ -55,12 +61,19 @@ def _head(rows: list[Row], infos: list[ModelInfo], gate: Gate) -> list[str]:
             out.append(f"<li>evaluation: {_e(info.describe_eval())}</li>")
         out.append(f"<li>{_md_inline(verdict)}</li></ul></li>")
     out.append("</ul>")
+    head, items = speed_notes([b for i in infos for b in i.benches])
+    if head:
+        out.append(f"<p>{_e(head)}</p><ul>")
+        for text, sub in items:
+            out.append(f"<li>{_e(text)}" + ("<ul>" + "".join(f"<li>{_e(t)}</li>" for t in sub) + "</ul>" if sub else "")
+                       + "</li>")
+        out.append("</ul>")
     return out
 
 
-def _row_html(r: Row, cls: str, link_dir: str | Path | None, links: bool) -> str:
+def _row_html(r: Row, cls: str, link_dir: str | Path | None, links: bool, columns: list[tuple]) -> str:
     tds = []
-    for (_, col, _), v in zip(DISPLAY, display_cells(r)):
+    for (_, col, _), v in zip(columns, display_cells(r, columns)):
         c = "t" if col in _TEXT_COLUMNS else ""
         if col == "gate" and v:
             c = v
@@ -74,13 +87,14 @@ def _row_html(r: Row, cls: str, link_dir: str | Path | None, links: bool) -> str
 def _summary_table(rows: list[Row], link_dir: str | Path | None) -> list[str]:
     """The rounded table (reference rows grey, each model's smallest passing quant bold)."""
     links = any(manifest_links(r, link_dir) for r in rows)
+    columns = display_columns(rows)
     out = ["<h2>Summary</h2><table><thead><tr>"
-           + "".join(f"<th>{_e(h)}</th>" for h, _, _ in DISPLAY)
+           + "".join(f"<th>{_e(h)}</th>" for h, _, _ in columns)
            + ("<th>Provenance</th>" if links else "") + "</tr></thead><tbody>"]
     best = {model: smallest_passing(rows, model) for model in models_of(rows)}
     for r in rows:
         cls = "ref" if r.is_reference else ("best" if best.get(r.model) is r else "")
-        out.append(_row_html(r, cls, link_dir, links))
+        out.append(_row_html(r, cls, link_dir, links, columns))
     out.append("</tbody></table>")
     return out
 
@@ -102,6 +116,8 @@ def to_html(rows: list[Row], infos: list[ModelInfo], gate: Gate, pngs: dict[str,
     values; with `link_dir` (the page's directory) a Provenance column links each row's manifests."""
     out = _head(rows, infos, gate) + _summary_table(rows, link_dir)
     out.append(_EXPLAIN)
+    if has_speed(rows):
+        out.append(_EXPLAIN_SPEED)
     out.append("<h2>Plots</h2>")
     for title, data in pngs.items():
         b64 = base64.b64encode(data).decode("ascii")

@@ -1,9 +1,10 @@
-"""Size-vs-quality figures of the summary rows, and reading their points back.
+"""Size-vs-quality and speed-vs-quality figures of the summary rows, and reading their points back.
 
 One figure per metric (`METRICS`): a row of two panels per model (file size in GiB, bits per
-weight). Every plotted point carries a gid `point|<model>|<quant>|<x column>` and every PNG
-carries its points as a `quantsweep-points` text chunk, so tests can compare the drawing with
-the table. matplotlib is imported only when a figure is made.
+weight); and `plot_speed`: one panel per model, mean KLD against TG tokens/s at the bench's
+headline depth. Every plotted point carries a gid `point|<model>|<quant>|<x column>` and every
+PNG carries its points as a `quantsweep-points` text chunk, so tests can compare the drawing
+with the table. matplotlib is imported only when a figure is made.
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..fileio import partial_path
-from .gate import METRICS, Gate, Metric, models_of, quant_rows, smallest_passing
-from .table import BASE_REFERENCE, ModelInfo, Row
+from .gate import METRICS, SPEED_TAG, Gate, Metric, models_of, quant_rows, smallest_passing
+from .speed import brief_host
+from .table import BASE_REFERENCE, ModelInfo, Row, has_speed
 
 PNG_POINTS_KEY = "quantsweep-points"
 X_AXES = (("size_gib", "file size (GiB)"), ("bpw", "bits per weight"))
 
 _PASS, _FAIL, _NOGATE, _FRONT, _GATE, _BEST = "#2a9d55", "#c0392b", "#2b6cb0", "#1f2d3d", "#c0392b", "#e69500"
+_REF = "0.45"
 
 
 def _yscale(ax, ys: list[float]) -> None:
@@ -116,29 +119,43 @@ def _model_plot(rows: list[Row], model: str, m: Metric, info: ModelInfo | None) 
     return _ModelPlot(model, qs, smallest_passing(rows, model), reftxt + refsize)
 
 
+def _draw_points(ax, model: str, pts: list[Row], xcol: str, ycol: str) -> None:
+    """One marker per row with its gid; filled when it passes the gate, hollow when it fails."""
+    for r in pts:
+        color = _NOGATE if not r.gate else (_PASS if r.gate == "pass" else _FAIL)
+        face = "white" if r.gate == "fail" else color
+        ax.scatter([getattr(r, xcol)], [getattr(r, ycol)], s=46, facecolors=face, edgecolors=color, linewidths=1.6,
+                   zorder=4, gid=f"point|{model}|{r.quant}|{xcol}")
+
+
+def _draw_front(ax, model: str, front: list[Row], xcol: str, ycol: str, drawstyle: str) -> None:
+    """The front as a staircase: steps-post when smaller x is better, steps-pre when larger x is."""
+    if front:
+        ax.plot([getattr(r, xcol) for r in front], [getattr(r, ycol) for r in front], drawstyle=drawstyle,
+                color=_FRONT, lw=1.3, alpha=0.75, zorder=2, gid=f"front|{model}|{xcol}")
+
+
+def _draw_gate_y(ax, y: float | None, text: str) -> None:
+    if y is not None:
+        ax.axhline(y, color=_GATE, ls="--", lw=1.1, zorder=1, gid="gate")
+        ax.annotate(f"gate: {text}", (1, y), xycoords=("axes fraction", "data"), xytext=(-4, 3),
+                    textcoords="offset points", ha="right", va="bottom", fontsize=8, color=_GATE).set_in_layout(False)
+
+
+def _draw_best(ax, best: Row | None, xcol: str, ycol: str) -> None:
+    if best is not None and getattr(best, xcol) is not None and getattr(best, ycol) is not None:
+        ax.scatter([getattr(best, xcol)], [getattr(best, ycol)], s=260, facecolors="none",
+                   edgecolors=_BEST, linewidths=2.2, zorder=3)
+
+
 def _draw_marks(ax, mp: _ModelPlot, pts: list[Row], m: Metric, xcol: str, gate: Gate,
                 gate_y: float | None) -> list[Row]:
     """The points, the Pareto staircase, the gate line and the smallest-passing ring; returns the front."""
-    for r in pts:
-        x, y = getattr(r, xcol), getattr(r, m.column)
-        color = _NOGATE if not r.gate else (_PASS if r.gate == "pass" else _FAIL)
-        face = "white" if r.gate == "fail" else color
-        ax.scatter([x], [y], s=46, facecolors=face, edgecolors=color, linewidths=1.6, zorder=4,
-                   gid=f"point|{mp.model}|{r.quant}|{xcol}")
+    _draw_points(ax, mp.model, pts, xcol, m.column)
     front = sorted((r for r in pts if m.tag in r.pareto.split("+")), key=lambda r: (r.size_bytes, r.quant))
-    if front:
-        ax.plot([getattr(r, xcol) for r in front], [getattr(r, m.column) for r in front],
-                drawstyle="steps-post", color=_FRONT, lw=1.3, alpha=0.75, zorder=2,
-                gid=f"front|{mp.model}|{xcol}")
-    if gate_y is not None:
-        ax.axhline(gate_y, color=_GATE, ls="--", lw=1.1, zorder=1, gid="gate")
-        ax.annotate(f"gate: {gate.describe(m.key)}", (1, gate_y), xycoords=("axes fraction", "data"),
-                    xytext=(-4, 3), textcoords="offset points", ha="right", va="bottom", fontsize=8,
-                    color=_GATE).set_in_layout(False)
-    best = mp.best
-    if best is not None and getattr(best, xcol) is not None:
-        ax.scatter([getattr(best, xcol)], [getattr(best, m.column)], s=260, facecolors="none",
-                   edgecolors=_BEST, linewidths=2.2, zorder=3)
+    _draw_front(ax, mp.model, front, xcol, m.column, "steps-post")
+    _draw_gate_y(ax, gate_y, gate.describe(m.key))
+    _draw_best(ax, mp.best, xcol, m.column)
     return front
 
 
@@ -174,10 +191,13 @@ def _draw_panel(ax, mp: _ModelPlot, m: Metric, xcol: str, xlabel: str, gate: Gat
             sorted(pts, key=lambda r: (id(r) not in on_front, r.size_bytes))]
 
 
-def _legend(ax, gate: Gate) -> None:
+def _legend(ax, gate: Gate, front: str = "Pareto front (size vs this metric)", reference: bool = False,
+            loc: str = "upper right") -> None:
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], color=_FRONT, lw=1.3, label="Pareto front (size vs this metric)")]
+    handles = [Line2D([], [], color=_FRONT, lw=1.3, label=front)]
+    if reference:
+        handles.append(Line2D([], [], color=_REF, ls=":", lw=1.1, label="reference's speed"))
     if gate.active:
         handles += [
             Line2D([], [], ls="", marker="o", color=_PASS, label="passes gate"),
@@ -187,20 +207,25 @@ def _legend(ax, gate: Gate) -> None:
         ]
     else:
         handles.append(Line2D([], [], ls="", marker="o", color=_NOGATE, label="quant (no gate configured)"))
-    ax.legend(handles=handles, loc="upper right", fontsize=8.5, framealpha=0.9)
+    ax.legend(handles=handles, loc=loc, fontsize=8.5, framealpha=0.9)
 
 
 def _line_obstacles(ax, px: float) -> list:
     """Display boxes along the panel's front staircase and gate line, for label avoidance."""
     boxes = []
     for line in ax.lines:
-        if (line.get_gid() or "").startswith("front|"):
+        gid = line.get_gid() or ""
+        if gid.startswith("front|"):
             xy = [tuple(p) for p in line.get_xydata()]
-            steps = [q for a, b in zip(xy, xy[1:]) for q in (a, (b[0], a[1]))] + xy[-1:]
+            pre = line.get_drawstyle() == "steps-pre"
+            steps = [q for a, b in zip(xy, xy[1:]) for q in (a, (a[0], b[1]) if pre else (b[0], a[1]))] + xy[-1:]
             boxes += _line_boxes(ax, steps, 2 * px)
-        elif line.get_gid() == "gate":
+        elif gid == "gate":
             y = line.get_ydata()[0]
             boxes += _line_boxes(ax, [(ax.get_xlim()[0], y), (ax.get_xlim()[1], y)], 2 * px)
+        elif gid == "gate|x" or gid.startswith("reference|"):
+            x = line.get_xdata()[0]
+            boxes += _line_boxes(ax, [(x, ax.get_ylim()[0]), (x, ax.get_ylim()[1])], 2 * px)
     return boxes
 
 
@@ -236,6 +261,95 @@ def plot_metric(rows: list[Row], metric: str, gate: Gate, infos: list[ModelInfo]
     _legend(axes[0][-1], gate)
     ev = next(iter(by_model.values())).describe_eval() if len(by_model) == 1 else ""
     fig.suptitle(f"Quant size vs {m.short}" + (f"   ·   eval: {ev}" if ev else ""), fontsize=11)
+    _label_panels(fig, labels)
+    return fig
+
+
+def _speed_marks(ax, rows: list[Row], model: str, pts: list[Row], gate: Gate) -> list[Row]:
+    """Points with min..max bars, the speed front (slowest first), the gate's KLD and TG limits,
+    the reference's speed as a dotted vertical line and the smallest-passing ring; returns the front."""
+    _draw_points(ax, model, pts, "tg_tps", "kld_mean")
+    for r in pts:
+        if r.tg_tps_min is not None and r.tg_tps_max is not None:
+            ax.errorbar([r.tg_tps], [r.kld_mean], xerr=[[r.tg_tps - r.tg_tps_min], [r.tg_tps_max - r.tg_tps]],
+                        fmt="none", ecolor="0.6", elinewidth=0.9, capsize=2.5, zorder=3)
+    front = sorted((r for r in pts if SPEED_TAG in r.pareto.split("+")), key=lambda r: (r.tg_tps, r.kld_mean))
+    _draw_front(ax, model, front, "tg_tps", "kld_mean", "steps-pre")
+    _draw_gate_y(ax, gate.max_kld, gate.describe("kld"))
+    vlines = [(gate.min_tg_tps, "gate|x", _GATE, "--", f"gate: {gate.describe('tg')}")]
+    ref = next((r for r in rows if r.model == model and r.is_reference), None)
+    if ref is not None:
+        vlines.append((ref.tg_tps, f"reference|{model}|tg_tps", _REF, ":", f"reference ({ref.quant})"))
+    for x, gid, color, ls, text in vlines:
+        if x is not None:
+            ax.axvline(x, color=color, ls=ls, lw=1.1, zorder=1, gid=gid)
+            ax.annotate(text, (x, 1), xycoords=("data", "axes fraction"), xytext=(3, -4), textcoords="offset points",
+                        ha="left", va="top", rotation=90, fontsize=8, color=color).set_in_layout(False)
+    _draw_best(ax, smallest_passing(rows, model), "tg_tps", "kld_mean")
+    return front
+
+
+def _speed_panel(ax, rows: list[Row], model: str, gate: Gate, info: ModelInfo | None,
+                 xlabel: str) -> list[tuple[float, float, str, bool]]:
+    """One model's panel (mean KLD vs TG t/s); returns its labels, front first, to place later."""
+    pts = [r for r in quant_rows(rows, model) if r.tg_tps is not None and r.kld_mean is not None]
+    _yscale(ax, [r.kld_mean for r in pts] + ([gate.max_kld] if gate.max_kld else []))
+    front = _speed_marks(ax, rows, model, pts, gate)
+    ax.margins(x=0.08, y=0.15)
+    ax.autoscale_view()
+    ax.set_xlim(ax.get_xlim())
+    ax.set_ylim(ax.get_ylim())  # frozen: the shading does not move the view
+    if gate.max_kld is not None:
+        ax.axhspan(gate.max_kld, ax.get_ylim()[1], color=_GATE, alpha=0.045, lw=0, zorder=0)
+    if gate.min_tg_tps is not None:
+        ax.axvspan(ax.get_xlim()[0], gate.min_tg_tps, color=_GATE, alpha=0.045, lw=0, zorder=0)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("mean KLD against the reference")
+    ax.set_title(f"{model}: mean KLD vs generation speed   (reference: "
+                 f"{info.reference if info else BASE_REFERENCE})", fontsize=10)
+    on_front = {id(r) for r in front}
+    return [(r.tg_tps, r.kld_mean, r.quant, id(r) in on_front) for r in
+            sorted(pts, key=lambda r: (id(r) not in on_front, -r.tg_tps))]
+
+
+def _no_speed_figure():
+    """What the speed plot shows when no row has a bench record (the workflow still lists the PNG)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 2.4), dpi=100)
+    FigureCanvasAgg(fig)
+    fig.text(0.5, 0.5, "No speed data: no row of this report has a bench record\n"
+             "(the sweep ran without the bench step: bench.enabled: false).", ha="center", va="center", fontsize=11)
+    return fig
+
+
+def plot_speed(rows: list[Row], gate: Gate, infos: list[ModelInfo] | None = None):
+    """One panel per model: mean KLD against TG tokens/s at the bench's headline depth, the runs'
+    min..max as bars; the `speed` Pareto front (from the rows' `pareto` column) as a staircase,
+    labelled in bold; the gate's KLD and TG limits dashed; the reference's speed as a dotted line
+    (its KLD is zero by definition, so it is not a point). Rows without a speed or a KLD are not
+    drawn; without any speed the figure says so."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not has_speed(rows):
+        return _no_speed_figure()
+    models = models_of(rows)
+    by_model = {i.model: i for i in infos or []}
+    benches = [b for i in infos or [] for b in i.benches]
+    fig = Figure(figsize=(11, 5.8 * len(models) + 0.6), dpi=130, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(models), 1, squeeze=False)
+    depth = f"depth {benches[0].speed[0].depth}" if benches else "the headline depth"
+    xlabel = f"TG tokens/s at {depth} (median; bars: min to max of the runs)"
+    labels = [(axes[mi][0], _speed_panel(axes[mi][0], rows, model, gate, by_model.get(model), xlabel))
+              for mi, model in enumerate(models)]
+    refs = any(r.is_reference and r.tg_tps is not None for r in rows)
+    _legend(axes[0][0], gate, "Pareto front (speed vs mean KLD)", reference=refs, loc="best")
+    host = brief_host(benches)
+    fig.suptitle(f"Mean KLD vs generation speed (TG at {depth})" + (f"   ·   host {host}" if host else ""), fontsize=11)
     _label_panels(fig, labels)
     return fig
 

@@ -8,26 +8,33 @@ configured reference quant (row named after that quant, reference = its name).
 A `Record` is one evaluation record with the file it was read from, so that a missing or
 malformed key is reported as a `ReportError` naming that file and key. The `gate` and
 `pareto` columns are filled in by `quantsweep.report.gate.annotate`.
+
+Speeds come from bench records (`quantsweep.report.speed`): the headline depth's median,
+range, min and max of PP and TG tokens/s, and every depth's medians as the columns
+`pp_tps@<depth>` / `tg_tps@<depth>` (in `Row.speeds`, written in the records' depth order).
+A row without a bench record has empty speed cells.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ..errors import ReportError
+from .speed import SPEED_KEYS, BenchRecord, load_record, run_flags
 
 BASELINE = "baseline"
 # eval.reference value meaning "the unquantized model writes the KLD base logits" (the one definition)
 BASE_REFERENCE = "base"
 # Evaluation settings that must be identical for the reference and every quant of a model:
 # the KLD base logits are only comparable at the same text, context and chunks.
-SAME_EVAL_KEYS = ("ctx", "chunks", "mla", "fa", "batch")
+# PPL depends on the batch sizes too (run settings, `eval.run` of a record; `batch` of older ones).
+SAME_EVAL_KEYS = ("ctx", "chunks", "mla", "fa", "batch", "run.batch", "run.ubatch")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -48,17 +55,7 @@ class Record:
 
     @classmethod
     def load(cls, path: str | Path) -> "Record":
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as e:
-            raise ReportError(f"evaluation record {path}: cannot be read ({e.strerror or e})") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ReportError(f"evaluation record {path}: not valid JSON ({e.msg}, line {e.lineno})") from None
-        if not isinstance(data, dict):
-            raise ReportError(f"evaluation record {path}: not a JSON object")
-        return cls(str(path), data)
+        return cls(str(path), load_record(path, "evaluation record"))
 
     def _bad(self, key: str, what: str) -> ReportError:
         return ReportError(f"evaluation record {self.source}: key {key!r} {what}")
@@ -139,15 +136,27 @@ class Row:
     kld_err: float | None
     kld_p99: float | None
     same_top_p: float | None
+    # tokens/s at the bench's headline depth (higher is better): median, max - min, min, max
+    pp_tps: float | None = None
+    pp_tps_spread: float | None = None
+    pp_tps_min: float | None = None
+    pp_tps_max: float | None = None
+    tg_tps: float | None = None
+    tg_tps_spread: float | None = None
+    tg_tps_min: float | None = None
+    tg_tps_max: float | None = None
     gate: str = ""
     pareto: str = ""
     # provenance (workflow-relative paths; the report links them): what made the file, what measured it
     quant_manifest: str = ""
     eval_manifest: str = ""
+    # every depth's median: {"pp_tps@0": 812.1, "tg_tps@0": 95.3, ...}; CSV columns after tg_tps_max
+    speeds: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def columns(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
+        """The fixed columns (the per-depth ones depend on the rows: `csv_columns`)."""
+        return [f.name for f in fields(cls) if f.name != "speeds"]
 
     @property
     def is_reference(self) -> bool:
@@ -156,8 +165,10 @@ class Row:
     @classmethod
     def from_csv(cls, d: dict[str, str]) -> "Row":
         """Typed row from a summary.csv line (the exact values written by to_csv)."""
-        kw = {}
+        kw = {"speeds": {k: float(v) for k, v in d.items() if k and DEPTH_COLUMN.fullmatch(k) and v != ""}}
         for f in fields(cls):
+            if f.name == "speeds":
+                continue
             v = d[f.name]
             if f.type == "str":
                 kw[f.name] = v
@@ -166,6 +177,21 @@ class Row:
             else:
                 kw[f.name] = int(v) if f.type == "int" else float(v)
         return cls(**kw)
+
+    def add_bench(self, b: BenchRecord) -> None:
+        """The bench record's speeds; refuses a record of another file than the evaluated one."""
+        if b.size_bytes is not None and b.size_bytes != self.size_bytes:
+            raise ReportError(f"bench record {b.source}: key 'size_bytes' is {b.size_bytes}, but {self.model}/"
+                              f"{self.quant} was evaluated at {self.size_bytes} bytes (not the same file)")
+        head = b.speed[0]
+        for k in SPEED_KEYS:
+            s = getattr(head, k)
+            for suffix, v in (("", s.median), ("_spread", s.spread), ("_min", s.min), ("_max", s.max)):
+                setattr(self, k + suffix, v)
+        self.speeds = {f"{k}@{d.depth}": getattr(d, k).median for d in b.speed for k in SPEED_KEYS}
+
+
+DEPTH_COLUMN = re.compile(r"(pp|tg)_tps@\d+")
 
 
 @dataclass
@@ -177,10 +203,12 @@ class ModelInfo:
     reference_file: str
     eval: dict = field(default_factory=dict)
     cmd: list[str] = field(default_factory=list)
+    benches: list[BenchRecord] = field(default_factory=list)  # the bench records of its rows
 
     @classmethod
-    def from_record(cls, model: str, reference: str, base: Record) -> "ModelInfo":
-        return cls(model, reference, base.model_file, base.eval, base.cmd)
+    def from_record(cls, model: str, reference: str, base: Record,
+                    benches: list[BenchRecord] | None = None) -> "ModelInfo":
+        return cls(model, reference, base.model_file, base.eval, base.cmd, list(benches or []))
 
     @property
     def text(self) -> str:
@@ -197,11 +225,13 @@ class ModelInfo:
         if not e:
             return "not recorded"
         parts = [f"ctx {e.get('ctx')}", f"{e.get('chunks')} chunks", f"-mla {e.get('mla')} -fa {e.get('fa')}",
-                 f"{e.get('threads')} threads"]
+                 f"{(e.get('run') or {}).get('threads') or e.get('threads')} threads"]
         if e.get("batch"):
             parts.append(f"batch {e['batch']}")
         if self.text:
             parts.append(f"text {self.text}")
+        if isinstance(e.get("run"), dict):  # the run settings (records before they existed: none)
+            parts.append("run: " + (" ".join(run_flags(e["run"])) or "engine defaults (no -ngl, -ot, -b, -ub)"))
         return ", ".join(parts)
 
 
@@ -239,11 +269,17 @@ def make_rows(model: str, base: Record, quants: list[tuple[str, str, str, Record
 
 def check_same_eval(model: str, quant: str, base: Record, rec: Record) -> None:
     """Refuse a quant evaluated with other settings than its reference (names record and key)."""
-    a, b = base.eval, rec.eval
+    a, b = _flat(base.eval), _flat(rec.eval)
     diff = [k for k in SAME_EVAL_KEYS if k in a and k in b and a[k] != b[k]]
     if diff:
         raise ReportError(f"evaluation record {rec.source} ({model}/{quant}) was evaluated with other settings than "
                           f"its reference {base.source}: " + ", ".join(f"eval.{k} {b[k]!r} vs {a[k]!r}" for k in diff))
+
+
+def _flat(e: dict) -> dict:
+    """eval keys with the run settings' as run.<key>."""
+    run = e.get("run") if isinstance(e.get("run"), dict) else {}
+    return {**e, **{f"run.{k}": v for k, v in run.items()}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,12 +295,20 @@ def _fmt(v, digits: int | None) -> str:
     return repr(v) if isinstance(v, float) else str(v)
 
 
+def csv_columns(rows: list[Row]) -> list[str]:
+    """Row's columns with every depth's speed columns (first seen order) after the headline speeds."""
+    cols = Row.columns()
+    at = cols.index("tg_tps_max") + 1
+    return cols[:at] + list(dict.fromkeys(k for r in rows for k in r.speeds)) + cols[at:]
+
+
 def to_csv(rows: list[Row]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(Row.columns())
+    cols = csv_columns(rows)
+    w.writerow(cols)
     for r in rows:
-        w.writerow([_fmt(getattr(r, c), None) for c in Row.columns()])
+        w.writerow([_fmt(r.speeds.get(c) if "@" in c else getattr(r, c), None) for c in cols])
     return buf.getvalue()
 
 
@@ -315,12 +359,42 @@ DISPLAY = [
 ]
 
 
-def display_cells(r: Row) -> list[str]:
+def speed_cell(median: float, spread: float | None) -> str:
+    """'812 ±15': the median to 3 significant digits (more when the ± needs them), ± half the range
+    of the runs to the same decimals; the median alone when the runs agree."""
+    half = (spread or 0.0) / 2
+    digits = 2 - math.floor(math.log10(median)) if median > 0 else 0
+    if half > 0:
+        digits = max(digits, -math.floor(math.log10(half)))
+    digits = min(max(digits, 0), 4)
+    return f"{median:.{digits}f}" + (f" ±{half:.{digits}f}" if half > 0 else "")
+
+
+# Shown after "same top p %" when any row has bench data; the cell is the median ± half the range.
+SPEED_DISPLAY = [("PP t/s", "pp_tps", speed_cell), ("TG t/s", "tg_tps", speed_cell)]
+
+
+def has_speed(rows: list[Row]) -> bool:
+    return any(r.pp_tps is not None or r.tg_tps is not None for r in rows)
+
+
+def display_columns(rows: list[Row]) -> list[tuple]:
+    """DISPLAY, with SPEED_DISPLAY before the gate when any row has speeds (else as without bench)."""
+    if not has_speed(rows):
+        return DISPLAY
+    at = [col for _, col, _ in DISPLAY].index("gate")
+    return DISPLAY[:at] + SPEED_DISPLAY + DISPLAY[at:]
+
+
+def display_cells(r: Row, columns: list[tuple] = DISPLAY) -> list[str]:
     out = []
-    for _, col, fmt in DISPLAY:
+    for _, col, fmt in columns:
         v = getattr(r, col)
         if r.is_reference and col in ("dppl_pct", "ln_ppl_ratio"):
             v = None  # zero by definition; blank reads better than 0.000
+        if v is not None and fmt is speed_cell:
+            out.append(speed_cell(v, getattr(r, f"{col}_spread")))
+            continue
         out.append("" if v is None else fmt(v))
     if r.is_reference:
         out[1] = f"{r.quant} (reference)"
@@ -339,13 +413,14 @@ def to_markdown(rows: list[Row], notes: list[str] | None = None, link_dir: str |
     """The table for reading (rounded); `notes` are lines printed above it; with `link_dir` (the
     directory the file is written to) a Provenance column links each row's manifests."""
     links = any(manifest_links(r, link_dir) for r in rows)
-    head = [h for h, _, _ in DISPLAY] + (["Provenance"] if links else [])
+    columns = display_columns(rows)
+    head = [h for h, _, _ in columns] + (["Provenance"] if links else [])
     out = list(notes or [])
     if out:
         out.append("")
     out += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
-        cells = display_cells(r)
+        cells = display_cells(r, columns)
         if links:
             cells.append(" ".join(f"[{label}]({href})" for label, href in manifest_links(r, link_dir)))
         out.append("| " + " | ".join(cells) + " |")

@@ -1,7 +1,9 @@
 """Everything the workflow's `report` rule writes, from the report entries.
 
 summary.csv first; the Markdown table, the plots and the HTML page are then made from
-summary.csv as written (re-read from disk), so what is drawn is what the table says.
+summary.csv as written (re-read from disk), so what is drawn is what the table says. The speed
+plot is written even when no row has a bench record (it then says so; the workflow lists the
+file either way), but the page only embeds it when there are speeds.
 """
 
 from __future__ import annotations
@@ -12,17 +14,18 @@ from ..fileio import write_text
 from .entries import ModelEntry, load_rows
 from .gate import Gate, annotate, notes
 from .html import to_html
-from .plots import plot_metric, save_figure
-from .table import Row, read_rows, to_csv, to_markdown
+from .plots import plot_metric, plot_speed, save_figure
+from .table import Row, has_speed, read_rows, to_csv, to_markdown
 
-PLOT_TITLES = {"lnppl": "Size vs ln(PPL(Q)/PPL(ref))", "kld": "Size vs mean KLD"}
+PLOT_TITLES = {"lnppl": "Size vs ln(PPL(Q)/PPL(ref))", "kld": "Size vs mean KLD", "speed": "KLD vs generation speed"}
 
 
 def write_report(entries: list[ModelEntry] | list[dict], gate: Gate, csv_path: str | Path, md_path: str | Path,
                  html_path: str | Path, plots: dict[str, str | Path]) -> list[Row]:
-    """summary.csv, then from it (re-read) summary.md, the plots ({"lnppl": png, "kld": png}) and
-    summary.html with the plots embedded; returns the rows as written. entries: ModelEntry objects
-    or their JSON form (validated; a bad entry or record raises ReportError)."""
+    """summary.csv, then from it (re-read) summary.md, the plots ({"lnppl": png, "kld": png,
+    "speed": png}, any of them) and summary.html with the plots embedded; returns the rows as
+    written. entries: ModelEntry objects or their JSON form (validated; a bad entry or record
+    raises ReportError)."""
     rows, infos = load_rows(entries)
     annotate(rows, gate)
     csv_text = to_csv(rows)
@@ -31,7 +34,8 @@ def write_report(entries: list[ModelEntry] | list[dict], gate: Gate, csv_path: s
     write_text(md_path, to_markdown(table, notes(table, infos, gate), Path(md_path).parent))
     pngs = {}
     for key, path in plots.items():
-        save_figure(plot_metric(table, key, gate, infos), path)
-        pngs[PLOT_TITLES[key]] = Path(path).read_bytes()
+        save_figure(plot_speed(table, gate, infos) if key == "speed" else plot_metric(table, key, gate, infos), path)
+        if key != "speed" or has_speed(table):
+            pngs[PLOT_TITLES[key]] = Path(path).read_bytes()
     write_text(html_path, to_html(table, infos, gate, pngs, csv_text, Path(html_path).parent))
     return table
