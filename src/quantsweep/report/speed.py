@@ -217,9 +217,9 @@ class BenchRecord:
         else:
             parts = ["CPU only"] + ([" ".join(flags)] if flags else [])
         if self.threads():
-            parts.append(f"{self.threads()} threads")
+            parts.append(threads_text(self.threads()))
         if r.get("threads_batch"):
-            parts.append(f"{r['threads_batch']} batch threads")
+            parts.append(threads_text(r["threads_batch"], "batch thread"))
         return ", ".join(parts)
 
     def describe_bench(self) -> str:
@@ -229,6 +229,11 @@ class BenchRecord:
         others = "; other depths in summary.csv" if len(self.speed) > 1 else ""
         return (f"llama-sweep-bench at depth {self.speed[0].depth} (PP {b['pp']} tokens, TG {b['tg']} tokens{attn}), "
                 f"median of {b['repeats']} runs ± half their range{others}")
+
+
+def threads_text(n, what: str = "thread") -> str:
+    """'1 thread', '8 threads'."""
+    return f"{n} {what}" + ("" if n == 1 else "s")
 
 
 def run_flags(r: dict) -> list[str]:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ..errors import ReportError
-from .speed import SPEED_KEYS, BenchRecord, load_record, run_flags
+from .speed import SPEED_KEYS, BenchRecord, load_record, run_flags, threads_text
 
 BASELINE = "baseline"
 # eval.reference value meaning "the unquantized model writes the KLD base logits" (the one definition)
@@ -225,7 +225,7 @@ class ModelInfo:
         if not e:
             return "not recorded"
         parts = [f"ctx {e.get('ctx')}", f"{e.get('chunks')} chunks", f"-mla {e.get('mla')} -fa {e.get('fa')}",
-                 f"{(e.get('run') or {}).get('threads') or e.get('threads')} threads"]
+                 threads_text((e.get("run") or {}).get("threads") or e.get("threads"))]
         if e.get("batch"):
             parts.append(f"batch {e['batch']}")
         if self.text:
