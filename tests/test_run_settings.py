@@ -188,6 +188,16 @@ def test_config_check_of_run_and_bench(over, expected):
     assert str(e.value).startswith(expected), str(e.value)
 
 
+def test_a_prebuilt_engine_without_sweep_bench_is_refused_when_the_sweep_benchmarks(tmp_path):
+    eng = {"source": "bin_dir", "bin_dir": str(tmp_path)}
+    with pytest.raises(ConfigError, match=r"config engine\.bin_dir: \S+ has no llama-sweep-bench .*bench\.enabled: "
+                                          "false"):
+        qconfig.check(_config(engine=eng))
+    qconfig.check(_config(engine=eng, bench={"enabled": False}))
+    (tmp_path / "llama-sweep-bench").write_text("")
+    qconfig.check(_config(engine=eng))
+
+
 def test_engine_steps_follow_the_config():
     assert qconfig.engine_steps(_config()) == ["imatrix", "eval", "bench"]
     cfg = _config(bench={"enabled": False})

@@ -208,6 +208,12 @@ def check_run(config: dict) -> None:
             bench_settings(config, settings["bench"], threads=1).check()
         except ConfigError as e:
             raise ConfigError(f"config {e}") from None
+    eng = config.get("engine") or {}
+    if bench_enabled(config) and eng.get("source") == "bin_dir" and eng.get("bin_dir"):
+        tool = Path(eng["bin_dir"]) / "llama-sweep-bench"
+        if not tool.is_file():
+            raise ConfigError(f"config engine.bin_dir: {eng['bin_dir']} has no llama-sweep-bench (the bench step "
+                              "runs it); add it, or set bench.enabled: false")
     gate = config.get("gate") or {}
     for key in ("min_tg_tps", "min_pp_tps"):
         if gate.get(key) is not None and not bench_enabled(config):
