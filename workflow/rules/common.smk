@@ -82,8 +82,8 @@ def get_run_section_json(wildcards):
 
 
 def get_run_json(step):
-    """A step's --run: only the settings that differ from the defaults, so a sweep without a
-    `run:` section keeps the params (and results) it had; a change reruns that step."""
+    """A step's --run: only the settings that differ from the defaults ({} without a `run:`
+    section); a change reruns that step and what depends on it, not the other steps."""
 
     def run_json(wildcards):
         return json.dumps(RUN[step].changed(), sort_keys=True)
