@@ -21,6 +21,7 @@ from importlib import metadata
 from pathlib import Path
 
 from . import __version__
+from .engine.spec import installed_meta
 from .fileio import sha256_file, write_json
 
 HASH_CACHE = Path(".quantsweep") / "sha256"
@@ -54,10 +55,9 @@ def engine_identity(bin_dir: str | Path | None) -> dict | None:
     """What engine.json (written by `quantsweep engine build`) says about the tools in bin_dir."""
     if not bin_dir:
         return None
-    meta_path = Path(bin_dir).parent / "engine.json"
-    if not meta_path.exists():
+    meta = installed_meta(bin_dir)
+    if meta is None:
         return {"bin_dir": str(bin_dir), "engine_json": None}
-    meta = json.loads(meta_path.read_text())
     keep = ("source", "version", "commit", "sdist_sha256", "git_url", "path", "cmake_flags", "cuda", "key",
             "toolchain", "tools")
     return {k: meta[k] for k in keep if k in meta}

@@ -17,7 +17,7 @@ from . import imatrix as imx
 from .engine import argv, run
 from .engine.bench import sweep_bench
 from .engine.build import installed_flags
-from .engine.settings import STEP_TOOLS, RunSettings
+from .engine.settings import RunSettings, check_steps
 from .errors import ImatrixError
 from .gguf.reader import first_shard, read_model, read_table
 from .planner.plan import as_options, plan
@@ -45,12 +45,9 @@ def matrices_per_entry(model: str | Path | None) -> dict[str, int]:
 def run_settings(bin_dir: Path, step: str, d: dict | None) -> RunSettings:
     """A step's run settings (the config's run.<step>, defaults applied), checked against the
     flags the installed engine's tool lists in its --help."""
-    s, tool = RunSettings.from_dict(d, f"run.{step}"), STEP_TOOLS[step]
-    if not (s.extra_args or s.gpu_layers):
-        return s  # nothing the engine's --help has a say on
-    flags = installed_flags(bin_dir)
-    if tool in flags:  # a missing tool fails the step itself, naming the file
-        s.check_engine(flags[tool], f"run.{step}", tool)
+    s = RunSettings.from_dict(d, f"run.{step}")
+    if s.extra_args or s.gpu_layers:  # else nothing the engine's --help has a say on
+        check_steps({step: s}, installed_flags(bin_dir), [step])
     return s
 
 

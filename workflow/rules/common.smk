@@ -231,27 +231,26 @@ def _model_size(wildcards):
     return qresources.model_size(get_model(wildcards))
 
 
-def threads_bench(wildcards):
-    """A benchmark job holds every core Snakemake was given, so no other job runs beside it on
-    this machine (its engine still runs threads_engine threads); a cluster run: 8, which
-    profiles/slurm's set-threads overrides, and it asks SLURM for the node (--exclusive).
-    """
+def _given_cores():
+    """Every core Snakemake was given (--cores); a cluster run has none: 8 then, which
+    profiles/slurm's set-threads overrides per rule."""
     try:
         return workflow.cores
     except WorkflowError:
         return 8
+
+
+def threads_bench(wildcards):
+    """A benchmark job holds every core, so no other job runs beside it on this machine (its
+    engine still runs threads_engine threads); on SLURM it asks for the node (--exclusive).
+    """
+    return _given_cores()
 
 
 def threads_engine(wildcards):
-    """resources.threads, else every core Snakemake was given (--cores); a cluster run
-    has no --cores: 8 then, which profiles/slurm's set-threads overrides per rule."""
+    """resources.threads, else every core Snakemake was given."""
     n = config["resources"]["threads"]
-    if n > 0:
-        return n
-    try:
-        return workflow.cores
-    except WorkflowError:
-        return 8
+    return n if n > 0 else _given_cores()
 
 
 def gpu_engine(wildcards):
@@ -301,9 +300,11 @@ def runtime_eval(wildcards, attempt):
 
 
 def runtime_bench(wildcards, attempt):
-    b = config["bench"]
-    tokens = (max(b["depths"]) + 512) * 2 * b["repeats"]
-    return qresources.runtime_min(_model_size(wildcards), tokens, attempt)
+    """Each run fills the context twice over (PP windows, then TG at each depth), `repeats` times."""
+    b = qconfig.bench_settings(config, RUN["bench"], threads=1)
+    return qresources.runtime_min(
+        _model_size(wildcards), b.ctx * 2 * b.repeats, attempt
+    )
 
 
 def runtime_quantize(wildcards, attempt):

@@ -47,9 +47,9 @@ def _engine_build(a) -> None:
 def _engine_check_run(a) -> None:
     """Every step's run settings against the installed engine's flags, before the sweep starts."""
     from ..engine.settings import check_steps, resolve
-    from ..fileio import write_json
+    from ..fileio import read_json_object, write_json
 
-    meta = json.loads(Path(a.engine).read_text())
+    meta = read_json_object(a.engine, "engine metadata")
     settings = resolve(_json_arg(a.run, "run"))
     steps = [s for s in a.steps.split(",") if s]
     check_steps(settings, meta.get("flags") or {}, steps)

@@ -8,7 +8,6 @@ the host it ran on. The workflow makes sure no other engine job shares the machi
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 from pathlib import Path
@@ -18,6 +17,7 @@ from ..gguf.reader import shards
 from . import argv, logparse
 from .hardware import describe_host
 from .run import checked, ran_as_asked, run_logged
+from .spec import installed_meta
 
 
 def _spread(values: list[float]) -> dict:
@@ -25,11 +25,8 @@ def _spread(values: list[float]) -> dict:
 
 
 def _engine(bin_dir: Path) -> dict:
-    """Which engine build measured it (engine.json beside bin/): its cache key and CUDA flag."""
-    try:
-        meta = json.loads((Path(bin_dir).parent / "engine.json").read_text())
-    except (OSError, ValueError):
-        return {}
+    """Which engine build measured it: its cache key and CUDA flag."""
+    meta = installed_meta(bin_dir) or {}
     return {k: meta[k] for k in ("key", "cuda", "source") if k in meta}
 
 

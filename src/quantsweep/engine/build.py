@@ -25,7 +25,7 @@ from .hardware import usable_cpus
 from .run import note, run_logged
 from .settings import HELP_FROM, STEP_TOOLS, help_flags
 from .sources import Log, prepare_source, run_checked, source_identity, toolchain_identity
-from .spec import EngineSpec
+from .spec import EngineSpec, installed_meta
 
 # What the sweep runs; llama-gguf-split is built too (split models, tests) but a prebuilt
 # bin dir (engine.source: bin_dir) need not have it.
@@ -141,11 +141,7 @@ def tool_flags(bin_dir: Path) -> dict[str, list[str]]:
 def installed_flags(bin_dir: Path) -> dict[str, list[str]]:
     """The step tools' flags of an installed engine (engine.json beside bin/, asked when an older
     install lacks them)."""
-    try:
-        meta = json.loads((Path(bin_dir).parent / "engine.json").read_text())
-    except (OSError, ValueError):
-        meta = {}
-    return meta.get("flags") or tool_flags(Path(bin_dir))
+    return (installed_meta(bin_dir) or {}).get("flags") or tool_flags(Path(bin_dir))
 
 
 def _remove_stale(parent: Path, prefix: str) -> None:

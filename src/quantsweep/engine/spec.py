@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..errors import EngineError
 
@@ -86,3 +88,13 @@ class EngineSpec:
         if self.max_contexts:
             args.append(f"-DGGML_MAX_CONTEXTS={self.max_contexts}")
         return args + list(self.cmake_flags)
+
+
+def installed_meta(bin_dir: str | Path) -> dict | None:
+    """What an installed engine says about itself: engine.json beside its bin/ (written by
+    `quantsweep engine build`); None when there is none or it does not read."""
+    try:
+        meta = json.loads((Path(bin_dir).parent / "engine.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None

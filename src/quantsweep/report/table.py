@@ -33,8 +33,8 @@ BASELINE = "baseline"
 BASE_REFERENCE = "base"
 # Evaluation settings that must be identical for the reference and every quant of a model:
 # the KLD base logits are only comparable at the same text, context and chunks.
-# PPL depends on the batch sizes too (run settings, `eval.run` of a record; `batch` of older ones).
-SAME_EVAL_KEYS = ("ctx", "chunks", "mla", "fa", "batch", "run.batch", "run.ubatch")
+# PPL depends on the batch sizes too (run settings: `eval.run` of a record).
+SAME_EVAL_KEYS = ("ctx", "chunks", "mla", "fa", "run.batch", "run.ubatch")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,8 +226,6 @@ class ModelInfo:
             return "not recorded"
         parts = [f"ctx {e.get('ctx')}", f"{e.get('chunks')} chunks", f"-mla {e.get('mla')} -fa {e.get('fa')}",
                  threads_text((e.get("run") or {}).get("threads") or e.get("threads"))]
-        if e.get("batch"):
-            parts.append(f"batch {e['batch']}")
         if self.text:
             parts.append(f"text {self.text}")
         if isinstance(e.get("run"), dict):  # the run settings (records before they existed: none)
