@@ -4,6 +4,9 @@
 # resources/models/{model}.gguf  generated demo model (source: tiny)
 # resources/text/{kind}.txt    bundled calibration / evaluation text
 # results/imatrix/{model}/     one .dat per pass, then imatrix.dat fitted to the model
+# results/pool/{model}/        per-type pool files: recipes are assembled from them
+# results/sensitivity/{model}/ groups.json, one KLD run per (group, type); {model}.json: the table
+# results/allocate/{model}/    {quant}.yaml: the auto recipe of each allocate budget (+ .json)
 # results/quants/{model}/      {model}-{quant}.gguf (+ .json: parsed quantize log)
 # results/eval/{model}/        baseline.kld (base logits of the reference), baseline.json, {quant}.json
 # results/bench/{model}/       baseline.json, {quant}.json: PP/TG tokens/s per depth (bench.enabled)
@@ -27,6 +30,7 @@ include: "workflow/rules/model.smk"
 include: "workflow/rules/imatrix.smk"
 include: "workflow/rules/quantize.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/allocate.smk"
 
 
 if BENCH:

@@ -25,8 +25,13 @@ def smk(workdir: Path, *args: str, timeout: int = 3600) -> subprocess.CompletedP
 
 
 def make_workdir(path: Path, overrides: dict | None = None) -> Path:
-    """A scratch work dir with config/config.yaml = the repo's default, deep-updated by overrides."""
-    cfg = merged(yaml.safe_load((ROOT / "config" / "config.yaml").read_text()), overrides or {})
+    """A scratch work dir with config/config.yaml = the repo's default, deep-updated by overrides.
+    A test that names its own quants gets no allocation unless it asks (the default budgets are
+    the sizes of the default quants, which it may not have)."""
+    overrides = dict(overrides or {})
+    if "quants" in overrides and "allocate" not in overrides:
+        overrides["allocate"] = {"enabled": False}
+    cfg = merged(yaml.safe_load((ROOT / "config" / "config.yaml").read_text()), overrides)
     (path / "config").mkdir(parents=True, exist_ok=True)
     (path / "config" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path

@@ -13,14 +13,19 @@ from conftest import ROOT, make_workdir, smk
 from quantsweep.config import ConfigError, parse_quants
 
 
+def _n_quants() -> int:
+    cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    return len(cfg["quants"]) + len(cfg["allocate"]["budgets"])
+
+
 def test_default_config_dry_run(workdir):
     r = smk(workdir, "-n")
     out = r.stdout + r.stderr
     assert r.returncode == 0, out
     for rule in ("engine_build", "tiny_model", "imatrix_collect", "imatrix_remap", "quantize", "eval_quant", "summary"):
         assert rule in out
-    # one quantize + one eval job per configured quant
-    n_quants = len(yaml.safe_load((ROOT / "config/config.yaml").read_text())["quants"])
+    # one quantize + one eval job per configured quant and per allocate budget (its auto recipe)
+    n_quants = _n_quants()
     assert f"quantize             {n_quants}" in out or f"quantize {n_quants}" in " ".join(out.split())
 
 
@@ -174,7 +179,7 @@ def test_several_models_fan_out(tmp_path):
     r = smk(wd, "-n")
     out = r.stdout + r.stderr
     assert r.returncode == 0, out
-    n_quants = len(yaml.safe_load((ROOT / "config/config.yaml").read_text())["quants"])
+    n_quants = _n_quants()
     stats = dict(re.findall(r"^(\w+)\s+(\d+)$", out, re.M))
     assert int(stats["quantize"]) == 2 * n_quants and int(stats["eval_quant"]) == 2 * n_quants
     assert int(stats["tiny_model"]) == 2 and int(stats["imatrix_collect"]) == 4

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from conftest import ROOT, make_workdir, smk
 from quantsweep.engine import logparse
-from quantsweep.config import parse_quants, resolve_recipe_paths
+from quantsweep.config import resolve_recipe_paths, sweep_quants
+from quantsweep.gguf.assemble import tensor_data_diff
 from quantsweep.gguf.reader import read_table
 from quantsweep.report import read_csv
 
@@ -22,8 +24,9 @@ import yaml
 
 pytestmark = pytest.mark.e2e
 
-QUANTS = parse_quants(resolve_recipe_paths(yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["quants"],
-                                           str(ROOT)))
+_CONFIG = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+_CONFIG["quants"] = resolve_recipe_paths(_CONFIG["quants"], str(ROOT))
+QUANTS = sweep_quants(_CONFIG)  # the default quants, then one auto recipe per allocate budget
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +49,9 @@ def test_summary_has_one_row_per_quant_plus_baseline(demo, rows):
     for col in ("model", "quant", "size_bytes", "bpw", "ppl", "ppl_err", "dppl_pct", "kld_mean", "same_top_p"):
         assert col in table[0]
     md = (demo / "results" / "report" / "summary.md").read_text()
-    assert md.count("\n| tiny |") == len(QUANTS) + 1
+    main, allocated = md.split("## Allocated recipes: predicted vs measured KLD")
+    assert main.count("\n| tiny |") == len(QUANTS) + 1
+    assert allocated.count("\n| tiny |") == len(AUTO)
 
 
 def _log_number(text: str, pattern: str) -> float:
@@ -105,7 +110,13 @@ def test_quantize_logs_show_imatrix_use(demo):
     """Quants made with the fitted imatrix find data for every attention and FFN tensor."""
     for q in QUANTS:
         rec = json.loads((demo / "results" / "quants" / "tiny" / f"tiny-{q.name}.json").read_text())
-        if q.imatrix:
+        if rec["built"] == "pool":  # assembled: the pool files' engine runs used the imatrix
+            for pool in rec["pools"].values():
+                assert ("/imatrix/" in pool) == q.imatrix
+                prec = json.loads((demo / pool).with_suffix(".json").read_text())
+                assert prec["imatrix_entries"] > 0
+                assert not [n for n in prec["not_found"] if n.startswith("blk.")], prec["not_found"]
+        elif q.imatrix:
             assert rec["imatrix_entries"] > 0
             assert not [n for n in rec["not_found"] if n.startswith("blk.")], rec["not_found"]
         else:
@@ -233,6 +244,9 @@ def test_predicted_sizes_match_engine_and_files(demo):
         rec = json.loads((demo / "results" / "quants" / "tiny" / f"tiny-{q.name}.json").read_text())
         assert rec["predicted_bytes"] == rec["tensor_bytes"], q.name
         assert rec["file_bytes"] == (demo / "results" / "quants" / "tiny" / f"tiny-{q.name}.gguf").stat().st_size
+        assert rec["built"] == ("pool" if q.recipe or q.auto else "llama-quantize"), q.name
+        if rec["built"] == "pool":  # no engine run: the pool files' runs were checked against their plans
+            continue
         assert abs(rec["quant_mib"] * 2**20 - rec["predicted_bytes"]) <= 0.005 * 2**20 + 1, q.name
         assert abs(rec["file_bytes"] - rec["predicted_bytes"]) / rec["file_bytes"] < 0.005, q.name
 
@@ -266,6 +280,9 @@ def test_every_artifact_has_a_manifest_that_matches_it(demo):
             assert m["engine"]["sdist_sha256"] == engine["sdist_sha256"]
             assert m["engine"]["cmake_flags"] == engine["cmake_flags"]
             assert m["engine"]["tools"] == engine["tools"]
+            if "pool" in m["inputs"]:  # assembled from pool files: no engine command of its own
+                assert m["engine_commands"] == [] and all("results/pool/" in f["path"] for f in m["inputs"]["pool"])
+                continue
             (cmd,) = m["engine_commands"]
             assert cmd.startswith("resources/engine/bin/llama-")
             if "quants" not in art.parts:  # imatrix, eval and bench: the run settings and what ran
@@ -427,4 +444,131 @@ def test_an_unknown_engine_flag_stops_the_sweep_before_any_engine_step(tmp_path)
     assert r.returncode != 0
     log = (wd / "logs" / "run_settings.log").read_text()
     assert "run.eval.extra_args: llama-perplexity does not know --no-such-flag (not in its --help)" in log
-    assert not (wd / "results").exists()  # no imatrix, quantize or eval job started
+    # no imatrix, pool, quantize or eval job started (the planner's groups of the model may have)
+    made = [p.relative_to(wd / "results") for p in (wd / "results").rglob("*") if p.is_file()]
+    assert all(p.parts[0] == "sensitivity" and p.name == "groups.json" for p in made), made
+
+
+AUTO = [q for q in QUANTS if q.auto]
+
+
+def test_auto_recipes_beat_the_quants_whose_size_they_take(demo, rows):
+    """Issue 13's must-show: each size_of budget's auto recipe is no larger than that quant and
+    has a lower measured mean KLD; the report marks it and shows predicted vs measured."""
+    assert [q.budget.size_of for q in AUTO] == ["IQ2_KS", "tiny-mix-iq2", "IQ3_K", "IQ4_KS"]
+    for q in AUTO:
+        auto, ref = rows[q.name], rows[q.budget.size_of]
+        assert int(auto["size_bytes"]) <= int(ref["size_bytes"]), q.name
+        assert float(auto["kld_mean"]) < float(ref["kld_mean"]), (q.name, auto["kld_mean"], ref["kld_mean"])
+        info = json.loads((demo / "results" / "allocate" / "tiny" / f"{q.name}.json").read_text())
+        assert float(auto["predicted_kld"]) == pytest.approx(info["predicted"]["kld_mean"])
+        assert auto["auto"] == "yes" and rows[q.budget.size_of]["auto"] == ""
+        ratio = float(auto["kld_mean"]) / info["predicted"]["kld_mean"]
+        assert 0.5 < ratio < 2, (q.name, ratio)  # the additive model holds within a factor 2 here
+    md = (demo / "results" / "report" / "summary.md").read_text()
+    section = md.split("## Allocated recipes: predicted vs measured KLD", 1)[1]
+    for q in AUTO:
+        line = next(x for x in section.splitlines() if f"| {q.name} |" in x)
+        assert f"the size of {q.budget.size_of}" in line and "| yes |" in line
+
+
+def test_recipes_assembled_from_the_pool_equal_llama_quantize(demo, rows, tmp_path):
+    """The pool's promise: an assembled recipe has the tensor bytes llama-quantize writes for the
+    same recipe, and evaluates to the same PPL and KLD."""
+    # as the workflow runs them (relative paths: the imatrix path is kept in the metadata)
+    bin_dir, model, imatrix = "resources/engine/bin", "resources/models/tiny.gguf", "results/imatrix/tiny/imatrix.dat"
+    for name, recipe in (("tiny-mix-iq2", ROOT / "config" / "recipes" / "tiny-mix-iq2.yaml"),
+                         ("auto-IQ2_KS", demo / "results" / "allocate" / "tiny" / "auto-IQ2_KS.yaml")):
+        assembled = demo / "results" / "quants" / "tiny" / f"tiny-{name}.gguf"
+        rec = json.loads(assembled.with_suffix(".json").read_text())
+        assert rec["built"] == "pool" and len(rec["pools"]) >= 2
+        direct = tmp_path / f"{name}.gguf"
+        r = subprocess.run(["quantsweep", "quantize", "--bin-dir", bin_dir, "--model", model, "--recipe",
+                            str(recipe), "--imatrix", imatrix, "-o", str(direct), "--log", str(tmp_path / "q.log"),
+                            "--record", str(tmp_path / "q.json")], capture_output=True, text=True, cwd=demo)
+        assert r.returncode == 0, r.stderr
+        assert json.loads((tmp_path / "q.json").read_text())["built"] == "llama-quantize"
+        assert tensor_data_diff(assembled, direct) == []
+        kv = read_table(assembled).kv
+        assert kv["quantsweep.recipe"] == name and kv["quantize.imatrix.file"] == read_table(direct).kv[
+            "quantize.imatrix.file"]
+        assert kv["general.file_type"] == read_table(direct).kv["general.file_type"]
+        r = subprocess.run(["quantsweep", "eval", "kld", "--bin-dir", bin_dir, "--model", str(direct),
+                            "--kld-base", "results/eval/tiny/baseline.kld", "--result", str(tmp_path / "e.json"),
+                            "--log", str(tmp_path / "e.log"), "--threads", "2"], capture_output=True, text=True,
+                           cwd=demo)
+        assert r.returncode == 0, r.stderr
+        ev = json.loads((tmp_path / "e.json").read_text())
+        assert ev["ppl"] == float(rows[name]["ppl"]) and ev["kld_mean"] == float(rows[name]["kld_mean"])
+
+
+def test_sensitivity_runs_feed_the_table_and_the_prediction(demo):
+    sdir = demo / "results" / "sensitivity" / "tiny"
+    groups = json.loads((sdir / "groups.json").read_text())
+    table = json.loads((demo / "results" / "sensitivity" / "tiny.json").read_text())
+    ladder = groups["settings"]["ladder"]
+    assert len(groups["runs"]) == len(groups["groups"]) * (len(ladder) - 1)
+    top = json.loads((sdir / "top.json").read_text())
+    assert table["top_kld"] == top["kld_mean"] == float(read_csv_rows(demo)["Q8_0"]["kld_mean"])  # all q8_0
+    for g in table["groups"]:
+        for t in ladder[:-1]:
+            run = json.loads((sdir / "runs" / f"{g['name']}@{t}.json").read_text())
+            assert run["group"] == g["name"] and run["type"] == t and [g["match"], t] in run["rules"]
+            assert g["increase"][t] == pytest.approx(run["kld_mean"] - top["kld_mean"])
+        assert not list((sdir / "runs").glob("*.gguf")) and not list((sdir / "runs").glob(".*.gguf"))
+    for q in AUTO:
+        info = json.loads((demo / "results" / "allocate" / "tiny" / f"{q.name}.json").read_text())
+        by = {g["name"]: g for g in table["groups"]}
+        chosen = sum(by[n]["increase"][t] for n, t in info["choice"].items())
+        assert info["predicted"]["kld_mean"] == pytest.approx(table["top_kld"] + chosen)
+        text = (demo / "results" / "allocate" / "tiny" / f"{q.name}.yaml").read_text()
+        assert text.startswith(f"# auto recipe for budget {q.name}: the size of {q.budget.size_of}")
+
+
+def read_csv_rows(demo):
+    return {r["quant"]: r for r in read_csv(demo / "results" / "report" / "summary.csv")}
+
+
+def test_a_wrong_pool_file_is_refused_and_nothing_is_written(demo, tmp_path):
+    """Assembly trusts a pool file's plan only after its header agrees: a file of another type
+    given as a pool (a stale or mislabelled file) stops the step with one line, no output."""
+    pools = [a for t in ("iq2_ks", "iq3_ks", "iq4_ks", "iq5_ks", "q8_0")
+             for a in ("--pool", f"{t}=results/pool/tiny/imatrix/{'iq2_ks' if t == 'q8_0' else t}.gguf")]
+    out = tmp_path / "x.gguf"
+    r = subprocess.run(["quantsweep", "quantize", "--bin-dir", "resources/engine/bin", "--model",
+                        "resources/models/tiny.gguf", "--recipe", "results/allocate/tiny/auto-IQ2_KS.yaml",
+                        "--imatrix", "results/imatrix/tiny/imatrix.dat", "-o", str(out), "--log",
+                        str(tmp_path / "q.log"), *pools], capture_output=True, text=True, cwd=demo)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "does not hold what pool q8_0 plans" in r.stderr and "rebuild it" in r.stderr
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*"))
+
+
+@pytest.fixture(scope="session")
+def refined(tmp_path_factory) -> Path:
+    """A small sweep with allocate.refine: one budget, a three-rung ladder, no bench."""
+    wd = make_workdir(tmp_path_factory.mktemp("refine"), {
+        "quants": ["IQ2_KS"], "bench": {"enabled": False}, "eval": {"chunks": 8},
+        "allocate": {"enabled": True, "ladder": ["iq2_ks", "iq4_ks", "q8_0"], "budgets": [{"size_of": "IQ2_KS"}],
+                     "refine": True}})
+    r = smk(wd, "--cores", "all")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
+    return wd
+
+
+def test_refinement_measures_the_recipe_in_context_and_allocates_again(refined):
+    rows = {r["quant"]: r for r in read_csv(refined / "results" / "report" / "summary.csv")}
+    assert list(rows) == ["baseline", "IQ2_KS", "auto-IQ2_KS", "auto-IQ2_KS-refined"]
+    assert rows["auto-IQ2_KS-refined"]["auto"] == "yes"
+    assert int(rows["auto-IQ2_KS-refined"]["size_bytes"]) <= int(rows["IQ2_KS"]["size_bytes"])
+    groups = json.loads((refined / "results" / "sensitivity" / "tiny" / "groups.json").read_text())["groups"]
+    base = json.loads((refined / "results" / "allocate" / "tiny" / "auto-IQ2_KS.json").read_text())
+    for g in groups:  # one context run per group: the recipe with it one rung up (none at the top)
+        run = json.loads((refined / "results" / "refine" / "tiny" / "auto-IQ2_KS" / f"{g['name']}.json").read_text())
+        ladder = ["iq2_ks", "iq4_ks", "q8_0"]
+        chosen = base["choice"][g["name"]]
+        assert run["raised"] == (None if chosen == "q8_0" else ladder[ladder.index(chosen) + 1])
+        assert (run["kld_mean"] is None) == (run["raised"] is None)
+    info = json.loads((refined / "results" / "allocate" / "tiny" / "auto-IQ2_KS-refined.json").read_text())
+    assert info["refined_from"]["measured"] == float(rows["auto-IQ2_KS"]["kld_mean"])
+    assert float(rows["auto-IQ2_KS-refined"]["predicted_kld"]) == pytest.approx(info["predicted"]["kld_mean"])

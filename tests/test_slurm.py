@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, make_workdir
-from quantsweep.config import parse_quants, resolve_recipe_paths
+from quantsweep.config import resolve_recipe_paths, sweep_quants
 from quantsweep.report import read_csv
 
 pytestmark = [pytest.mark.slurm, pytest.mark.e2e]
@@ -35,7 +35,8 @@ IN_CI = os.environ.get("CI") == "true"
 UP = ROOT / "tests" / "slurm" / "up.sh"
 DOWN = ROOT / "tests" / "slurm" / "down.sh"
 CONFIG = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
-LOCAL_RULES = {"all", "report", "run_settings"}  # localrule: True, run by the main Snakemake process
+# localrule: True, run by the main Snakemake process
+LOCAL_RULES = {"all", "report", "run_settings", "sensitivity_table", "allocate"}
 RUN_TIMEOUT = 2400  # s, hard limit (SIGKILL) on the Snakemake run
 REPORT_FILES = ("summary.csv", "summary.md", "summary.html", "size_vs_lnppl.png", "size_vs_kld.png",
                 "kld_vs_speed.png")
@@ -126,7 +127,8 @@ def test_default_sweep_runs_through_slurm(slurm, tmp_path):
     cpus = _nproc()
     # every imatrix/perplexity job asks for gpu=1: the node's one fake GPU
     wd = make_workdir(tmp_path / "wd", {"resources": {"gpus": 1}})
-    gpu_rules = {"imatrix_collect", "eval_baseline", "eval_reference", "eval_quant", *BENCH_RULES}
+    gpu_rules = {"imatrix_collect", "eval_baseline", "eval_reference", "eval_quant", "sensitivity_run",
+                 "sensitivity_top", *BENCH_RULES}
 
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
     cmd = [
@@ -150,7 +152,7 @@ def test_default_sweep_runs_through_slurm(slurm, tmp_path):
     out = wd / "results" / "report"
     for name in REPORT_FILES:
         assert (out / name).stat().st_size > 0, name
-    quants = parse_quants(resolve_recipe_paths(CONFIG["quants"], str(ROOT)))
+    quants = sweep_quants({**CONFIG, "quants": resolve_recipe_paths(CONFIG["quants"], str(ROOT))})
     assert [row["quant"] for row in read_csv(out / "summary.csv")] == ["baseline"] + [q.name for q in quants]
 
     # every non-local job was a SLURM job of this run and COMPLETED

@@ -16,6 +16,8 @@ from .engine.settings import RunSettings, resolve
 from .errors import ConfigError, PlanError, RecipeError
 from .gguf.reader import first_shard
 from .gguf.types import FTYPES, canonical_ftype, ftype_names
+from .planner.allocate import Budget
+from .planner.groups import Settings
 from .planner.recipes import load_recipe
 from .report.table import BASE_REFERENCE, BASELINE  # eval.reference value: the unquantized model
 
@@ -28,6 +30,9 @@ class Quant:
     ftype: str
     imatrix: bool
     recipe: str | None = None  # recipe YAML path (its base is `ftype`)
+    auto: bool = False  # an allocated recipe (written per model by the allocate step)
+    budget: Budget | None = None
+    refines: str | None = None  # allocate.refine: the auto quant whose measurement this one corrects
 
     @property
     def needs_imatrix(self) -> bool:
@@ -88,7 +93,7 @@ def parse_quants(items: list, key: str = "quants") -> list[Quant]:
 
 
 # Top-level sections that must be mappings, and lists whose items must have one of these types.
-_SECTIONS = ("engine", "models", "texts", "imatrix", "eval", "resources", "gate", "run", "bench")
+_SECTIONS = ("engine", "models", "texts", "imatrix", "eval", "resources", "gate", "run", "bench", "allocate")
 _LISTS = {("quants",): (str, dict), ("imatrix", "passes"): (str,), ("imatrix", "external"): (str,)}
 
 
@@ -190,6 +195,7 @@ def check(config: dict) -> None:
     if ev["ctx"] < 128 or ev["ctx"] % 2:
         raise ConfigError(f"config eval.ctx: {ev['ctx']} must be an even number >= 128")
     check_run(config)
+    sweep_quants(config)
     names = [q.name for q in parse_quants(config["quants"])]
     for model, m in config["models"].items():
         ref, key = (m["reference"], f"models.{model}.reference") if m.get("reference") else (
@@ -244,6 +250,52 @@ def engine_steps(config: dict) -> list[str]:
     """The engine steps a sweep runs (whose run settings must suit the engine)."""
     return [s for s, on in (("imatrix", bool(config["imatrix"]["passes"])), ("eval", True),
                             ("bench", bench_enabled(config))) if on]
+
+
+def allocation(config: dict) -> tuple[Settings | None, list[Budget]]:
+    """allocate: the sensitivity settings and the budgets (None, [] when disabled or no budget)."""
+    sec = config.get("allocate") or {}
+    if not sec.get("enabled", False) or not sec.get("budgets"):
+        return None, []
+    try:
+        s = Settings.from_config(sec, "allocate")
+        budgets = [Budget.from_dict(b, f"allocate.budgets[{i}]") for i, b in enumerate(sec["budgets"])]
+    except (PlanError, RecipeError) as e:
+        raise ConfigError(f"config {e}") from None
+    return s, budgets
+
+
+def has_imatrix(config: dict) -> bool:
+    imx = config["imatrix"]
+    return bool(imx["passes"] or imx["external"])
+
+
+def sweep_quants(config: dict) -> list[Quant]:
+    """Every quant of the sweep: `quants`, then one auto recipe per allocate budget (after the
+    quants they are compared with), then with allocate.refine each one refined."""
+    quants = parse_quants(config["quants"])
+    s, budgets = allocation(config)
+    names = {q.name: q for q in quants}
+    for i, b in enumerate(budgets):
+        where = f"config allocate.budgets[{i}]"
+        if b.name in names:
+            raise ConfigError(f"{where}.name: {b.name!r} is already a quant of the sweep; name the budget")
+        if not NAME_RE.match(b.name):
+            raise ConfigError(f"{where}.name: {b.name!r} must match {NAME_RE.pattern}")
+        if b.size_of is not None and (b.size_of not in names or names[b.size_of].auto):
+            raise ConfigError(f"{where}.size_of: {b.size_of!r} is not a quant of `quants` "
+                              f"({', '.join(q.name for q in quants)})")
+        q = Quant(b.name, s.base, has_imatrix(config), None, True, b)
+        names[q.name] = q
+        quants.append(q)
+    if (config.get("allocate") or {}).get("refine"):
+        for q in [q for q in quants if q.auto]:
+            r = Quant(f"{q.name}-refined", q.ftype, q.imatrix, None, True, q.budget, q.name)
+            if r.name in names:
+                raise ConfigError(f"config allocate.refine: {r.name!r} (the refined {q.name}) is already a quant")
+            names[r.name] = r
+            quants.append(r)
+    return quants
 
 
 def reference_of(config: dict, model: str) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 from .gguf.reader import GGUFTable, read_model, shards
 from .imatrix.fit import expected_size
 from .planner.plan import plan
+from .planner.pool import pool_recipe
 from .planner.recipes import recipe_or_ftype
 
 MiB = 2**20
@@ -97,8 +98,9 @@ def runtime_min(m: ModelSize, tokens: int = 0, attempt: int = 1) -> int:
 
 def predicted_bytes(model: str | Path, recipe_or_ftype_name: str, has_imatrix: bool) -> int:
     """The quantized file's size from the model's header (every shard) and the recipe: the
-    size plan. Until the model exists (the demo generates it), UNKNOWN's size."""
+    size plan (`pool:TYPE`: a pool file). Until the model exists (the demo generates it), UNKNOWN's size."""
     if not all(f.exists() for f in shards(model)):
         return UNKNOWN.bytes
-    return plan(read_model(model), recipe_or_ftype(recipe_or_ftype_name), has_imatrix=has_imatrix,
-                strict=False).total_bytes
+    spec = (pool_recipe(recipe_or_ftype_name[5:]) if recipe_or_ftype_name.startswith("pool:")
+            else recipe_or_ftype(recipe_or_ftype_name))
+    return plan(read_model(model), spec, has_imatrix=has_imatrix, strict=False).total_bytes

@@ -8,6 +8,8 @@ from snakemake.utils import validate
 from quantsweep import config as qconfig
 from quantsweep import resources as qresources
 from quantsweep.gguf.reader import shards
+from quantsweep.planner.pool import named_types
+from quantsweep.planner.recipes import load_recipe
 from quantsweep.report import record_paths, sweep_entries, to_json_data
 
 try:
@@ -19,7 +21,13 @@ except qconfig.ConfigError as e:
     raise WorkflowError(str(e))
 
 MODELS = sorted(config["models"])
-QUANTS = {q.name: q for q in qconfig.parse_quants(config["quants"])}
+# Every quant: `quants`, then one auto recipe per allocate budget (rules in allocate.smk).
+QUANTS = {q.name: q for q in qconfig.sweep_quants(config)}
+ALLOC, BUDGETS = qconfig.allocation(config)
+ALLOCATE = bool(BUDGETS)
+# Recipe quants are assembled from the per-type pool (allocate.pool); its types are what the
+# recipes name, plus the ladder and pins when allocating.
+POOL = config.get("allocate", {}).get("pool", True)
 # What each model's KLD base logits come from: "base" (the unquantized model) or a quant name.
 REFERENCES = {m: qconfig.reference_of(config, m) for m in MODELS}
 
@@ -36,8 +44,28 @@ BENCH = qconfig.bench_enabled(config)
 ENGINE_STEPS = qconfig.engine_steps(config)
 
 
+# The auto quants the allocate rule writes, and their refined forms (rule refine, allocate.refine).
+AUTO_QUANTS = one_of(q.name for q in QUANTS.values() if q.auto and not q.refines)
+REFINED_QUANTS = one_of(q.name for q in QUANTS.values() if q.refines)
+
+
 # Models whose reference is a quant (rule eval_reference).
 REFERENCE_QUANT_MODELS = one_of(m for m in MODELS if REFERENCES[m] != "base")
+
+
+def _pool_types_of(q):
+    """The pool files a quant is assembled from (none: llama-quantize makes it)."""
+    if q.auto:
+        return ALLOC.types()
+    if q.recipe and POOL:
+        return named_types(load_recipe(q.recipe))
+    return []
+
+
+POOL_TYPES = sorted(
+    {t for q in QUANTS.values() for t in _pool_types_of(q)}
+    | set(ALLOC.types() if ALLOCATE else [])
+)
 
 
 wildcard_constraints:
@@ -45,6 +73,10 @@ wildcard_constraints:
     quant=one_of(QUANTS),
     imatrix_pass="mla|std",
     kind="calibration|evaluation",
+    pool_imatrix="imatrix|noimatrix",
+    ptype=one_of(POOL_TYPES),
+    stype=one_of(ALLOC.ladder if ALLOCATE else []),
+    group="[A-Za-z0-9_.+-]+",
 
 
 def path_of(pattern, **wildcards):
@@ -134,6 +166,48 @@ def get_imatrix_inputs(wildcards):
     return passes + list(config["imatrix"]["external"])
 
 
+def get_auto_recipe(wildcards):
+    return path_of(
+        rules.allocate.output.recipe, model=wildcards.model, quant=wildcards.quant
+    )
+
+
+def _pool_paths(model, types, imatrix):
+    """{type: pool file} of a model, made with the imatrix or without."""
+    kind = "imatrix" if imatrix else "noimatrix"
+    return {
+        t: path_of(rules.pool.output.gguf, model=model, pool_imatrix=kind, ptype=t)
+        for t in types
+    }
+
+
+def get_quant_pools(wildcards):
+    q = QUANTS[wildcards.quant]
+    return _pool_paths(wildcards.model, _pool_types_of(q), q.imatrix)
+
+
+def get_sensitivity_pool_paths(wildcards):
+    return _pool_paths(wildcards.model, ALLOC.types(), qconfig.has_imatrix(config))
+
+
+def get_pool_args(wildcards):
+    """--pool TYPE=FILE for each pool file a quantize or sensitivity job reads."""
+    pools = (
+        get_quant_pools(wildcards)
+        if hasattr(wildcards, "quant")
+        else get_sensitivity_pool_paths(wildcards)
+    )
+    return [a for t, f in pools.items() for a in ("--pool", f"{t}={f}")]
+
+
+def get_pool_input(wildcards):
+    if wildcards.pool_imatrix == "imatrix":
+        return {
+            "imatrix": path_of(rules.imatrix_remap.output.dat, model=wildcards.model)
+        }
+    return {}
+
+
 def get_quantize_input(wildcards):
     inputs = {
         "quantize": rules.engine_build.output.quantize,
@@ -152,8 +226,9 @@ def get_quantize_input(wildcards):
             model=wildcards.model,
             quant=wildcards.quant,
         )
-    if q.recipe:
-        inputs["recipe"] = q.recipe
+    if q.recipe or q.auto:
+        inputs["recipe"] = get_auto_recipe(wildcards) if q.auto else q.recipe
+    inputs["pools"] = list(get_quant_pools(wildcards).values())
     return inputs
 
 
@@ -164,12 +239,117 @@ def get_imatrix_arg(wildcards, input):
 def get_type_args(wildcards):
     """`--recipe FILE` for a recipe quant, else `--ftype FTYPE` (check and quantize alike)."""
     q = QUANTS[wildcards.quant]
+    if q.auto:
+        return ["--recipe", get_auto_recipe(wildcards)]
     return ["--recipe", q.recipe] if q.recipe else ["--ftype", q.ftype]
 
 
 def get_check_input(wildcards):
     q = QUANTS[wildcards.quant]
+    if q.auto:
+        return {"recipe": get_auto_recipe(wildcards)}
     return {"recipe": q.recipe} if q.recipe else {}
+
+
+def get_allocate_settings_json(wildcards):
+    """The allocate section's sensitivity settings (not the budgets: a new budget reruns no run)."""
+    keys = ("ladder", "groups", "pin", "experts")
+    sec = config["allocate"]
+    return json.dumps({k: sec[k] for k in keys if k in sec}, sort_keys=True)
+
+
+def get_sensitivity_group_flags(wildcards):
+    flags = [] if qconfig.has_imatrix(config) else ["--no-imatrix"]
+    return flags + (["--split"] if any(b.split for b in BUDGETS) else [])
+
+
+def get_sensitivity_pools(wildcards):
+    inputs = {"pools": list(get_sensitivity_pool_paths(wildcards).values())}
+    if qconfig.has_imatrix(config):
+        inputs["imatrix"] = path_of(
+            rules.imatrix_remap.output.dat, model=wildcards.model
+        )
+    return inputs
+
+
+def get_sensitivity_run_args(wildcards, input):
+    """--group/--type of a run (none: the all-top run) and the pools' imatrix."""
+    args = ["--imatrix", input.imatrix] if "imatrix" in input.keys() else []
+    if hasattr(wildcards, "group"):
+        args += ["--group", wildcards.group, "--type", wildcards.stype]
+    return args
+
+
+def get_sensitivity_runs(wildcards):
+    """Every run groups.json lists (known once the groups step ran: a checkpoint)."""
+    groups = checkpoints.sensitivity_groups.get(model=wildcards.model).output[0]
+    with open(groups, encoding="utf-8") as f:
+        runs = json.load(f)["runs"]
+    return [
+        path_of(
+            rules.sensitivity_run.output.result, model=wildcards.model, group=g, stype=t
+        )
+        for g, t in runs
+    ]
+
+
+def get_allocate_input(wildcards):
+    """A size_of budget naming a recipe quant reads that recipe."""
+    b = QUANTS[wildcards.quant].budget
+    ref = QUANTS.get(b.size_of) if b.size_of else None
+    return {"size_of": ref.recipe} if ref is not None and ref.recipe else {}
+
+
+def get_refined_allocation(wildcards):
+    """The allocation a refined quant corrects (its unrefined auto quant's)."""
+    base = QUANTS[wildcards.quant].refines
+    return path_of(rules.allocate.output.json, model=wildcards.model, quant=base)
+
+
+def get_refined_measurement(wildcards):
+    base = QUANTS[wildcards.quant].refines
+    return path_of(rules.eval_quant.output.result, model=wildcards.model, quant=base)
+
+
+def get_context_runs(wildcards):
+    """One context run per group of the model (groups.json, a checkpoint)."""
+    groups = checkpoints.sensitivity_groups.get(model=wildcards.model).output[0]
+    with open(groups, encoding="utf-8") as f:
+        names = [g["name"] for g in json.load(f)["groups"]]
+    base = QUANTS[wildcards.quant].refines
+    return [
+        path_of(
+            rules.sensitivity_context.output.result,
+            model=wildcards.model,
+            quant=base,
+            group=g,
+        )
+        for g in names
+    ]
+
+
+def get_refine_args(wildcards, input):
+    """A refined quant's allocate flags: the allocation it corrects and its measurements."""
+    if not QUANTS[wildcards.quant].refines:
+        return []
+    flags = ["--refine", input.allocation, "--measured", input.measured]
+    return flags + ["--context"] + list(input.context)
+
+
+def get_budget_args(wildcards):
+    b = QUANTS[wildcards.quant].budget
+    if b.split:
+        return ["--gpu-gib", str(b.gpu_gib), "--ram-gib", str(b.ram_gib)]
+    if b.size_of:
+        ref = QUANTS[b.size_of]
+        flags = [] if ref.imatrix else ["--size-of-no-imatrix"]
+        return [
+            "--size-of",
+            ref.recipe or ref.ftype,
+            "--size-of-name",
+            ref.name,
+        ] + flags
+    return ["--gib", str(b.gib)] if b.gib is not None else ["--bpw", str(b.bpw)]
 
 
 def get_summary_entries(wildcards):
@@ -186,6 +366,8 @@ def get_summary_entries(wildcards):
     if BENCH:
         paths["bench"] = rules.bench_quant.output.result
         paths["base_bench"] = rules.bench_base.output.result
+    if ALLOCATE:
+        paths["allocation"] = rules.allocate.output.json
     return sweep_entries(MODELS, REFERENCES, list(QUANTS.values()), paths)
 
 
@@ -270,10 +452,34 @@ def mem_mb_quantize(wildcards, attempt):
 
 
 def disk_mb_quantize(wildcards, attempt):
+    """An auto recipe is not written yet: its top ftype's size bounds it."""
     q = QUANTS[wildcards.quant]
     size = qresources.predicted_bytes(
         get_model(wildcards), q.recipe or q.ftype, q.imatrix
     )
+    return qresources.disk_mb_quantize(size, attempt)
+
+
+def disk_mb_pool(wildcards, attempt):
+    size = qresources.predicted_bytes(
+        get_model(wildcards), f"pool:{wildcards.ptype}", True
+    )
+    return qresources.disk_mb_quantize(size, attempt)
+
+
+def mem_mb_sensitivity(wildcards, attempt):
+    """A run holds its assembled model, at most the ladder's top everywhere (not the source)."""
+    m = _model_size(wildcards)
+    top = qresources.predicted_bytes(get_model(wildcards), f"pool:{ALLOC.top}", True)
+    return qresources.mem_mb_resident(
+        qresources.ModelSize(top, m.largest_elements, m.imatrix_values, m.n_vocab),
+        attempt,
+    )
+
+
+def disk_mb_sensitivity(wildcards, attempt):
+    """The run's assembled model (removed after it is measured): at most the top's size."""
+    size = qresources.predicted_bytes(get_model(wildcards), f"pool:{ALLOC.top}", True)
     return qresources.disk_mb_quantize(size, attempt)
 
 

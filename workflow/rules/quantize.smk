@@ -18,8 +18,9 @@ rule quantize:
         bin_dir=get_bin_dir,
         type_args=get_type_args,
         imatrix=get_imatrix_arg,
+        pools=get_pool_args,
     shell:
         "quantsweep quantize --bin-dir {params.bin_dir:q} --model {input.model:q}"
-        " {params.type_args:q} {params.imatrix:q} -o {output.gguf:q}"
+        " {params.type_args:q} {params.imatrix:q} {params.pools:q} -o {output.gguf:q}"
         " --record {output.record:q} --log {log:q} --threads {threads}"
         " --manifest {output.manifest:q} --timeout-min {resources.runtime}"

@@ -27,6 +27,8 @@ def _files(a, names: tuple[str, ...]) -> dict[str, list[str]]:
     for name in names:
         v = getattr(a, name, None)
         files = [f for f in ([v] if isinstance(v, str) else list(v or [])) if f]
+        if name == "pool":  # TYPE=FILE
+            files = [f.partition("=")[2] for f in files]
         out[name] = [str(s) for f in files for s in shards(f)] if name == "model" else files
     return out
 

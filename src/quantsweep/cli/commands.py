@@ -153,13 +153,109 @@ def _imatrix_check(a) -> None:
     sys.stdout.write(text)
 
 
+def _pools(items: list[str]) -> dict[str, Path]:
+    out = {}
+    for item in items:
+        typ, sep, path = item.partition("=")
+        if not sep or not typ or not path:
+            raise QuantsweepError(f"--pool: {item!r} is not TYPE=FILE")
+        out[typ] = Path(path)
+    return out
+
+
 def _quantize(a) -> dict:
     from ..steps import quantize
 
     rec = quantize(Path(a.bin_dir), Path(a.model), Path(a.output), Path(a.log), a.ftype, a.recipe or None,
-                   a.threads, Path(a.imatrix) if a.imatrix else None, _timeout(a))
+                   a.threads, Path(a.imatrix) if a.imatrix else None, _timeout(a), _pools(a.pool))
     _write_record(a.record, rec)
     return rec
+
+
+def _pool(a) -> dict:
+    from ..planner.recipes import check_type
+    from ..steps import pool_quantize
+
+    rec = pool_quantize(Path(a.bin_dir), Path(a.model), check_type(a.type, "--type"), Path(a.output), Path(a.log),
+                        a.threads, Path(a.imatrix) if a.imatrix else None, _timeout(a))
+    _write_record(a.record, rec)
+    return rec
+
+
+def _sensitivity_groups(a) -> None:
+    from ..fileio import write_json
+    from ..planner.groups import Settings
+    from ..steps import sensitivity_groups
+
+    s = Settings.from_config(_json_arg(a.settings, "settings"), "--settings")
+    doc = sensitivity_groups(Path(a.model), s, not a.no_imatrix, a.split)
+    write_json(a.output, doc)
+    print(f"{len(doc['groups'])} groups, {len(doc['runs'])} runs besides the top run ({s.top} everywhere)")
+
+
+def _sensitivity_run(a) -> dict:
+    from ..steps import sensitivity_run
+
+    if bool(a.group) != bool(a.type):
+        raise QuantsweepError("sensitivity run: give --group and --type together (neither: the all-top run)")
+    out = Path(a.result)
+    work = out.with_name(f".{out.name}.assembled.gguf")
+    rec = sensitivity_run(Path(a.bin_dir), Path(a.model), Path(a.groups), a.group or None, a.type or None,
+                          _pools(a.pool), Path(a.kld_base), Path(a.log), _eval_settings(a),
+                          Path(a.imatrix) if a.imatrix else None, work, _timeout(a))
+    _write_record(a.result, rec)
+    return rec
+
+
+def _sensitivity_context(a) -> dict:
+    from ..steps import context_run
+
+    out = Path(a.result)
+    rec = context_run(Path(a.bin_dir), Path(a.model), Path(a.sensitivity), Path(a.allocation), a.group,
+                      _pools(a.pool), Path(a.kld_base), Path(a.log), _eval_settings(a),
+                      Path(a.imatrix) if a.imatrix else None, out.with_name(f".{out.name}.assembled.gguf"),
+                      _timeout(a))
+    _write_record(a.result, rec)
+    return rec
+
+
+def _sensitivity_table(a) -> None:
+    from ..fileio import read_json_object, write_json
+    from ..planner.sensitivity import table
+
+    runs = {}
+    for path in a.runs:
+        rec = read_json_object(path, "sensitivity run")
+        runs[(rec.get("group"), rec.get("type"))] = path
+    write_json(a.output, table(a.groups, a.top, runs))
+
+
+def _allocate(a) -> dict:
+    from ..fileio import write_json, write_text
+    from ..planner.allocate import Budget
+    from ..steps import allocate, size_of
+
+    if (a.gpu_gib is None) != (a.ram_gib is None):
+        raise QuantsweepError("allocate: --gpu-gib and --ram-gib go together (a split budget)")
+    budget = Budget.from_dict({"name": a.name, "gib": a.gib, "bpw": a.bpw, "size_of": a.size_of_name or a.size_of,
+                               "gpu_gib": a.gpu_gib, "ram_gib": a.ram_gib}, "allocate")
+    nbytes = None
+    if a.size_of:
+        if not a.model:
+            raise QuantsweepError("allocate: --size-of needs --model (the quant is planned on it)")
+        nbytes = size_of(Path(a.model), a.size_of, not a.size_of_no_imatrix)
+    if bool(a.refine) != bool(a.measured):
+        raise QuantsweepError("allocate: --refine and --measured go together")
+    refine = (Path(a.refine), Path(a.measured), [Path(p) for p in a.context]) if a.refine else None
+    text, info = allocate(Path(a.sensitivity), budget, nbytes, a.resolution, refine)
+    info["recipe"] = a.output
+    write_text(a.output, text)
+    if a.json:
+        write_json(a.json, info)
+    p = info["predicted"]
+    print(f"{budget.name}: {p['tensor_bytes']} of {info['budget']['bytes']} tensor bytes, "
+          f"predicted mean KLD {p['kld_mean']:.6g}; wrote {a.output}")
+    return {}
 
 
 def _recipe_plan(a) -> None:

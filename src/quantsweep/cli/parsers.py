@@ -123,6 +123,11 @@ def _add_imatrix_fit(imx) -> None:
     p.set_defaults(func=c._imatrix_remap)
 
 
+def _add_pool(p, why: str) -> None:
+    p.add_argument("--pool", action="append", default=[], metavar="TYPE=FILE",
+                   help=f"a pool file and its type (repeat); {why}")
+
+
 def _add_quant_type(p) -> None:
     """What to quantize to: the same two options for check and quantize."""
     g = p.add_mutually_exclusive_group(required=True)
@@ -139,9 +144,23 @@ def _add_quantize(sub) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--imatrix", default="")
     p.add_argument("--record", default="")
+    _add_pool(p, "assemble a recipe from these pool files when every tensor can come from one "
+                 "(else llama-quantize runs, and the record says why)")
     _add_timeout(p)
-    _manifested(p, inputs=("model", "imatrix", "recipe"), outputs=("output", "record"))
+    _manifested(p, inputs=("model", "imatrix", "recipe", "pool"), outputs=("output", "record"))
     p.set_defaults(func=c._quantize)
+    p = sub.add_parser("pool", help="one pool file: the model with every tensor at one type (llama-quantize), "
+                       "which recipes are then assembled from")
+    for flag in ("--bin-dir", "--model", "--log"):
+        p.add_argument(flag, required=True)
+    p.add_argument("--type", required=True, help="the ggml type every tensor is asked for (e.g. iq4_ks)")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--imatrix", default="")
+    p.add_argument("--record", default="")
+    _add_timeout(p)
+    _manifested(p, inputs=("model", "imatrix"), outputs=("output", "record"))
+    p.set_defaults(func=c._pool)
     rc = sub.add_parser("recipe", help="quantization recipes").add_subparsers(dest="sub", required=True)
     p = rc.add_parser("plan", help="per tensor: the type the engine will use and its bytes; totals")
     p.add_argument("--model", required=True, help="GGUF (header only is read), or 'deepseek-v3' for a V3-shaped table")
@@ -195,6 +214,119 @@ def _add_bench(sub) -> None:
     p.set_defaults(func=c._bench)
 
 
+def _add_eval_args(p, chunks: int = 16) -> None:
+    p.add_argument("--ctx", type=int, default=512)
+    p.add_argument("--chunks", type=int, default=chunks)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--mla", type=int, default=1)
+    p.add_argument("--fa", default="off", choices=["on", "off", "auto"])
+    _add_run(p)
+    _add_timeout(p)
+
+
+SETTINGS_HELP = ("JSON (or a .json file) of the config's allocate section: ladder (types, fewest bits first; "
+                 "the last is the top every other group keeps), groups (classes | layers | a list of "
+                 "{match, per: all|layer|tensor|N}), pin ({regex: type}), experts (regex of the tensors a split "
+                 "budget puts in RAM)")
+
+
+def _add_sensitivity(sub) -> None:
+    sv = sub.add_parser("sensitivity", help="per-group KLD sensitivity, the allocator's input").add_subparsers(
+        dest="sub", required=True)
+    p = sv.add_parser("groups", help="the groups of a model and their exact bytes per ladder type (groups.json)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--settings", required=True, help=SETTINGS_HELP)
+    p.add_argument("--no-imatrix", action="store_true", help="plan without an imatrix (types needing one drop out)")
+    p.add_argument("--split", action="store_true", help="mark each group gpu or ram (for split budgets)")
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(func=c._sensitivity_groups)
+    p = sv.add_parser("run", help="one run: GROUP at TYPE, the rest at the ladder's top, assembled from the pool; "
+                      "its KLD against the reference (no --group: the all-top run)")
+    for flag in ("--bin-dir", "--model", "--log", "--groups", "--kld-base", "--result"):
+        p.add_argument(flag, required=True)
+    p.add_argument("--group", default="")
+    p.add_argument("--type", default="")
+    p.add_argument("--imatrix", default="", help="the imatrix the pool files were made with (recorded)")
+    _add_pool(p, "the pool files of the ladder's types and the pins")
+    _add_eval_args(p)
+    _manifested(p, inputs=("model", "groups", "kld_base", "pool"), outputs=("result",))
+    p.set_defaults(func=c._sensitivity_run)
+    p = sv.add_parser("context", help="the refinement's run: an allocated recipe with GROUP one rung up, its KLD")
+    for flag in ("--bin-dir", "--model", "--log", "--sensitivity", "--allocation", "--group", "--kld-base",
+                 "--result"):
+        p.add_argument(flag, required=True)
+    p.add_argument("--imatrix", default="", help="the imatrix the pool files were made with (recorded)")
+    _add_pool(p, "the pool files of the ladder's types and the pins")
+    _add_eval_args(p)
+    _manifested(p, inputs=("model", "sensitivity", "allocation", "kld_base", "pool"), outputs=("result",))
+    p.set_defaults(func=c._sensitivity_context)
+    p = sv.add_parser("table", help="join groups.json and the runs into the sensitivity table")
+    p.add_argument("--groups", required=True)
+    p.add_argument("--top", required=True, help="the all-top run's record")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("runs", nargs="*", help="the other runs' records")
+    _manifested(p, inputs=("groups", "top", "runs"), outputs=("output",))
+    p.set_defaults(func=c._sensitivity_table)
+
+
+ALLOCATE_EPILOG = """\
+The allocator picks one ladder type per group so that the predicted mean KLD is lowest and the
+file fits the budget. Predicted KLD = the all-top run's KLD + the sum of each group's measured
+increase at its type (additive model: the report shows predicted vs measured). The solver is
+exact (multiple-choice knapsack by dynamic programming over sizes rounded up to 1/RESOLUTION
+of the budget, so the answer always fits). Bytes are the planner's exact tensor bytes; the
+budget covers the whole file: the tensors no group holds (norms, ffn_gate_inp), the header and
+each tensor's alignment padding come off it first.
+
+Budgets (one of):
+  --gib X            the whole file within X GiB
+  --bpw X            X bits per weight over all tensors
+  --size-of Q        as large as quant Q: an ftype (IQ2_KS) or a recipe YAML, planned on --model
+  --gpu-gib X --ram-gib Y
+                     split: non-expert tensors (and the copied ones) within X GiB, the routed
+                     experts (the groups' `experts` regex at `sensitivity groups --split`) within Y
+
+Constraints come from the groups: ffn_gate and ffn_up of a layer are always one group (the fused
+MoE kernel wants them alike); pinned tensors have one type; a type the planner refuses for a
+group (one that needs an imatrix, without one) is not an option; row-size fallbacks are in the
+bytes. Output: a recipe YAML (config/recipes/ format, a header says the budget, the prediction
+and the sensitivity data) and --json with the prediction the report reads.
+
+Refinement (--refine A.json --measured EVAL.json --context RUN.json...): the additive model
+ignores how groups interact. Measure the allocated recipe (the sweep does) and, for each group,
+the recipe with that group one rung up (`quantsweep sensitivity context`); the step from the
+chosen type to the next is then set to what was measured inside the recipe (the rungs below move
+with it), the budget is solved again, and the prediction is anchored at the measured KLD.
+"""
+
+
+def _add_allocate(sub) -> None:
+    p = sub.add_parser("allocate", help="the recipe with the lowest predicted KLD that fits a size budget",
+                       description="Write the recipe with the lowest predicted mean KLD that fits a size budget.",
+                       epilog=ALLOCATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sensitivity", required=True, help="the sensitivity table (quantsweep sensitivity table)")
+    b = p.add_mutually_exclusive_group(required=True)
+    b.add_argument("--gib", type=float, help="budget: the whole file in GiB")
+    b.add_argument("--bpw", type=float, help="budget: bits per weight over all tensors")
+    b.add_argument("--size-of", default=None, help="budget: the planned size of this ftype or recipe YAML (--model)")
+    b.add_argument("--gpu-gib", type=float, help="split budget: non-expert tensors in GiB (with --ram-gib)")
+    p.add_argument("--ram-gib", type=float, help="split budget: routed experts in GiB")
+    p.add_argument("--model", default="", help="the model (for --size-of)")
+    p.add_argument("--size-of-no-imatrix", action="store_true", help="plan --size-of's quant as made without imatrix")
+    p.add_argument("--size-of-name", default="", help="--size-of's quant name in the sweep (what the report says)")
+    p.add_argument("--name", default="", help="the recipe's name (default: auto-<budget>)")
+    p.add_argument("--resolution", type=int, default=1 << 16,
+                   help="size units per budget of the exact solver (more: finer, slower; default 65536)")
+    p.add_argument("--refine", default="", metavar="ALLOCATION_JSON",
+                   help="refine that allocation: correct the sensitivities by its context runs and measured KLD")
+    p.add_argument("--measured", default="", help="with --refine: the evaluation record of the recipe refined")
+    p.add_argument("--context", nargs="*", default=[], help="with --refine: its context runs (sensitivity context)")
+    p.add_argument("-o", "--output", required=True, help="the recipe YAML")
+    p.add_argument("--json", default="", help="the prediction (budget, predicted bytes and KLD, choices) as JSON")
+    _manifested(p, inputs=("sensitivity", "model", "refine", "measured", "context"), outputs=("output", "json"))
+    p.set_defaults(func=c._allocate)
+
+
 def _add_report(sub) -> None:
     p = sub.add_parser("report", help="summary.csv/.md, size-vs-quality plots (PNG) and a self-contained HTML page")
     p.add_argument("--entries", required=True, help="JSON (or a .json file) listing models, references and quants")
@@ -217,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="quantsweep", description=DESCRIPTION)
     ap.add_argument("--version", action="version", version=f"quantsweep {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for add in (_add_engine, _add_inputs, _add_imatrix, _add_quantize, _add_eval, _add_bench, _add_report):
+    for add in (_add_engine, _add_inputs, _add_imatrix, _add_quantize, _add_eval, _add_bench, _add_sensitivity,
+                _add_allocate, _add_report):
         add(sub)
     return ap

@@ -190,14 +190,18 @@ def collect_imatrix(bin_dir: Path, model: Path, text: Path, out: Path, log: Path
 
 
 def quantize(bin_dir: Path, model: Path, out: Path, log: Path, ftype: str, threads: int,
-             imatrix: Path | None = None, extra: list[str] | None = None, timeout_s: float | None = None) -> dict:
+             imatrix: Path | None = None, extra: list[str] | None = None, timeout_s: float | None = None,
+             check_types: Callable[[dict[str, str | None]], None] | None = None) -> dict:
     """extra: recipe options (--custom-q, --token-embedding-type, ...) before the positionals.
-    The GGUF is read back (header, tensor table, every tensor's data present) before it is kept."""
+    The GGUF is read back (header, tensor table, every tensor's data present) before it is kept;
+    check_types, if given, sees the per-tensor types the engine logged first (and may raise)."""
     what = f"quantize {ftype}"
     with partial_path(out) as tmp:
         res = run_logged(argv.quantize_cmd(bin_dir, model, tmp, ftype, threads, imatrix, extra), log,
                          timeout_s=timeout_s)
         parsed = checked(res, logparse.parse_quantize, log, what, timeout_s)
+        if check_types is not None:
+            check_types(logparse.parse_quantize_tensors(res.text))
         _verified(tmp, out, verify_complete, what, log)
     return {**asdict(parsed), "wall_s": round(res.wall_s, 2), **res.times(), "cmd": res.cmd}
 

@@ -59,6 +59,9 @@ class GGUFTable:
     tensors: list[TensorInfo]
     data_offset: int
     files: list[Path] = field(default_factory=list)  # every shard, in order ([] = just `path`)
+    # key -> [start, end) byte offsets in `path` of its whole KV record (key, value type, value), in
+    # file order: what an assembled GGUF copies verbatim (arrays like the vocabulary included)
+    kv_spans: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def by_name(self) -> dict[str, TensorInfo]:
         return {t.name: t for t in self.tensors}
@@ -143,17 +146,20 @@ def read_table(path: str | Path, keep_arrays: bool = False, shard: int = 0) -> G
         if version not in (2, 3):
             raise GGUFFormatError(f"{path}: unsupported GGUF version {version}")
         n_tensors, n_kv = r.scalar("<Q"), r.scalar("<Q")
-        kv = {}
+        kv, spans = {}, {}
         for _ in range(n_kv):
+            start = f.tell()
             key = r.string()
             kv[key] = r.value(r.scalar("<I"), keep_arrays)
+            spans[key] = (start, f.tell())
         infos = [r.tensor_info(shard) for _ in range(n_tensors)]
         align = kv.get("general.alignment", 32)
         if not isinstance(align, int) or align < 1 or align & (align - 1):
             raise GGUFFormatError(f"{path}: general.alignment is {align!r} (must be a power of 2)")
         pos = f.tell()
         data_offset = (pos + align - 1) // align * align
-    table = GGUFTable(path=path, version=version, kv=kv, tensors=infos, data_offset=data_offset, files=[path])
+    table = GGUFTable(path=path, version=version, kv=kv, tensors=infos, data_offset=data_offset, files=[path],
+                      kv_spans=spans)
     _check_data(table, align)
     return table
 
@@ -221,4 +227,4 @@ def read_model(path: str | Path, keep_arrays: bool = False) -> GGUFTable:
         return head
     return GGUFTable(path=head.path, version=head.version, kv=head.kv,
                      tensors=[t for table in tables for t in table.tensors], data_offset=head.data_offset,
-                     files=files)
+                     files=files, kv_spans=head.kv_spans)

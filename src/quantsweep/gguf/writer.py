@@ -11,7 +11,7 @@ import struct
 from pathlib import Path
 
 from ..fileio import partial_path
-from .reader import GGUF_MAGIC, GGUFTable
+from .reader import _SCALAR, GGUF_MAGIC, GGUFTable
 
 DEFAULT_ALIGNMENT = 32
 _UINT32, _FLOAT32, _BOOL, _STRING, _ARRAY, _INT64 = 4, 6, 7, 8, 9, 11
@@ -39,6 +39,32 @@ def encode_kv(key: str, value) -> bytes:
     return gguf_string(key) + body
 
 
+def encode_kv_as(key: str, vtype: int, value) -> bytes:
+    """One KV of a given GGUF value type (a scalar type or string). A value replaced in a file
+    keeps the type it had: the engine's loader refuses a key of the wrong type (general.file_type
+    is a uint32 in the files it writes), so encode_kv's choice of type is not enough there."""
+    if vtype == _STRING:
+        ok = isinstance(value, str)
+    elif vtype == _BOOL:
+        ok = isinstance(value, bool)
+    elif _SCALAR.get(vtype) in ("<f", "<d"):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = vtype in _SCALAR and isinstance(value, int) and not isinstance(value, bool)
+    try:
+        if ok:
+            body = gguf_string(value) if vtype == _STRING else struct.pack(_SCALAR[vtype], value)
+            return gguf_string(key) + struct.pack("<I", vtype) + body
+    except (struct.error, OverflowError):
+        pass
+    raise TypeError(f"KV {key}: cannot encode {value!r} as GGUF value type {vtype}")
+
+
+def tensor_info(name: str, shape: tuple[int, ...], type_id: int, offset: int) -> bytes:
+    """One tensor info record: name, dims, shape (ne0 first), type id, offset in the data section."""
+    return gguf_string(name) + struct.pack(f"<I{len(shape)}QIQ", len(shape), *shape, type_id, offset)
+
+
 def padded(n: int, alignment: int = DEFAULT_ALIGNMENT) -> int:
     return (n + alignment - 1) // alignment * alignment
 
@@ -50,8 +76,7 @@ def header(kvs: list[tuple[str, object]], tensors: list[tuple[str, tuple[int, ..
     for key, value in kvs:
         out += encode_kv(key, value)
     for name, shape, type_id, offset in tensors:
-        out += gguf_string(name) + struct.pack(f"<I{len(shape)}Q", len(shape), *shape)
-        out += struct.pack("<IQ", type_id, offset)
+        out += tensor_info(name, shape, type_id, offset)
     out += b"\0" * (-len(out) % alignment)
     return bytes(out)
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..errors import PlanError
 from ..gguf.reader import GGUFTable
+from ..gguf.types import needs_imatrix
 from .plan import plan
 from .recipes import Recipe, Rule
 
@@ -55,7 +56,7 @@ class Allocation:
         """The allocation as a recipe: one rule per group in group order (first match wins, so
         groups listed first take precedence over broader ones listed later)."""
         rules = tuple(Rule(g.match, self.choice[g.name].type,
-                           comment=f"{g.name}: predicted +{self.choice[g.name].kld:.6g} KLD") for g in groups)
+                           comment=f"{g.name}: predicted {self.choice[g.name].kld:+.6g} KLD") for g in groups)
         return Recipe(name=name, base=base, rules=rules, description=description)
 
     def to_yaml(self, groups: Sequence[Group], name: str, base: str, header: Sequence[str] = ()) -> str:
@@ -66,7 +67,7 @@ class Allocation:
         r = self.recipe(groups, name, base)
         lines = [f"# {h}" for h in header]
         lines += [f"# predicted: {sum(self.bytes.values())} bytes of allocated tensors "
-                  f"({', '.join(f'{k} {v}' for k, v in self.bytes.items())}), mean KLD +{self.kld:.6g}"]
+                  f"({', '.join(f'{k} {v}' for k, v in self.bytes.items())}), mean KLD {self.kld:+.6g}"]
         body = {"name": r.name, "description": r.description or f"allocated for a budget ({len(groups)} groups)",
                 "base": r.base, "rules": [{"match": x.match, "type": x.type, "comment": x.comment} for x in r.rules]}
         return "\n".join(lines) + "\n" + yaml.safe_dump(body, sort_keys=False, width=1000, allow_unicode=True)
@@ -144,6 +145,7 @@ def group_bytes(table: GGUFTable, groups: Sequence[tuple[str, str]], types: Sequ
     if empty := [name for name, m in members.items() if not m]:
         raise PlanError(f"allocate: group {empty[0]!r} matches no tensor of {getattr(table, 'path', 'the model')}")
     out: dict[str, dict[str, int]] = {name: {} for name, _ in groups}
+    claimed = {name: [n for n in m if _first_group(n, groups) == name] for name, m in members.items()}
     for typ in types:
         recipe = Recipe(name="probe", base=base, rules=tuple(Rule(m, typ) for _, m in groups))
         try:
@@ -151,12 +153,147 @@ def group_bytes(table: GGUFTable, groups: Sequence[tuple[str, str]], types: Sequ
         except PlanError:
             continue
         by_name = {t.name: t for t in p.tensors}
-        for name, match in groups:
-            claimed = [n for n in members[name] if _first_group(n, groups) == name]
-            out[name][typ] = sum(by_name[n].nbytes for n in claimed)
+        for name, _ in groups:
+            if not has_imatrix and any(_refused(by_name[n], p.ftype) for n in claimed[name]):
+                continue
+            out[name][typ] = sum(by_name[n].nbytes for n in claimed[name])
     return out
+
+
+def _refused(t, ftype: str) -> bool:
+    """The engine aborts on this tensor's type without an imatrix (token_embd/output exempt)."""
+    return (t.quantized and t.name not in ("token_embd.weight", "output.weight")
+            and needs_imatrix(t.selected, ftype))
 
 
 def _first_group(tensor: str, groups: Sequence[tuple[str, str]]) -> str | None:
     """The group whose rule the engine applies to `tensor` (first match wins)."""
     return next((name for name, match in groups if re.search(match, tensor)), None)
+
+
+SLACK_PER_TENSOR = 32    # a tensor's data is padded to the file's alignment (32 unless the model says more)
+SLACK_HEADER = 4096      # the assembled file's own KVs (recipe, pools) beside the engine's
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One allocation target: a total in GiB, bits per weight or the size of a quant of the sweep,
+    or split (non-expert tensors within gpu_gib, routed experts within ram_gib)."""
+
+    name: str
+    gib: float | None = None
+    bpw: float | None = None
+    size_of: str | None = None
+    gpu_gib: float | None = None
+    ram_gib: float | None = None
+
+    @property
+    def split(self) -> bool:
+        return self.gpu_gib is not None
+
+    def describe(self) -> str:
+        if self.split:
+            return f"{self.gpu_gib:g} GiB GPU (non-expert tensors) + {self.ram_gib:g} GiB RAM (routed experts)"
+        if self.size_of:
+            return f"the size of {self.size_of}"
+        return f"{self.gib:g} GiB" if self.gib is not None else f"{self.bpw:g} bpw"
+
+    def kind(self) -> tuple[str, object]:
+        if self.split:
+            return "split", {"gpu_gib": self.gpu_gib, "ram_gib": self.ram_gib}
+        if self.size_of:
+            return "size_of", self.size_of
+        return ("gib", self.gib) if self.gib is not None else ("bpw", self.bpw)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> Budget:
+        kinds = [k for k in ("gib", "bpw", "size_of", "gpu_gib") if d.get(k) is not None]
+        if len(kinds) != 1:
+            raise PlanError(f"{where}: give exactly one of gib, bpw, size_of or gpu_gib+ram_gib (got "
+                            f"{', '.join(kinds) or 'none'})")
+        if (d.get("gpu_gib") is None) != (d.get("ram_gib") is None):
+            raise PlanError(f"{where}: gpu_gib and ram_gib go together (a split budget)")
+        for k in ("gib", "bpw", "gpu_gib", "ram_gib"):
+            v = d.get(k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
+                raise PlanError(f"{where}.{k}: {v!r} is not a positive number")
+        b = cls(d.get("name") or "", d.get("gib"), d.get("bpw"), d.get("size_of"), d.get("gpu_gib"), d.get("ram_gib"))
+        return b if b.name else cls(b.default_name(), b.gib, b.bpw, b.size_of, b.gpu_gib, b.ram_gib)
+
+    def default_name(self) -> str:
+        kind, v = self.kind()
+        if kind == "split":
+            return f"auto-gpu{self.gpu_gib:g}-ram{self.ram_gib:g}"
+        if kind == "size_of":
+            return f"auto-{re.sub(r'[.](yaml|yml)$', '', str(v).rsplit('/', 1)[-1])}"
+        return f"auto-{v:g}GiB" if kind == "gib" else f"auto-{v:g}bpw"
+
+
+def budget_bytes(b: Budget, sens: dict, size_of_bytes: int | None = None) -> dict[str, int]:
+    """The knapsack's capacities in tensor bytes of the groups, from a sensitivity table (its
+    fixed bytes, header size, element and tensor counts): the whole file must fit, so the copied
+    tensors, the header and each tensor's alignment padding come off the top."""
+    slack = SLACK_PER_TENSOR * int(sens["n_tensors"]) + SLACK_HEADER
+    fixed, header = int(sens["fixed_bytes"]), int(sens.get("header_bytes", 0))
+    if b.split:
+        return {"gpu": int(b.gpu_gib * 2**30) - fixed - header - slack, "ram": int(b.ram_gib * 2**30)}
+    if b.size_of:
+        if size_of_bytes is None:
+            raise PlanError(f"budget {b.name}: the size of {b.size_of} is needed (its planned tensor bytes)")
+        total = size_of_bytes - slack   # both files have a header: the quant's as large as ours, less our KVs
+    elif b.gib is not None:
+        total = int(b.gib * 2**30) - header - slack
+    else:
+        total = int(b.bpw * int(sens["n_elements"]) / 8)
+    return {TOTAL: total - fixed}
+
+
+def allocate_budget(sens: dict, b: Budget, groups: Sequence[Group], size_of_bytes: int | None = None,
+             resolution: int = 1 << 16) -> tuple[Allocation, dict]:
+    """The allocation for one budget, and what the allocator predicts of it (the JSON the report
+    reads: budget, predicted mean KLD = top run's KLD + the chosen increases, predicted bytes)."""
+    caps = budget_bytes(b, sens, size_of_bytes)
+    if b.split and any(g.budget == TOTAL for g in groups):
+        raise PlanError(f"budget {b.name}: a split budget needs groups made with split budgets (gpu/ram)")
+    if not b.split and any(g.budget != TOTAL for g in groups):
+        groups = [Group(g.name, g.match, g.options, TOTAL) for g in groups]
+    a = solve(groups, caps, resolution)
+    kind, value = b.kind()
+    fixed = int(sens["fixed_bytes"])
+    info = {"budget": {"name": b.name, "kind": kind, "value": value, "describe": b.describe(),
+                       "bytes": sum(caps.values()) + fixed, "group_bytes": caps},
+            "predicted": {"kld_mean": float(sens["top_kld"]) + a.kld, "tensor_bytes": fixed + sum(a.bytes.values()),
+                          "bytes_by_budget": a.bytes, "top_kld": float(sens["top_kld"]), "sum_increase": a.kld},
+            "choice": {name: o.type for name, o in a.choice.items()}}
+    return a, info
+
+
+def next_up(g: Group, current: str) -> Option | None:
+    """The option after `current` in the group's ladder order (more bits), None at the top."""
+    types = [o.type for o in g.options]
+    i = types.index(current)
+    return g.options[i + 1] if i + 1 < len(types) else None
+
+
+def refined_groups(groups: Sequence[Group], choice: dict[str, str], measured: float,
+                   context: dict[str, float]) -> tuple[list[Group], dict[str, float]]:
+    """The refinement: the sensitivities corrected by what raising each group one rung *inside the
+    allocated recipe* gained (context[g] = that recipe's KLD with g one rung up, measured = its
+    own). The additive model's step from the chosen type to the next is replaced by the measured
+    one, and the rungs below move with it (their differences kept), so the corrected model
+    reproduces the measured marginals where the recipe stands. Returns the groups and each
+    group's shift (measured step minus predicted step)."""
+    out, shifts = [], {}
+    for g in groups:
+        c = choice[g.name]
+        up = next_up(g, c)
+        if up is None or g.name not in context:
+            out.append(g)
+            continue
+        cur = next(o for o in g.options if o.type == c)
+        shift = (measured - context[g.name]) - (cur.kld - up.kld)
+        shifts[g.name] = shift
+        at_or_below = {o.type for o in g.options[: [o.type for o in g.options].index(c) + 1]}
+        out.append(Group(g.name, g.match, tuple(Option(o.type, o.bytes, o.kld + shift if o.type in at_or_below
+                                                       else o.kld) for o in g.options), g.budget))
+    return out, shifts

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from .gate import Gate, model_notes, models_of, smallest_passing
 from .speed import speed_notes
-from .table import ModelInfo, Row, display_cells, display_columns, has_speed, manifest_links
+from .table import (ALLOCATION_HEAD, ALLOCATION_NOTE, ALLOCATION_TITLE, ModelInfo, Row, allocation_cells, auto_rows,
+                    display_cells, display_columns, fits, has_speed, manifest_links)
 
 _CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2em auto;max-width:1400px;color:#1f2d3d;
@@ -99,6 +100,22 @@ def _summary_table(rows: list[Row], link_dir: str | Path | None) -> list[str]:
     return out
 
 
+def _allocation_table(rows: list[Row]) -> list[str]:
+    """Predicted vs measured KLD of the auto recipes ([] without one: the page is then as before)."""
+    auto = auto_rows(rows)
+    if not auto:
+        return []
+    text = {h: "t" for h in ("model", "quant", "budget")}
+    out = [f"<h2>{_e(ALLOCATION_TITLE)}</h2>", f"<p>{_e(ALLOCATION_NOTE)}</p>",
+           "<table><thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in ALLOCATION_HEAD) + "</tr></thead><tbody>"]
+    for r in auto:
+        classes = {**text, "fits": "t pass" if fits(r) else "t fail"}
+        out.append("<tr>" + "".join(f'<td class="{classes[h]}">{_e(v)}</td>' if h in classes else f"<td>{_e(v)}</td>"
+                                    for h, v in zip(ALLOCATION_HEAD, allocation_cells(r))) + "</tr>")
+    out.append("</tbody></table>")
+    return out
+
+
 def _exact_table(csv_text: str) -> list[str]:
     lines = list(csv.reader(io.StringIO(csv_text)))
     out = ["<details><summary>summary.csv (every column, exact values)</summary><table><thead><tr>"
@@ -118,6 +135,7 @@ def to_html(rows: list[Row], infos: list[ModelInfo], gate: Gate, pngs: dict[str,
     out.append(_EXPLAIN)
     if has_speed(rows):
         out.append(_EXPLAIN_SPEED)
+    out += _allocation_table(rows)
     out.append("<h2>Plots</h2>")
     for title, data in pngs.items():
         b64 = base64.b64encode(data).decode("ascii")

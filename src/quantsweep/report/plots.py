@@ -4,7 +4,8 @@ One figure per metric (`METRICS`): a row of two panels per model (file size in G
 weight); and `plot_speed`: one panel per model, mean KLD against TG tokens/s at the bench's
 headline depth. Every plotted point carries a gid `point|<model>|<quant>|<x column>` and every
 PNG carries its points as a `quantsweep-points` text chunk, so tests can compare the drawing
-with the table. matplotlib is imported only when a figure is made.
+with the table. Auto recipes (allocated for a size budget) are drawn as diamonds, every other
+quant as a circle. matplotlib is imported only when a figure is made.
 """
 
 from __future__ import annotations
@@ -24,6 +25,15 @@ X_AXES = (("size_gib", "file size (GiB)"), ("bpw", "bits per weight"))
 
 _PASS, _FAIL, _NOGATE, _FRONT, _GATE, _BEST = "#2a9d55", "#c0392b", "#2b6cb0", "#1f2d3d", "#c0392b", "#e69500"
 _REF = "0.45"
+_MARKER, _AUTO_MARKER = "o", "D"  # a quant, an auto recipe
+
+
+def _marker(r: Row) -> str:
+    return _AUTO_MARKER if r.auto == "yes" else _MARKER
+
+
+def _any_auto(rows: list[Row]) -> bool:
+    return any(r.auto == "yes" and not r.is_reference for r in rows)
 
 
 def _yscale(ax, ys: list[float]) -> None:
@@ -120,12 +130,13 @@ def _model_plot(rows: list[Row], model: str, m: Metric, info: ModelInfo | None) 
 
 
 def _draw_points(ax, model: str, pts: list[Row], xcol: str, ycol: str) -> None:
-    """One marker per row with its gid; filled when it passes the gate, hollow when it fails."""
+    """One marker per row with its gid; filled when it passes the gate, hollow when it fails; a
+    diamond for an auto recipe, so an allocated recipe stands out among the fixed ones."""
     for r in pts:
         color = _NOGATE if not r.gate else (_PASS if r.gate == "pass" else _FAIL)
         face = "white" if r.gate == "fail" else color
-        ax.scatter([getattr(r, xcol)], [getattr(r, ycol)], s=46, facecolors=face, edgecolors=color, linewidths=1.6,
-                   zorder=4, gid=f"point|{model}|{r.quant}|{xcol}")
+        ax.scatter([getattr(r, xcol)], [getattr(r, ycol)], s=46, marker=_marker(r), facecolors=face, edgecolors=color,
+                   linewidths=1.6, zorder=4, gid=f"point|{model}|{r.quant}|{xcol}")
 
 
 def _draw_front(ax, model: str, front: list[Row], xcol: str, ycol: str, drawstyle: str) -> None:
@@ -192,7 +203,7 @@ def _draw_panel(ax, mp: _ModelPlot, m: Metric, xcol: str, xlabel: str, gate: Gat
 
 
 def _legend(ax, gate: Gate, front: str = "Pareto front (size vs this metric)", reference: bool = False,
-            loc: str = "upper right") -> None:
+            loc: str = "upper right", auto: bool = False) -> None:
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], color=_FRONT, lw=1.3, label=front)]
@@ -207,6 +218,9 @@ def _legend(ax, gate: Gate, front: str = "Pareto front (size vs this metric)", r
         ]
     else:
         handles.append(Line2D([], [], ls="", marker="o", color=_NOGATE, label="quant (no gate configured)"))
+    if auto:
+        handles.append(Line2D([], [], ls="", marker=_AUTO_MARKER, mfc="none", mec="0.3", mew=1.6,
+                              label="auto recipe (allocated for a budget)"))
     ax.legend(handles=handles, loc=loc, fontsize=8.5, framealpha=0.9)
 
 
@@ -258,7 +272,7 @@ def plot_metric(rows: list[Row], metric: str, gate: Gate, infos: list[ModelInfo]
         mp = _model_plot(rows, model, m, by_model.get(model))
         for ai, (xcol, xlabel) in enumerate(X_AXES):
             labels.append((axes[mi][ai], _draw_panel(axes[mi][ai], mp, m, xcol, xlabel, gate, gate_y)))
-    _legend(axes[0][-1], gate)
+    _legend(axes[0][-1], gate, auto=_any_auto(rows))
     ev = next(iter(by_model.values())).describe_eval() if len(by_model) == 1 else ""
     fig.suptitle(f"Quant size vs {m.short}" + (f"   ·   eval: {ev}" if ev else ""), fontsize=11)
     _label_panels(fig, labels)
@@ -347,7 +361,8 @@ def plot_speed(rows: list[Row], gate: Gate, infos: list[ModelInfo] | None = None
     labels = [(axes[mi][0], _speed_panel(axes[mi][0], rows, model, gate, by_model.get(model), xlabel))
               for mi, model in enumerate(models)]
     refs = any(r.is_reference and r.tg_tps is not None for r in rows)
-    _legend(axes[0][0], gate, "Pareto front (speed vs mean KLD)", reference=refs, loc="best")
+    _legend(axes[0][0], gate, "Pareto front (speed vs mean KLD)", reference=refs, loc="best",
+            auto=_any_auto([r for r in rows if r.tg_tps is not None]))
     host = brief_host(benches)
     fig.suptitle(f"Mean KLD vs generation speed (TG at {depth})" + (f"   ·   host {host}" if host else ""), fontsize=11)
     _label_panels(fig, labels)

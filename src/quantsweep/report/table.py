@@ -13,6 +13,11 @@ Speeds come from bench records (`quantsweep.report.speed`): the headline depth's
 range, min and max of PP and TG tokens/s, and every depth's medians as the columns
 `pp_tps@<depth>` / `tg_tps@<depth>` (in `Row.speeds`, written in the records' depth order).
 A row without a bench record has empty speed cells.
+
+An auto recipe (made by the size-budget allocator) has `auto` "yes" and, from its allocation
+record, the budget (in words, in tensor bytes and as the file size it allows) and the predicted
+mean KLD, so the report can set the prediction against the measurement and say whether the file
+fits; every other row leaves those cells empty.
 """
 
 from __future__ import annotations
@@ -147,6 +152,13 @@ class Row:
     tg_tps_max: float | None = None
     gate: str = ""
     pareto: str = ""
+    # auto recipes only (from the allocation record): "yes", the budget in words, the tensor bytes the
+    # allocator filled, the file size the budget allows (the fit verdict's limit), the predicted mean KLD
+    auto: str = ""
+    budget: str = ""
+    budget_bytes: int | None = None
+    size_limit: int | None = None
+    predicted_kld: float | None = None
     # provenance (workflow-relative paths; the report links them): what made the file, what measured it
     quant_manifest: str = ""
     eval_manifest: str = ""
@@ -175,7 +187,7 @@ class Row:
             elif v == "":
                 kw[f.name] = None
             else:
-                kw[f.name] = int(v) if f.type == "int" else float(v)
+                kw[f.name] = int(v) if f.type in ("int", "int | None") else float(v)
         return cls(**kw)
 
     def add_bench(self, b: BenchRecord) -> None:
@@ -394,9 +406,54 @@ def display_cells(r: Row, columns: list[tuple] = DISPLAY) -> list[str]:
             out.append(speed_cell(v, getattr(r, f"{col}_spread")))
             continue
         out.append("" if v is None else fmt(v))
-    if r.is_reference:
-        out[1] = f"{r.quant} (reference)"
+    marks = [m for m, on in (("reference", r.is_reference), ("auto", r.auto == "yes")) if on]
+    if marks:
+        out[1] = f"{r.quant} ({', '.join(marks)})"
     return out
+
+
+# The allocated-recipes section of summary.md / summary.html (auto recipes only).
+ALLOCATION_TITLE = "Allocated recipes: predicted vs measured KLD"
+ALLOCATION_NOTE = ("An auto recipe is allocated by the size-budget allocator: the types that minimise its predicted "
+                   "mean KLD (the measured sensitivities of its groups of tensors, summed) within the tensor bytes "
+                   "its budget leaves. It fits when its file is at most the file limit: the GiB given, the named "
+                   "quant's file for a size-of budget, the tensor bytes for a bpw budget (the file's header must "
+                   "fit too: stricter).")
+ALLOCATION_HEAD = ["model", "quant", "budget", "tensor bytes", "file limit bytes", "file limit GiB", "file bytes",
+                   "file GiB", "fits", "predicted mean KLD", "measured mean KLD", "measured / predicted"]
+
+
+def auto_rows(rows: list[Row]) -> list[Row]:
+    """The auto recipes with a budget, except reference rows (their KLD is zero by definition)."""
+    return [r for r in rows if r.auto == "yes" and r.size_limit is not None and not r.is_reference]
+
+
+def allocation_cells(r: Row) -> list[str]:
+    """One auto recipe's line of the allocation section (ALLOCATION_HEAD's columns)."""
+    pred, meas = r.predicted_kld, r.kld_mean
+    ratio = "" if pred is None or meas is None or pred <= 0 else f"{meas / pred:.3f}"
+    kld = _fix(6)
+    return [r.model, r.quant, r.budget, _fmt(r.budget_bytes, None), str(r.size_limit), f"{r.size_limit / 2**30:.4g}",
+            str(r.size_bytes), f"{r.size_gib:.4g}", fit_text(r), "" if pred is None else kld(pred),
+            "" if meas is None else kld(meas), ratio]
+
+
+def fits(r: Row) -> bool:
+    return r.size_limit is not None and r.size_bytes <= r.size_limit
+
+
+def fit_text(r: Row) -> str:
+    return "yes" if fits(r) else f"no (+{r.size_bytes - r.size_limit} bytes)"
+
+
+def allocation_markdown(rows: list[Row]) -> list[str]:
+    """The section's Markdown lines ([] without an auto recipe: the summary is then as before)."""
+    auto = auto_rows(rows)
+    if not auto:
+        return []
+    out = ["", f"## {ALLOCATION_TITLE}", "", ALLOCATION_NOTE, "",
+           "| " + " | ".join(ALLOCATION_HEAD) + " |", "|" + "|".join("---" for _ in ALLOCATION_HEAD) + "|"]
+    return out + ["| " + " | ".join(allocation_cells(r)) + " |" for r in auto]
 
 
 def manifest_links(r: Row, link_dir: str | Path | None) -> list[tuple[str, str]]:
@@ -422,4 +479,5 @@ def to_markdown(rows: list[Row], notes: list[str] | None = None, link_dir: str |
         if links:
             cells.append(" ".join(f"[{label}]({href})" for label, href in manifest_links(r, link_dir)))
         out.append("| " + " | ".join(cells) + " |")
+    out += allocation_markdown(rows)
     return "\n".join(out) + "\n"

@@ -1,0 +1,100 @@
+"""The sensitivity stage's files and the allocator's input: the groups of a model (groups.json,
+written before any run, so the runs can fan out), each run's mean KLD, and the table that
+turns them into options (type, exact bytes, increase of mean KLD over the all-top run).
+
+KLD, not PPL: per-group differences are far below PPL's noise (Thireus' finding), while the
+mean KLD over the same tokens moves with each group. An increase below zero is measurement
+noise (the group at a lower type measured better than at the top); it is kept as measured, and
+the allocator then treats that type as free, which is what the additive model says.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+from ..errors import PlanError
+from ..fileio import read_json_object
+from ..gguf.reader import GGUFTable
+from . import allocate
+from .groups import Group, GroupItem, Settings, make_groups, quantized_tensors, runs
+from .plan import plan
+from .recipes import Recipe, Rule
+
+GROUPS_VERSION = 1
+
+
+def settings_dict(s: Settings) -> dict:
+    return {"ladder": list(s.ladder), "items": [asdict(i) for i in s.items], "preset": s.preset,
+            "pin": [list(p) for p in s.pin], "experts": s.experts, "top": s.top, "base": s.base}
+
+
+def settings_from(d: dict) -> Settings:
+    return Settings(tuple(d["ladder"]), tuple(GroupItem(**i) for i in d.get("items", [])), d.get("preset", "classes"),
+                    tuple(tuple(p) for p in d.get("pin", [])), d.get("experts", r"_exps\."))
+
+
+def groups_doc(table: GGUFTable, s: Settings, has_imatrix: bool, split: bool) -> dict:
+    """groups.json: the settings, every group with its bytes per type, the bytes no group holds
+    (norms, biases, ffn_gate_inp: copied as they are) and the model's element count (bpw budgets)."""
+    groups = make_groups(table, s, has_imatrix, split)
+    quantized = set(quantized_tensors(table, s.top))
+    top = plan(table, Recipe(name="top", base=s.base, rules=(Rule(".", s.top),)), has_imatrix=has_imatrix,
+               strict=False)
+    fixed = sum(t.nbytes for t in top.tensors if t.name not in quantized)
+    return {"version": GROUPS_VERSION, "model": str(table.path), "settings": settings_dict(s),
+            "has_imatrix": has_imatrix, "split": split, "fixed_bytes": fixed, "header_bytes": table.data_offset,
+            "n_elements": table.n_elements,
+            "n_tensors": len(table.tensors), "groups": [g.to_dict() for g in groups],
+            "runs": [list(r) for r in runs(groups, s)]}
+
+
+def load_groups(path: str | Path) -> tuple[dict, Settings, list[Group]]:
+    doc = read_json_object(path, "sensitivity groups")
+    if doc.get("version") != GROUPS_VERSION:
+        raise PlanError(f"{path}: version {doc.get('version')!r}, expected {GROUPS_VERSION} (rerun the groups step)")
+    try:
+        return doc, settings_from(doc["settings"]), [Group.from_dict(g) for g in doc["groups"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise PlanError(f"{path}: malformed groups file ({e})") from None
+
+
+def _kld(path: str | Path) -> float:
+    rec = read_json_object(path, "sensitivity run")
+    k = rec.get("kld_mean")
+    if not isinstance(k, (int, float)) or not math.isfinite(k):
+        raise PlanError(f"{path}: kld_mean is {k!r}, not a number (the run measured no KLD)")
+    return float(k)
+
+
+def table(groups_path: str | Path, top_run: str | Path, run_paths: dict[tuple[str, str], str | Path]) -> dict:
+    """The sensitivity table: groups.json plus each run's mean KLD and its increase over the
+    top run. Every run groups.json lists must be given (a missing one is an error, not a gap)."""
+    doc, s, groups = load_groups(groups_path)
+    top = _kld(top_run)
+    missing = [r for r in doc["runs"] if tuple(r) not in run_paths]
+    if missing:
+        raise PlanError(f"sensitivity table: no run for group {missing[0][0]} at {missing[0][1]}")
+    out = []
+    for g in groups:
+        kld = {t: _kld(run_paths[(g.name, t)]) for t in g.bytes if (g.name, t) in run_paths}
+        if not g.pinned:
+            kld[s.top] = top
+        out.append({**g.to_dict(), "kld": kld, "increase": {t: k - top for t, k in kld.items()}})
+    return {**{k: v for k, v in doc.items() if k != "groups"}, "top_kld": top, "top_run": str(top_run),
+            "groups": out}
+
+
+def options(sens: dict) -> list[allocate.Group]:
+    """The allocator's groups from a sensitivity table: each type with its bytes and increase
+    (a pinned group: its one type, no increase)."""
+    out = []
+    for g in sens["groups"]:
+        if g.get("pinned"):
+            opts = (allocate.Option(g["pinned"], int(g["bytes"][g["pinned"]]), 0.0),)
+        else:
+            opts = tuple(allocate.Option(t, int(b), float(g["increase"][t])) for t, b in g["bytes"].items()
+                         if t in g["increase"])
+        out.append(allocate.Group(g["name"], g["match"], opts, g.get("budget", allocate.TOTAL)))
+    return out
