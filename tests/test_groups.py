@@ -110,12 +110,11 @@ def test_gate_and_up_cannot_be_parted(v3):
 
 
 def test_split_budgets_need_experts_apart(v3):
-    groups = make_groups(v3, settings(), split=True)
+    groups = make_groups(v3, settings())
     assert {g.name: g.budget for g in groups}["ffn_down_exps"] == RAM
     assert {g.name: g.budget for g in groups}["attn_q_b"] == GPU
     mixed = Settings.from_config({"ladder": LADDER, "groups": [{"match": "ffn_down"}]})
-    with pytest.raises(PlanError, match="mixes expert tensors"):
-        make_groups(v3, mixed, split=True)
+    assert {g.name: g.budget for g in make_groups(v3, mixed)}["g0-ffn_down+ffn_down_shexp+ffn_down_exps"] == "mixed"
 
 
 def test_imatrix_types_drop_out_without_an_imatrix(v3):
@@ -139,9 +138,9 @@ def test_sensitivity_recipe_lowers_only_its_group(v3):
         sensitivity_recipe(groups, s, "nope", "iq2_ks")
 
 
-def _table(tmp_path, v3, s, kld, split=False):
+def _table(tmp_path, v3, s, kld):
     """groups.json and fake runs: kld(group, type) -> mean KLD; the top run at 0.001."""
-    doc = sens.groups_doc(v3, s, True, split)
+    doc = sens.groups_doc(v3, s, True)
     (tmp_path / "groups.json").write_text(json.dumps(doc))
     (tmp_path / "top.json").write_text(json.dumps({"kld_mean": 0.001}))
     paths = {}
@@ -204,16 +203,20 @@ def test_allocation_fits_and_its_recipe_plans_to_the_predicted_bytes(v3, v3_tabl
 
 
 def test_split_budget_keeps_each_side(v3, tmp_path):
-    doc, paths = _table(tmp_path, v3, settings(), lambda g, t: 0.001 + 0.01 * (4 - LADDER.index(t)), split=True)
+    doc, paths = _table(tmp_path, v3, settings(), lambda g, t: 0.001 + 0.01 * (4 - LADDER.index(t)))
     table = sens.table(tmp_path / "groups.json", tmp_path / "top.json", paths)
     b = alloc.Budget.from_dict({"gpu_gib": 20, "ram_gib": 200}, "b")
     a, info = alloc.allocate_budget(table, b, sens.options(table))
     assert b.name == "auto-gpu20-ram200"
     assert info["predicted"]["bytes_by_budget"]["ram"] <= 200 * 2**30
     assert info["predicted"]["bytes_by_budget"]["gpu"] + doc["fixed_bytes"] <= 20 * 2**30
-    with pytest.raises(PlanError, match="split budget needs groups made with split"):
-        alloc.allocate_budget(sens_table_total := {**table, "groups": [
-            {**g, "budget": "total"} for g in table["groups"]]}, b, sens.options(sens_table_total))
+    whole = alloc.Budget.from_dict({"gib": 220}, "b")  # the same groups serve a whole-file budget
+    assert sum(alloc.allocate_budget(table, whole, sens.options(table))[1]["predicted"]["bytes_by_budget"].values()) \
+        + doc["fixed_bytes"] <= 220 * 2**30
+    mixed = {**table, "groups": [{**g, "budget": "mixed" if g["name"] == "attn_q_b" else g["budget"]}
+                                 for g in table["groups"]]}
+    with pytest.raises(PlanError, match="group attn_q_b mixes routed experts and other tensors"):
+        alloc.allocate_budget(mixed, b, sens.options(mixed))
 
 
 @pytest.mark.parametrize("d, msg", [({}, "exactly one of"), ({"gib": 1, "bpw": 2}, "exactly one of"),

@@ -192,9 +192,9 @@ def assemble_recipe(model: Path, recipe: Recipe, pools: dict[str, Path], output:
     return rec
 
 
-def sensitivity_groups(model: Path, s: Settings, has_imatrix: bool, split: bool) -> dict:
+def sensitivity_groups(model: Path, s: Settings, has_imatrix: bool) -> dict:
     """groups.json: the groups the sensitivity stage measures, each with its bytes per type."""
-    return sens.groups_doc(read_model(model), s, has_imatrix, split)
+    return sens.groups_doc(read_model(model), s, has_imatrix)
 
 
 def sensitivity_run(bin_dir: Path, model: Path, groups: Path, group: str | None, typ: str | None,

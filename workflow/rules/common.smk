@@ -55,11 +55,11 @@ REFERENCE_QUANT_MODELS = one_of(m for m in MODELS if REFERENCES[m] != "base")
 
 def _pool_types_of(q):
     """The pool files a quant is assembled from (none: llama-quantize makes it)."""
+    if not POOL:
+        return []
     if q.auto:
         return ALLOC.types()
-    if q.recipe and POOL:
-        return named_types(load_recipe(q.recipe))
-    return []
+    return named_types(load_recipe(q.recipe)) if q.recipe else []
 
 
 POOL_TYPES = sorted(
@@ -259,8 +259,7 @@ def get_allocate_settings_json(wildcards):
 
 
 def get_sensitivity_group_flags(wildcards):
-    flags = [] if qconfig.has_imatrix(config) else ["--no-imatrix"]
-    return flags + (["--split"] if any(b.split for b in BUDGETS) else [])
+    return [] if qconfig.has_imatrix(config) else ["--no-imatrix"]
 
 
 def get_sensitivity_pools(wildcards):

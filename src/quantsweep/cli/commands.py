@@ -188,7 +188,7 @@ def _sensitivity_groups(a) -> None:
     from ..steps import sensitivity_groups
 
     s = Settings.from_config(_json_arg(a.settings, "settings"), "--settings")
-    doc = sensitivity_groups(Path(a.model), s, not a.no_imatrix, a.split)
+    doc = sensitivity_groups(Path(a.model), s, not a.no_imatrix)
     write_json(a.output, doc)
     print(f"{len(doc['groups'])} groups, {len(doc['runs'])} runs besides the top run ({s.top} everywhere)")
 

@@ -237,7 +237,6 @@ def _add_sensitivity(sub) -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--settings", required=True, help=SETTINGS_HELP)
     p.add_argument("--no-imatrix", action="store_true", help="plan without an imatrix (types needing one drop out)")
-    p.add_argument("--split", action="store_true", help="mark each group gpu or ram (for split budgets)")
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(func=c._sensitivity_groups)
     p = sv.add_parser("run", help="one run: GROUP at TYPE, the rest at the ladder's top, assembled from the pool; "
@@ -284,7 +283,7 @@ Budgets (one of):
   --size-of Q        as large as quant Q: an ftype (IQ2_KS) or a recipe YAML, planned on --model
   --gpu-gib X --ram-gib Y
                      split: non-expert tensors (and the copied ones) within X GiB, the routed
-                     experts (the groups' `experts` regex at `sensitivity groups --split`) within Y
+                     experts (the groups' `experts` regex) within Y; a group mixing both is refused
 
 Constraints come from the groups: ffn_gate and ffn_up of a layer are always one group (the fused
 MoE kernel wants them alike); pinned tensors have one type; a type the planner refuses for a

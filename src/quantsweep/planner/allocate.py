@@ -253,9 +253,12 @@ def allocate_budget(sens: dict, b: Budget, groups: Sequence[Group], size_of_byte
     """The allocation for one budget, and what the allocator predicts of it (the JSON the report
     reads: budget, predicted mean KLD = top run's KLD + the chosen increases, predicted bytes)."""
     caps = budget_bytes(b, sens, size_of_bytes)
-    if b.split and any(g.budget == TOTAL for g in groups):
-        raise PlanError(f"budget {b.name}: a split budget needs groups made with split budgets (gpu/ram)")
-    if not b.split and any(g.budget != TOTAL for g in groups):
+    if b.split:
+        bad = next((g for g in groups if g.budget not in caps), None)
+        if bad is not None:
+            raise PlanError(f"budget {b.name}: group {bad.name} mixes routed experts and other tensors; a split "
+                            "budget needs them in separate groups (groups: items per class)")
+    elif any(g.budget != TOTAL for g in groups):
         groups = [Group(g.name, g.match, g.options, TOTAL) for g in groups]
     a = solve(groups, caps, resolution)
     kind, value = b.kind()

@@ -30,7 +30,7 @@ from .recipes import Recipe, Rule, check_type
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)\.weight$")
 _PLAIN = re.compile(r"^(.+)\.weight$")
 PRESETS = ("classes", "layers")
-GPU, RAM = "gpu", "ram"  # split budgets: non-expert tensors vs routed experts
+GPU, RAM, MIXED = "gpu", "ram", "mixed"  # split budgets: non-expert tensors vs routed experts
 DEFAULT_EXPERTS = r"_exps\."
 
 
@@ -120,7 +120,7 @@ class Group:
     name: str
     match: str
     tensors: list[str]
-    budget: str = TOTAL                                    # gpu | ram with split budgets, else total
+    budget: str = TOTAL                                    # gpu | ram | mixed (what a split budget counts it as)
     bytes: dict[str, int] = field(default_factory=dict)    # type -> exact bytes of its tensors
     pinned: str | None = None                              # the one type of a pinned group
 
@@ -149,7 +149,7 @@ def quantized_tensors(table: GGUFTable, top: str) -> list[str]:
     return [t.name for t in p.tensors if t.quantized]
 
 
-def make_groups(table: GGUFTable, s: Settings, has_imatrix: bool = True, split: bool = False) -> list[Group]:
+def make_groups(table: GGUFTable, s: Settings, has_imatrix: bool = True) -> list[Group]:
     """The groups of `table`, pinned ones first (the rule order of every recipe built from them),
     each with its bytes at every ladder type the planner allows."""
     names = quantized_tensors(table, s.top)
@@ -173,9 +173,8 @@ def make_groups(table: GGUFTable, s: Settings, has_imatrix: bool = True, split: 
     groups.sort(key=lambda g: g.pinned is None)  # pins first: their rules must win
     _check_fused(groups)  # before the names: a parted gate/up pair also gives two like-named groups
     _check_names(groups)
-    for g in groups:
-        if split:
-            g.budget = _budget(g, s.experts)
+    for g in groups:  # every group says where a split budget counts it, so adding one reruns no run
+        g.budget = _budget(g, s.experts)
     rules = [(g.name, g.match) for g in groups]
     types = s.types()
     sizes = group_bytes(table, rules, types, s.base, has_imatrix)
@@ -265,9 +264,7 @@ def _budget(g: Group, experts: str) -> str:
     hits = [bool(re.search(experts, n)) for n in g.tensors]
     if all(hits):
         return RAM
-    if not any(hits):
-        return GPU
-    raise PlanError(f"group {g.name}: mixes expert tensors ({experts}) and others; split budgets need them apart")
+    return MIXED if any(hits) else GPU
 
 
 def sensitivity_recipe(groups: Sequence[Group], s: Settings, group: str | None, typ: str | None) -> Recipe:

@@ -35,16 +35,16 @@ def settings_from(d: dict) -> Settings:
                     tuple(tuple(p) for p in d.get("pin", [])), d.get("experts", r"_exps\."))
 
 
-def groups_doc(table: GGUFTable, s: Settings, has_imatrix: bool, split: bool) -> dict:
+def groups_doc(table: GGUFTable, s: Settings, has_imatrix: bool) -> dict:
     """groups.json: the settings, every group with its bytes per type, the bytes no group holds
     (norms, biases, ffn_gate_inp: copied as they are) and the model's element count (bpw budgets)."""
-    groups = make_groups(table, s, has_imatrix, split)
+    groups = make_groups(table, s, has_imatrix)
     quantized = set(quantized_tensors(table, s.top))
     top = plan(table, Recipe(name="top", base=s.base, rules=(Rule(".", s.top),)), has_imatrix=has_imatrix,
                strict=False)
     fixed = sum(t.nbytes for t in top.tensors if t.name not in quantized)
     return {"version": GROUPS_VERSION, "model": str(table.path), "settings": settings_dict(s),
-            "has_imatrix": has_imatrix, "split": split, "fixed_bytes": fixed, "header_bytes": table.data_offset,
+            "has_imatrix": has_imatrix, "fixed_bytes": fixed, "header_bytes": table.data_offset,
             "n_elements": table.n_elements,
             "n_tensors": len(table.tensors), "groups": [g.to_dict() for g in groups],
             "runs": [list(r) for r in runs(groups, s)]}
