@@ -98,9 +98,16 @@ def runtime_min(m: ModelSize, tokens: int = 0, attempt: int = 1) -> int:
 
 def predicted_bytes(model: str | Path, recipe_or_ftype_name: str, has_imatrix: bool) -> int:
     """The quantized file's size from the model's header (every shard) and the recipe: the
-    size plan (`pool:TYPE`: a pool file). Until the model exists (the demo generates it), UNKNOWN's size."""
+    size plan. Until the model exists (the demo generates it), UNKNOWN's size."""
+    return _planned_bytes(model, lambda: recipe_or_ftype(recipe_or_ftype_name), has_imatrix)
+
+
+def predicted_pool_bytes(model: str | Path, typ: str) -> int:
+    """A pool file's size (every tensor asked for `typ`), as predicted_bytes."""
+    return _planned_bytes(model, lambda: pool_recipe(typ), True)
+
+
+def _planned_bytes(model: str | Path, spec, has_imatrix: bool) -> int:
     if not all(f.exists() for f in shards(model)):
         return UNKNOWN.bytes
-    spec = (pool_recipe(recipe_or_ftype_name[5:]) if recipe_or_ftype_name.startswith("pool:")
-            else recipe_or_ftype(recipe_or_ftype_name))
-    return plan(read_model(model), spec, has_imatrix=has_imatrix, strict=False).total_bytes
+    return plan(read_model(model), spec(), has_imatrix=has_imatrix, strict=False).total_bytes

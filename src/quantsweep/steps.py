@@ -30,7 +30,7 @@ from .planner import sensitivity as sens
 from .planner.groups import Settings, sensitivity_recipe
 from .planner.plan import as_options, plan
 from .planner.pool import assembly, check_pool, pool_recipe
-from .planner.recipes import Recipe, Rule, load_recipe
+from .planner.recipes import Recipe, Rule, load_recipe, recipe_or_ftype
 
 
 def quant_spec(recipe: str | None, ftype: str | None) -> Recipe | str:
@@ -160,8 +160,7 @@ def assemble_recipe(model: Path, recipe: Recipe, pools: dict[str, Path], output:
     a = assembly(table, recipe, sorted(pools), has_imatrix=bool(imatrix))
     tables = {t: read_table(pools[t]) for t in a.pools_used()}
     for t, tab in tables.items():
-        got = {x.name: x.type for x in tab.tensors}
-        want = {x.name: x.type for x in plan(table, pool_recipe(t), has_imatrix=bool(imatrix), strict=False).tensors}
+        got, want = {x.name: x.type for x in tab.tensors}, a.pool_files[t]
         if got != want:
             bad = next(n for n in want if got.get(n) != want[n])
             raise StepError(f"pool file {pools[t]} does not hold what pool {t} plans ({bad}: {got.get(bad)} "
@@ -176,7 +175,8 @@ def assemble_recipe(model: Path, recipe: Recipe, pools: dict[str, Path], output:
     drop = [] if imatrix else [k for k in template.kv if k.startswith("quantize.imatrix.")]
     assemble(template, sources, output, set_kv, drop)
     out = verify_complete(output)
-    wrong = [x.name for x in out.tensors if x.type != next(p.type for p in a.plan.tensors if p.name == x.name)]
+    planned = {p.name: p.type for p in a.plan.tensors}
+    wrong = [x.name for x in out.tensors if x.type != planned[x.name]]
     if wrong:
         output.unlink()
         raise StepError(f"assembled {output} holds {wrong[0]} at a type its plan does not give")
@@ -246,8 +246,7 @@ def context_run(bin_dir: Path, model: Path, sensitivity: Path, allocation: Path,
 
 def size_of(model: Path, quant: str, imatrix: bool) -> int:
     """The planned tensor bytes of a quant (an ftype name or a recipe file): a size_of budget."""
-    spec = load_recipe(quant) if quant.endswith((".yaml", ".yml")) else quant
-    return plan(read_model(model), spec, has_imatrix=imatrix).total_bytes
+    return plan(read_model(model), recipe_or_ftype(quant), has_imatrix=imatrix).total_bytes
 
 
 def allocate(sensitivity: Path, budget: alloc.Budget, size_of_bytes: int | None = None,

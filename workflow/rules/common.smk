@@ -279,11 +279,16 @@ def get_sensitivity_run_args(wildcards, input):
     return args
 
 
-def get_sensitivity_runs(wildcards):
-    """Every run groups.json lists (known once the groups step ran: a checkpoint)."""
-    groups = checkpoints.sensitivity_groups.get(model=wildcards.model).output[0]
+def _groups_doc(model):
+    """A model's groups.json (known once the groups step ran: a checkpoint)."""
+    groups = checkpoints.sensitivity_groups.get(model=model).output[0]
     with open(groups, encoding="utf-8") as f:
-        runs = json.load(f)["runs"]
+        return json.load(f)
+
+
+def get_sensitivity_runs(wildcards):
+    """Every run groups.json lists."""
+    runs = _groups_doc(wildcards.model)["runs"]
     return [
         path_of(
             rules.sensitivity_run.output.result, model=wildcards.model, group=g, stype=t
@@ -311,10 +316,8 @@ def get_refined_measurement(wildcards):
 
 
 def get_context_runs(wildcards):
-    """One context run per group of the model (groups.json, a checkpoint)."""
-    groups = checkpoints.sensitivity_groups.get(model=wildcards.model).output[0]
-    with open(groups, encoding="utf-8") as f:
-        names = [g["name"] for g in json.load(f)["groups"]]
+    """One context run per group of the model."""
+    names = [g["name"] for g in _groups_doc(wildcards.model)["groups"]]
     base = QUANTS[wildcards.quant].refines
     return [
         path_of(
@@ -460,16 +463,14 @@ def disk_mb_quantize(wildcards, attempt):
 
 
 def disk_mb_pool(wildcards, attempt):
-    size = qresources.predicted_bytes(
-        get_model(wildcards), f"pool:{wildcards.ptype}", True
-    )
+    size = qresources.predicted_pool_bytes(get_model(wildcards), wildcards.ptype)
     return qresources.disk_mb_quantize(size, attempt)
 
 
 def mem_mb_sensitivity(wildcards, attempt):
     """A run holds its assembled model, at most the ladder's top everywhere (not the source)."""
     m = _model_size(wildcards)
-    top = qresources.predicted_bytes(get_model(wildcards), f"pool:{ALLOC.top}", True)
+    top = qresources.predicted_pool_bytes(get_model(wildcards), ALLOC.top)
     return qresources.mem_mb_resident(
         qresources.ModelSize(top, m.largest_elements, m.imatrix_values, m.n_vocab),
         attempt,
@@ -478,7 +479,7 @@ def mem_mb_sensitivity(wildcards, attempt):
 
 def disk_mb_sensitivity(wildcards, attempt):
     """The run's assembled model (removed after it is measured): at most the top's size."""
-    size = qresources.predicted_bytes(get_model(wildcards), f"pool:{ALLOC.top}", True)
+    size = qresources.predicted_pool_bytes(get_model(wildcards), ALLOC.top)
     return qresources.disk_mb_quantize(size, attempt)
 
 

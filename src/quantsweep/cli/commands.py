@@ -193,16 +193,20 @@ def _sensitivity_groups(a) -> None:
     print(f"{len(doc['groups'])} groups, {len(doc['runs'])} runs besides the top run ({s.top} everywhere)")
 
 
+def _work_file(result: str) -> Path:
+    """Where a measuring run assembles its model: hidden beside its record, removed after."""
+    out = Path(result)
+    return out.with_name(f".{out.name}.assembled.gguf")
+
+
 def _sensitivity_run(a) -> dict:
     from ..steps import sensitivity_run
 
     if bool(a.group) != bool(a.type):
         raise QuantsweepError("sensitivity run: give --group and --type together (neither: the all-top run)")
-    out = Path(a.result)
-    work = out.with_name(f".{out.name}.assembled.gguf")
     rec = sensitivity_run(Path(a.bin_dir), Path(a.model), Path(a.groups), a.group or None, a.type or None,
                           _pools(a.pool), Path(a.kld_base), Path(a.log), _eval_settings(a),
-                          Path(a.imatrix) if a.imatrix else None, work, _timeout(a))
+                          Path(a.imatrix) if a.imatrix else None, _work_file(a.result), _timeout(a))
     _write_record(a.result, rec)
     return rec
 
@@ -210,11 +214,9 @@ def _sensitivity_run(a) -> dict:
 def _sensitivity_context(a) -> dict:
     from ..steps import context_run
 
-    out = Path(a.result)
     rec = context_run(Path(a.bin_dir), Path(a.model), Path(a.sensitivity), Path(a.allocation), a.group,
                       _pools(a.pool), Path(a.kld_base), Path(a.log), _eval_settings(a),
-                      Path(a.imatrix) if a.imatrix else None, out.with_name(f".{out.name}.assembled.gguf"),
-                      _timeout(a))
+                      Path(a.imatrix) if a.imatrix else None, _work_file(a.result), _timeout(a))
     _write_record(a.result, rec)
     return rec
 

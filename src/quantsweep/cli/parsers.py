@@ -183,13 +183,7 @@ def _add_eval(sub) -> None:
         p.add_argument("--kld-base", required=True,
                        help="base logits file (written by 'eval base', read by 'eval kld')")
         p.add_argument("--result", required=True, help="JSON record of the parsed results")
-        p.add_argument("--ctx", type=int, default=512)
-        p.add_argument("--chunks", type=int, default=16)
-        p.add_argument("--threads", type=int, default=2)
-        p.add_argument("--mla", type=int, default=1)
-        p.add_argument("--fa", default="off", choices=["on", "off", "auto"])
-        _add_run(p)
-        _add_timeout(p)
+        _add_eval_args(p)
     base.add_argument("--text", required=True)
     _manifested(base, inputs=("model", "text"), outputs=("kld_base", "result"))
     base.set_defaults(func=c._eval_base)
@@ -214,9 +208,10 @@ def _add_bench(sub) -> None:
     p.set_defaults(func=c._bench)
 
 
-def _add_eval_args(p, chunks: int = 16) -> None:
+def _add_eval_args(p) -> None:
+    """How a perplexity/KLD run is made (eval and the sensitivity runs alike: config eval)."""
     p.add_argument("--ctx", type=int, default=512)
-    p.add_argument("--chunks", type=int, default=chunks)
+    p.add_argument("--chunks", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--mla", type=int, default=1)
     p.add_argument("--fa", default="off", choices=["on", "off", "auto"])

@@ -25,11 +25,10 @@ import numpy as np
 from ..errors import GGUFFormatError
 from ..fileio import partial_path
 from .reader import _SCALAR, GGUF_MAGIC, GGUFTable, TensorInfo, read_model, read_table
-from .writer import DEFAULT_ALIGNMENT, encode_kv, encode_kv_as, padded, tensor_info
+from .writer import _STRING, DEFAULT_ALIGNMENT, encode_kv, encode_kv_as, padded, tensor_info
 
 _COPY_STEP = 64 << 20  # bytes per kernel copy call (no user-space buffer)
 _READ_STEP = 16 << 20  # bytes per read where the kernel cannot copy, and per compared chunk
-_STRING = 8
 
 
 @dataclass(frozen=True)

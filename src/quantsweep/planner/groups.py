@@ -25,7 +25,8 @@ from ..gguf.reader import GGUFTable
 from ..gguf.types import BY_NAME, canonical_ftype
 from .allocate import TOTAL, group_bytes
 from .plan import plan
-from .recipes import Recipe, Rule, check_type
+from .pool import pool_recipe
+from .recipes import Recipe, Rule, check_regex, check_type
 
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)\.weight$")
 _PLAIN = re.compile(r"^(.+)\.weight$")
@@ -93,24 +94,15 @@ class Settings:
                 per = g.get("per", "all")
                 if not (per in ("all", "layer", "tensor") or (isinstance(per, int) and per > 0)):
                     raise PlanError(f"{where}.groups[{i}].per: {per!r} is not all, layer, tensor or a layer count")
-                _regex(g.get("match"), f"{where}.groups[{i}].match")
+                check_regex(g.get("match"), f"{where}.groups[{i}].match")
                 items.append(GroupItem(g["match"], per))
         pin = []
         for rx, t in (section.get("pin") or {}).items():
-            _regex(rx, f"{where}.pin")
+            check_regex(rx, f"{where}.pin")
             pin.append((rx, check_type(t, f"{where}.pin[{rx!r}]")))
         experts = section.get("experts", DEFAULT_EXPERTS)
-        _regex(experts, f"{where}.experts")
+        check_regex(experts, f"{where}.experts")
         return cls(tuple(ladder), tuple(items), preset, tuple(pin), experts)
-
-
-def _regex(rx, where: str) -> None:
-    if not isinstance(rx, str) or not rx:
-        raise PlanError(f"{where}: {rx!r} is not a regex")
-    try:
-        re.compile(rx)
-    except re.error as e:
-        raise PlanError(f"{where}: {rx!r} is not a valid regex ({e})") from None
 
 
 @dataclass
@@ -145,7 +137,7 @@ def tensor_class(name: str) -> tuple[int | None, str]:
 def quantized_tensors(table: GGUFTable, top: str) -> list[str]:
     """The tensors llama-quantize converts when asked for `top` everywhere (norms, biases and
     ffn_gate_inp are copied: no group)."""
-    p = plan(table, Recipe(name="top", base="Q8_0", rules=(Rule(".", top),)), has_imatrix=True, strict=False)
+    p = plan(table, pool_recipe(top), has_imatrix=True, strict=False)
     return [t.name for t in p.tensors if t.quantized]
 
 

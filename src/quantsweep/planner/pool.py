@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from ..errors import PlanError
 from ..gguf.reader import GGUFTable
-from .plan import Plan, plan
+from .plan import Plan, compare, plan
 from .recipes import Recipe, Rule
 
 POOL_BASE = "Q8_0"  # the positional ftype of a pool run: any quantized ftype lets the rule apply
@@ -42,6 +42,7 @@ def named_types(recipe: Recipe) -> list[str]:
 class Assembly:
     plan: Plan                      # the recipe's plan: every tensor's type and bytes
     sources: dict[str, str | None]  # tensor -> pool type that holds its bytes; None: the model's own
+    pool_files: dict[str, dict[str, str]]  # pool type -> tensor -> the type its file holds (planned)
 
     def pools_used(self) -> list[str]:
         return sorted({t for t in self.sources.values() if t is not None})
@@ -71,13 +72,11 @@ def assembly(table: GGUFTable, recipe: Recipe, pool_types: list[str], has_imatri
             raise PlanError(f"{recipe.name}: no pool file holds {t.name} at {t.type} "
                             f"(pools: {', '.join(pool_types) or 'none'})")
         sources[t.name] = src
-    return Assembly(p, sources)
+    return Assembly(p, sources, {k: {n: x.type for n, x in v.items()} for k, v in pools.items()})
 
 
 def check_pool(pool_plan: Plan, engine_types: Mapping[str, str | None]) -> None:
     """A pool file is only useful if the engine typed it as planned (assembly trusts the plan)."""
-    from .plan import compare
-
     diffs = compare(pool_plan, dict(engine_types))
     if diffs:
         raise PlanError(f"pool {pool_plan.recipe}: the engine's types differ from the plan in {len(diffs)} "

@@ -19,8 +19,6 @@ from ..fileio import read_json_object
 from ..gguf.reader import GGUFTable
 from . import allocate
 from .groups import Group, GroupItem, Settings, make_groups, quantized_tensors, runs
-from .plan import plan
-from .recipes import Recipe, Rule
 
 GROUPS_VERSION = 1
 
@@ -40,9 +38,7 @@ def groups_doc(table: GGUFTable, s: Settings, has_imatrix: bool) -> dict:
     (norms, biases, ffn_gate_inp: copied as they are) and the model's element count (bpw budgets)."""
     groups = make_groups(table, s, has_imatrix)
     quantized = set(quantized_tensors(table, s.top))
-    top = plan(table, Recipe(name="top", base=s.base, rules=(Rule(".", s.top),)), has_imatrix=has_imatrix,
-               strict=False)
-    fixed = sum(t.nbytes for t in top.tensors if t.name not in quantized)
+    fixed = sum(t.nbytes for t in table.tensors if t.name not in quantized)  # copied as they are
     return {"version": GROUPS_VERSION, "model": str(table.path), "settings": settings_dict(s),
             "has_imatrix": has_imatrix, "fixed_bytes": fixed, "header_bytes": table.data_offset,
             "n_elements": table.n_elements,
