@@ -176,6 +176,8 @@ def check(config: dict) -> None:
             raise ConfigError(f"config models.{name}: model names must match {NAME_RE.pattern}")
         if m.get("split_kv_b") and m.get("layout", "kv_b") not in ("kv_b", "ik"):
             raise ConfigError(f"config models.{name}.split_kv_b: means layout ik, but layout is {m['layout']!r}")
+        if m.get("source", "tiny") == "hf":
+            check_hf_model(name, m)
         if m.get("source", "tiny") == "gguf":
             if not m.get("path"):
                 raise ConfigError(f"config models.{name}.path: required when source is 'gguf'")
@@ -203,6 +205,29 @@ def check(config: dict) -> None:
         if ref != BASE_REFERENCE and ref not in names:
             raise ConfigError(f"config {key}: {ref!r} is neither {BASE_REFERENCE!r} nor a quant name of the sweep "
                               f"({', '.join(names)})")
+
+
+def check_hf_model(name: str, m: dict) -> None:
+    """A Hugging Face checkpoint (source: hf) is read and checked when the workflow starts (every
+    safetensors header, the architecture, the tokenizer files, FP8 scales), so a truncated
+    download or a wrong directory is one line now, not a failed job hours later."""
+    from .convert.checkpoint import OUTTYPES, Checkpoint
+    from .errors import ConvertError
+
+    if not m.get("path"):
+        raise ConfigError(f"config models.{name}.path: required when source is 'hf' (the checkpoint directory)")
+    if m.get("outtype", "bf16") not in OUTTYPES:
+        raise ConfigError(f"config models.{name}.outtype: {m['outtype']!r} is not one of {', '.join(OUTTYPES)}")
+    if not SPLIT_SIZE_RE.match(str(m.get("split_max_size", ""))):
+        raise ConfigError(f"config models.{name}.split_max_size: {m['split_max_size']!r} is not a size like 50G, "
+                          "500M or '' (no split)")
+    try:
+        Checkpoint.read(m["path"])
+    except ConvertError as e:
+        raise ConfigError(f"config models.{name}.path: {e}") from None
+
+
+SPLIT_SIZE_RE = re.compile(r"^(\d+[KMG]?)?$")
 
 
 def check_run(config: dict) -> None:

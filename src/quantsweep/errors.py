@@ -55,3 +55,7 @@ class ReportError(QuantsweepError):
 
 class TinyModelError(QuantsweepError):
     """The demo model cannot be generated from these settings or this text."""
+
+
+class ConvertError(QuantsweepError):
+    """A Hugging Face checkpoint that cannot be converted, or a converter that failed."""

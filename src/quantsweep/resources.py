@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .convert.checkpoint import Checkpoint
 from .gguf.reader import GGUFTable, read_model, shards
 from .imatrix.fit import expected_size
 from .planner.plan import plan
@@ -111,3 +112,23 @@ def _planned_bytes(model: str | Path, spec, has_imatrix: bool) -> int:
     if not all(f.exists() for f in shards(model)):
         return UNKNOWN.bytes
     return plan(read_model(model), spec(), has_imatrix=has_imatrix, strict=False).total_bytes
+
+
+def mem_mb_convert(ck: Checkpoint, attempt: int = 1) -> int:
+    """convert: the converter is lazy (tensors are read and written one at a time); the most it
+    holds is one layer's merged routed-expert stack, computed in float32 (FP8 dequantized), plus
+    its converted copy and the stacking's temporaries (~3x)."""
+    return int((3 * 4 * ck.largest_output_elements() / MiB + 4096) * growth(attempt))
+
+
+def disk_mb_convert(ck: Checkpoint, outtype: str, attempt: int = 1) -> int:
+    """The GGUF (predicted from the checkpoint's headers and the outtype) plus slack: it is written
+    once, under a temp name that is then renamed."""
+    return int((ck.output_bytes(outtype) * 1.05 / MiB + 1024) * growth(attempt))
+
+
+def runtime_min_convert(ck: Checkpoint, outtype: str, attempt: int = 1) -> int:
+    """Minutes: 30 plus the checkpoint read and the GGUF written at ~100 MB/s (the converter is
+    single-threaded): GB / 6. A rough figure that a site profile overrides."""
+    gb = (ck.total_bytes() + ck.output_bytes(outtype)) / 1e9
+    return int((30 + gb / 6) * growth(attempt))

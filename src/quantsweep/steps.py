@@ -17,10 +17,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import imatrix as imx
+from .config import SPLIT_SIZE_RE
+from .convert import converter
+from .convert.checkpoint import Checkpoint
 from .engine import argv, run
 from .engine.bench import sweep_bench
 from .engine.build import installed_flags
 from .engine.settings import RunSettings, check_steps
+from .engine.spec import EngineSpec
 from .errors import ImatrixError, PlanError, StepError
 from .gguf.assemble import assemble, pieces
 from .gguf.reader import first_shard, read_model, read_table, verify_complete
@@ -31,6 +35,37 @@ from .planner.groups import Settings, sensitivity_recipe
 from .planner.plan import as_options, plan
 from .planner.pool import assembly, check_pool, pool_recipe
 from .planner.recipes import Recipe, Rule, load_recipe, recipe_or_ftype
+
+
+def convert(checkpoint: Path, spec: EngineSpec, cache: Path, out_dir: Path, name: str, outtype: str,
+            split_max_size: str, python: str, log: Path | None) -> dict:
+    """A Hugging Face checkpoint to out_dir/<name>.gguf (or its shards): the checkpoint and the
+    converter checked first, the converter's output read back before it is kept. Returns the
+    record the manifest extends: the checkpoint's config and files, the converter, its Python."""
+    ck = Checkpoint.read(checkpoint)
+    ck.output_bytes(outtype)  # an unknown outtype is refused before anything is fetched
+    if not SPLIT_SIZE_RE.match(split_max_size):
+        raise StepError(f"--split-max-size: {split_max_size!r} is not a size like 50G, 500M or '' (no split)")
+    conv = converter.fetch(converter.ConverterSource.of(spec), cache, log)
+    converter.check(ck, conv)
+    py, versions = converter.find_python(python)
+    run.note(log, f"converter {conv.source.kind} ({conv.script.name}) with {py}: {json.dumps(versions)}")
+    files, cmds = converter.convert(ck, conv, out_dir, name, outtype, split_max_size, py, log)
+    return {
+        "model": str(files[0]),
+        "files": [str(f) for f in files],
+        "inputs": {"checkpoint": [str(p) for p in ck.files_to_hash()]},
+        "outputs": [str(f) for f in files],
+        "cmds": cmds,
+        "provenance": {
+            "checkpoint": {"path": str(ck.path), "architecture": ck.architecture, "quant_method": ck.quant_method,
+                           "n_params": ck.n_params(), "bytes": ck.total_bytes(), "config": ck.config},
+            "converter": conv.identity(),
+            "converter_python": {"python": py, **versions},
+            "outtype": outtype,
+            "split_max_size": split_max_size,
+        },
+    }
 
 
 def quant_spec(recipe: str | None, ftype: str | None) -> Recipe | str:

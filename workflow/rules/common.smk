@@ -7,6 +7,8 @@ from snakemake.utils import validate
 
 from quantsweep import config as qconfig
 from quantsweep import resources as qresources
+from quantsweep.convert import converter as qconverter
+from quantsweep.convert.checkpoint import Checkpoint
 from quantsweep.gguf.reader import shards
 from quantsweep.planner.pool import named_types
 from quantsweep.planner.recipes import load_recipe
@@ -124,8 +126,13 @@ def get_run_json(step):
 
 
 def get_engine_spec(wildcards):
-    """The engine section as JSON for `quantsweep engine build` (cache_dir travels apart)."""
-    spec = {k: v for k, v in config["engine"].items() if k != "cache_dir"}
+    """The engine section as JSON for `quantsweep engine build` (cache_dir travels apart; the
+    converter keys are the convert rule's)."""
+    spec = {
+        k: v
+        for k, v in config["engine"].items()
+        if k != "cache_dir" and not k.startswith("converter")
+    }
     return json.dumps(spec, sort_keys=True)
 
 
@@ -134,16 +141,54 @@ def get_engine_env():
     return "../../envs/engine-cuda.yaml" if cuda else "../../envs/engine-cpu.yaml"
 
 
-def get_bin_dir(wildcards, input):
-    return os.path.dirname(input.quantize)
+def get_bin_dir(wildcards):
+    """Where engine_build puts the tools (each engine rule has one of them as input). Not read
+    from `input`: a job waiting for the convert checkpoint has its params evaluated with an
+    input that is only the checkpoint's output."""
+    return os.path.dirname(rules.engine_build.output.quantize)
 
 
 def get_model(wildcards):
-    """The model file the engine is given (shard 1 of a split model)."""
+    """The model file the engine is given (shard 1 of a split model). A Hugging Face
+    checkpoint's is known once it is converted (checkpoint convert: how many shards the
+    converter writes is its own decision)."""
     m = config["models"][wildcards.model]
     if m.get("source", "tiny") == "gguf":
         return m["path"]
+    if m.get("source", "tiny") == "hf":
+        out = checkpoints.convert.get(model=wildcards.model).output.model
+        return str(qconverter.model_file(out))
     return f"resources/models/{wildcards.model}.gguf"
+
+
+HF_MODELS = one_of(m for m in MODELS if config["models"][m].get("source") == "hf")
+
+
+_CHECKPOINTS = {}
+
+
+def _checkpoint(wildcards):
+    """A model's checkpoint as its headers describe it, read once per workflow run (V3 has 163
+    safetensors headers; the input and resource functions all ask)."""
+    path = config["models"][wildcards.model]["path"]
+    if path not in _CHECKPOINTS:
+        _CHECKPOINTS[path] = Checkpoint.read(path)
+    return _CHECKPOINTS[path]
+
+
+def get_checkpoint_files(wildcards):
+    """Every file of the checkpoint the conversion reads: a changed one converts again."""
+    return [str(p) for p in _checkpoint(wildcards).files_to_hash()]
+
+
+def get_converter_spec(wildcards):
+    """The engine keys that say which converter runs (not the build flags: changing those must
+    not convert a 1.3 TB checkpoint again)."""
+    keep = ("converter", "converter_pypi_package", "converter_pypi_version")
+    keep += ("converter_pypi_sha256", "source", "path")
+    if config["engine"]["converter"] == "ik":
+        keep += ("pypi_package", "pypi_version", "pypi_sha256")
+    return json.dumps({k: config["engine"][k] for k in keep}, sort_keys=True)
 
 
 def get_model_files(wildcards):
@@ -441,6 +486,27 @@ def gpu_engine(wildcards):
     """GPUs an imatrix/perplexity job asks for (gpu=N): resources.gpus, else 1 for a CUDA engine."""
     n = config["resources"]["gpus"]
     return n if n is not None else (1 if config["engine"]["cuda"] else 0)
+
+
+def threads_convert(wildcards):
+    """The converter is one Python process; torch's FP8 dequantization uses a few threads."""
+    n = config["resources"]["threads"]
+    return min(n if n > 0 else _given_cores(), 8)
+
+
+def mem_mb_convert(wildcards, attempt):
+    """One merged expert stack in float32 plus its converted copy (checkpoint's config)."""
+    return qresources.mem_mb_convert(_checkpoint(wildcards), attempt)
+
+
+def disk_mb_convert(wildcards, attempt):
+    m = config["models"][wildcards.model]
+    return qresources.disk_mb_convert(_checkpoint(wildcards), m["outtype"], attempt)
+
+
+def runtime_convert(wildcards, attempt):
+    m = config["models"][wildcards.model]
+    return qresources.runtime_min_convert(_checkpoint(wildcards), m["outtype"], attempt)
 
 
 def mem_mb_engine(wildcards, attempt):

@@ -20,3 +20,35 @@ rule bundled_text:
         "../../envs/quantsweep.yaml"
     shell:
         "quantsweep text {wildcards.kind:q} -o {output:q} 2> {log:q}"
+
+
+# A Hugging Face checkpoint (models.<name>.source: hf) -> GGUF, the first step of its sweep. A
+# checkpoint rule: how many shards the converter writes (split_max_size) is known once it ran.
+checkpoint convert:
+    input:
+        checkpoint=get_checkpoint_files,
+    output:
+        model=directory("resources/models/{model}"),
+        manifest="resources/models/{model}.convert.json",
+    log:
+        "logs/convert/{model}.log",
+    wildcard_constraints:
+        model=HF_MODELS,
+    conda:
+        "../../envs/convert.yaml"
+    threads: threads_convert
+    resources:
+        mem_mb=mem_mb_convert,
+        disk_mb=disk_mb_convert,
+        runtime=runtime_convert,
+    params:
+        checkpoint=lambda wc: config["models"][wc.model]["path"],
+        outtype=lambda wc: config["models"][wc.model]["outtype"],
+        split=lambda wc: config["models"][wc.model]["split_max_size"],
+        spec=get_converter_spec,
+        cache_dir=config["engine"]["cache_dir"],
+    shell:
+        "quantsweep convert --checkpoint {params.checkpoint:q} --out-dir {output.model:q}"
+        " --name {wildcards.model:q} --outtype {params.outtype:q} --split-max-size={params.split:q}"
+        " --spec {params.spec:q} --cache-dir={params.cache_dir:q} --threads {threads}"
+        " --log {log:q} --manifest {output.manifest:q}"

@@ -39,13 +39,14 @@ def _write_manifest(a, result, argv: list[str], started: float, wall: float) -> 
 
     result = result if isinstance(result, dict) else {}
     inputs = {**_files(a, a.manifest_inputs), **result.get("inputs", {})}
-    outputs = [f for files in _files(a, a.manifest_outputs).values() for f in files]
-    cmds = [result["cmd"]] if result.get("cmd") else []
+    outputs = [f for files in _files(a, a.manifest_outputs).values() for f in files] + result.get("outputs", [])
+    cmds = result.get("cmds") or ([result["cmd"]] if result.get("cmd") else [])
     m = manifest.build(argv=["quantsweep", *argv], inputs=inputs, outputs=outputs, started=started, wall_s=wall,
                        bin_dir=getattr(a, "bin_dir", None), engine_cmds=cmds)
     run = result.get("run") or (result.get("eval") or {}).get("run")
     if run is not None:  # how the engine ran (PPL depends on -b/-ub) and what it reports it ran
         m.update(run_settings=run, ran=result.get("ran", {}))
+    m.update(result.get("provenance", {}))  # what only the step knows (a conversion's checkpoint)
     write_json(a.manifest, m)
 
 

@@ -58,12 +58,36 @@ def _engine_check_run(a) -> None:
     print(f"run settings OK for {', '.join(steps)} against {a.engine}")
 
 
+def _convert(a) -> dict:
+    import os
+
+    from ..engine.build import default_cache_dir
+    from ..engine.spec import EngineSpec
+    from ..steps import convert
+
+    spec = EngineSpec.from_dict(_json_arg(a.spec, "spec") if a.spec else {})
+    if a.threads > 0:
+        os.environ["OMP_NUM_THREADS"] = str(a.threads)  # the converter's torch
+    rec = convert(Path(a.checkpoint), spec, Path(a.cache_dir) if a.cache_dir else default_cache_dir(),
+                  Path(a.out_dir), a.name, a.outtype, a.split_max_size, a.python, Path(a.log) if a.log else None)
+    print(f"converted {a.checkpoint} -> {rec['model']} ({len(rec['files'])} file(s))")
+    return rec
+
+
 def _tiny_model(a) -> None:
     from ..tinymodel import TinySpec, write_tiny_model
 
     train = Path(a.train_text).read_text(encoding="utf-8") if a.train_text else bundled_text("train")
     spec = TinySpec(seed=a.seed, layout=a.layout, split_kv_b=a.split_kv_b, dead_channels=a.dead_channels)
     write_tiny_model(a.output, train, spec)
+
+
+def _tiny_checkpoint(a) -> None:
+    from ..tinymodel.hf import HFTinySpec, write_checkpoint
+
+    groups = max(a.n_group, 1)
+    spec = HFTinySpec(seed=a.seed, n_group=groups, topk_group=max(1, groups // 2))
+    print(f"wrote {write_checkpoint(a.output, a.flavour, spec)} ({a.flavour})")
 
 
 def _text(a) -> None:

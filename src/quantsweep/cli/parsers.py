@@ -45,6 +45,27 @@ def _add_engine(sub) -> None:
     p.set_defaults(func=c._engine_check_run)
 
 
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="convert a Hugging Face checkpoint (bf16 or FP8 safetensors) to GGUF",
+                       description="Checks the checkpoint (config.json, every safetensors header, tokenizer, "
+                       "FP8 scales) and the converter (architecture, FP8 support), runs a vocab-only pass "
+                       "(an unknown tokenizer fails in seconds), then converts into --out-dir and reads the "
+                       "result back. The converter needs torch: pip install 'quantsweep[convert]'.")
+    p.add_argument("--checkpoint", required=True, help="the checkpoint directory (config.json, *.safetensors)")
+    p.add_argument("--out-dir", required=True, help="where <name>.gguf (or its shards) go")
+    p.add_argument("--name", required=True, help="the model's name (file name stem)")
+    p.add_argument("--outtype", default="bf16", help="bf16 (default), f32 or q8_0")
+    p.add_argument("--split-max-size", default="", help="split into shards of at most this size (e.g. 50G)")
+    p.add_argument("--spec", default="", help="JSON of the config's engine section (the converter keys)")
+    p.add_argument("--cache-dir", default="", help="where the converter's sdist is cached (as engine build)")
+    p.add_argument("--python", default="", help="the interpreter that runs the converter (default: the first "
+                   "of this one, python3, python that imports torch and transformers)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--log", default="")
+    _manifested(p, (), ())
+    p.set_defaults(func=c._convert)
+
+
 def _add_inputs(sub) -> None:
     p = sub.add_parser("tiny-model", help="write the embedded tiny DeepSeek2 GGUF")
     p.add_argument("-o", "--output", required=True)
@@ -57,6 +78,13 @@ def _add_inputs(sub) -> None:
                    help="layer 0's attn_norm gain is zero on channels [0, N)")
     p.add_argument("--train-text", default="", help="text for the bigram statistics (default: bundled)")
     p.set_defaults(func=c._tiny_model)
+    p = sub.add_parser("tiny-checkpoint", help="write a tiny DeepSeek-V3 Hugging Face checkpoint (bf16, FP8 or "
+                       "FP8 dequantized to bf16) made with transformers: a source: hf demo (needs the convert extra)")
+    p.add_argument("-o", "--output", required=True, help="the checkpoint directory")
+    p.add_argument("--flavour", choices=["bf16", "fp8", "dequantized"], default="bf16")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-group", type=int, default=1, help="expert groups (the engine ignores group-limited routing)")
+    p.set_defaults(func=c._tiny_checkpoint)
     p = sub.add_parser("config", help="config files").add_subparsers(dest="sub", required=True)
     p = p.add_parser("check", help="check config files (merged in order, as --configfile does) "
                      "with YAML errors named by line")
@@ -343,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="quantsweep", description=DESCRIPTION)
     ap.add_argument("--version", action="version", version=f"quantsweep {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for add in (_add_engine, _add_inputs, _add_imatrix, _add_quantize, _add_eval, _add_bench, _add_sensitivity,
-                _add_allocate, _add_report):
+    for add in (_add_engine, _add_convert, _add_inputs, _add_imatrix, _add_quantize, _add_eval, _add_bench,
+                _add_sensitivity, _add_allocate, _add_report):
         add(sub)
     return ap

@@ -28,15 +28,19 @@ class KldBase:
         return 8 + 12 + 4 * self.n_chunk * self.n_ctx + 2 * self.n_chunk * rows * nv
 
 
-def kld_base_header(path: str | Path, ctx: int, chunks: int | None, n_vocab: int) -> KldBase:
-    """The base file's header, checked against the evaluation (context, chunks, the model's
-    vocabulary) and its size against what that header says it holds."""
-    path = Path(path)
+def _header(path: Path) -> KldBase:
     with open(path, "rb") as f:
         head = f.read(20)
     if len(head) < 20 or head[:8] != KLD_MAGIC:
         raise EngineOutputError(f"{path}: not a KLD base logits file (no '_logits_' header)")
-    base = KldBase(*struct.unpack("<iii", head[8:20]))
+    return KldBase(*struct.unpack("<iii", head[8:20]))
+
+
+def kld_base_header(path: str | Path, ctx: int, chunks: int | None, n_vocab: int) -> KldBase:
+    """The base file's header, checked against the evaluation (context, chunks, the model's
+    vocabulary) and its size against what that header says it holds."""
+    path = Path(path)
+    base = _header(path)
     want = {"n_ctx": ctx, "n_vocab": n_vocab, "n_chunk": chunks}
     for key, value in want.items():
         if value is not None and getattr(base, key) != value:
@@ -56,3 +60,12 @@ def vocab_size(model: GGUFTable) -> int:
     if emb is None or len(emb.shape) < 2:
         raise EngineOutputError(f"{model.path}: no 2-D token_embd.weight to tell the vocabulary size")
     return emb.shape[1]
+
+
+def kld_base_tokens(path: str | Path) -> list[int]:
+    """The token ids the base run evaluated (as tokenized, before BOS replaces each chunk's
+    first): what a reference implementation must be given to compute the same perplexity."""
+    import numpy as np
+
+    base = _header(Path(path))
+    return np.fromfile(path, dtype="<i4", count=base.n_chunk * base.n_ctx, offset=20).tolist()

@@ -94,21 +94,27 @@ def _tree_digest(root: Path) -> str:
 
 
 def fetch_pypi_sdist(spec: EngineSpec, cache: Path, log: Log) -> Path:
-    """Download the sdist once into the cache and verify its sha256 every time it is used."""
+    """The engine's sdist (engine.pypi_*), downloaded once into the cache."""
+    return fetch_sdist(spec.pypi_package, spec.pypi_version, spec.pypi_sha256, cache, log, "engine.pypi_sha256")
+
+
+def fetch_sdist(package: str, version: str, sha256: str, cache: Path, log: Log, key: str) -> Path:
+    """Download an sdist once into the cache and verify its sha256 every time it is used
+    (`key`: the config key that pins it, named when the digest differs)."""
     sdir = cache / "sources"
     sdir.mkdir(parents=True, exist_ok=True)
-    target = sdir / f"{spec.pypi_package.replace('-', '_')}-{spec.pypi_version}.tar.gz"
+    target = sdir / f"{package.replace('-', '_')}-{version}.tar.gz"
     if not target.exists():
         with tempfile.TemporaryDirectory(dir=sdir) as tmp:
             run_checked([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                  f"{spec.pypi_package}=={spec.pypi_version}", "-d", tmp], log)
+                  f"{package}=={version}", "-d", tmp], log)
             found = list(Path(tmp).glob("*.tar.gz"))
             if len(found) != 1:
-                raise EngineError(f"pip download of {spec.pypi_package}=={spec.pypi_version} gave no single sdist")
+                raise EngineError(f"pip download of {package}=={version} gave no single sdist")
             os.replace(found[0], target)
     digest = sha256_file(target)
-    if digest != spec.pypi_sha256:
-        raise EngineError(f"engine.pypi_sha256: {target.name} has sha256 {digest}, config pins {spec.pypi_sha256}")
+    if digest != sha256:
+        raise EngineError(f"{key}: {target.name} has sha256 {digest}, config pins {sha256}")
     return target
 
 

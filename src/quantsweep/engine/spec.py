@@ -14,6 +14,13 @@ DEFAULT_PYPI_PACKAGE = "ik-llama-cpp-python"
 DEFAULT_PYPI_VERSION = "0.1.5"
 DEFAULT_PYPI_SHA256 = "33c67eb99e4dcab5e611050433243815709b8b3067753f9ce18375013cf002ad"
 DEFAULT_GIT_URL = "https://github.com/ikawrakow/ik_llama.cpp"
+# The Hugging Face -> GGUF converter: mainline's (it dequantizes FP8 checkpoints; the ik engine
+# loads the mainline MLA layout it writes), from a pinned sdist that vendors llama.cpp; or "ik",
+# the engine's own (bf16 only; writes 2-D attn_k_b/attn_v_b plus attn_kv_b).
+CONVERTERS = ("mainline", "ik")
+DEFAULT_CONVERTER_PACKAGE = "llama-cpp-python"
+DEFAULT_CONVERTER_VERSION = "0.3.36"
+DEFAULT_CONVERTER_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,10 @@ class EngineSpec:
     native: bool = True
     cmake_flags: tuple[str, ...] = field(default_factory=tuple)
     jobs: int = 0
+    converter: str = "mainline"
+    converter_pypi_package: str = DEFAULT_CONVERTER_PACKAGE
+    converter_pypi_version: str = DEFAULT_CONVERTER_VERSION
+    converter_pypi_sha256: str = DEFAULT_CONVERTER_SHA256
 
     @classmethod
     def from_dict(cls, d: dict) -> "EngineSpec":
@@ -65,6 +76,11 @@ class EngineSpec:
             raise EngineError("engine.bin_dir: required when engine.source is 'bin_dir'")
         if self.cuda_force_bf16 and not self.cuda:
             raise EngineError("engine.cuda_force_bf16: only applies to a CUDA build (engine.cuda: true)")
+        if self.converter not in CONVERTERS:
+            raise EngineError(f"engine.converter: {self.converter!r} is not one of {CONVERTERS}")
+        if self.converter == "ik" and self.source not in ("pypi", "path"):
+            raise EngineError("engine.converter: ik takes the converter from the engine's source tree, so "
+                              f"engine.source must be pypi or path, not {self.source!r}")
         for key in ("sched_max_copies", "max_contexts"):
             if getattr(self, key) < 0:
                 raise EngineError(f"engine.{key}: must be >= 0 (0 = the engine's default)")

@@ -136,12 +136,12 @@ Q4_1             3  q4_1          -   -     -
 Q5_0             8  q5_0          -   -     -
 Q5_1             9  q5_1          -   -     -
 Q6_0           135  q6_0          -   -     -
-Q8_0             7  q8_0          -   -     -
+Q8_0             7  q8_0          c   -     -
 Q8_KV          149  q8_KV         -   -     -
 F16              1  f16           -   -     -
-BF16            32  bf16          -   -     -
+BF16            32  bf16          c   -     -
 BF16_R16       232  bf16_r16      -   -     -
-F32              0  f32           -   -     -
+F32              0  f32           c   -     -
 COPY             0  f32           -   -     -
 Q2_K_S          21  q2_K          i   q2_K  -
 Q2_K            10  q2_K          -   -     -
@@ -261,6 +261,9 @@ class Ftype:
     needs_imatrix: bool = False  # llama-quantize refuses the ftype without --imatrix
     imatrix_types: frozenset[str] = frozenset()  # types needing data under this ftype only
     aliases: tuple[str, ...] = ()
+    # flag c: what quantsweep lets the Hugging Face converter write (convert_hf_to_gguf.py
+    # --outtype, spelled as the default type); f16 is left out, bf16 weights overflow it
+    converter_outtype: bool = False
 
 
 def _parse_types(text: str) -> dict[int, GGMLType]:
@@ -285,7 +288,7 @@ def _parse_ftypes(text: str) -> dict[str, Ftype]:
         name, fid, default, flags, imatrix_types, aliases = line.split()
         out[name] = Ftype(name, int(fid), default, "i" in flags,
                           frozenset() if imatrix_types == "-" else frozenset(imatrix_types.split(",")),
-                          () if aliases == "-" else tuple(aliases.split(",")))
+                          () if aliases == "-" else tuple(aliases.split(",")), "c" in flags)
     return out
 
 
