@@ -207,7 +207,8 @@ def test_config_reads_the_checkpoint_when_the_workflow_starts(tmp_path):
 
 @pytest.mark.parametrize("model, match", [
     ({"source": "hf"}, r"config models\.v3\.path: required when source is 'hf'"),
-    ({"source": "hf", "path": "x", "outtype": "f16"}, r"config models\.v3\.outtype: 'f16' is not one of q8_0, bf16, f32"),
+    ({"source": "hf", "path": "x", "outtype": "f16"},
+     r"config models\.v3\.outtype: 'f16' is not one of q8_0, bf16, f32"),
     ({"source": "hf", "path": "x", "split_max_size": "50GB"}, r"config models\.v3\.split_max_size: '50GB' is not"),
 ])
 def test_config_refuses_bad_hf_settings(model, match):
