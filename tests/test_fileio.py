@@ -110,3 +110,22 @@ def test_commit_takes_only_the_lent_buffer(tmp_path):
         w.buffer(4)
         with pytest.raises(ValueError, match="lent"):
             w.commit(np.zeros(4, np.float32))
+
+
+def test_partial_dir_replaces_the_whole_directory_or_leaves_it(tmp_path):
+    from quantsweep.fileio import partial_dir
+
+    target = tmp_path / "d"
+    target.mkdir()
+    (target / "old").write_text("old")
+    with partial_dir(target) as staged:
+        (staged / "new").write_text("new")
+        assert not (target / "new").exists()  # nothing visible before the block completes
+    assert sorted(p.name for p in target.iterdir()) == ["new"]
+    assert oct(target.stat().st_mode & 0o777) == oct(0o755)
+    with pytest.raises(RuntimeError):
+        with partial_dir(target) as staged:
+            (staged / "half").write_text("x")
+            raise RuntimeError("killed")
+    assert sorted(p.name for p in target.iterdir()) == ["new"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # no staging left behind

@@ -211,23 +211,20 @@ def check_hf_model(name: str, m: dict) -> None:
     """A Hugging Face checkpoint (source: hf) is read and checked when the workflow starts (every
     safetensors header, the architecture, the tokenizer files, FP8 scales), so a truncated
     download or a wrong directory is one line now, not a failed job hours later."""
-    from .convert.checkpoint import OUTTYPES, Checkpoint
+    from .convert.checkpoint import Checkpoint, check_outtype, check_split_max_size
     from .errors import ConvertError
 
     if not m.get("path"):
         raise ConfigError(f"config models.{name}.path: required when source is 'hf' (the checkpoint directory)")
-    if m.get("outtype", "bf16") not in OUTTYPES:
-        raise ConfigError(f"config models.{name}.outtype: {m['outtype']!r} is not one of {', '.join(OUTTYPES)}")
-    if not SPLIT_SIZE_RE.match(str(m.get("split_max_size", ""))):
-        raise ConfigError(f"config models.{name}.split_max_size: {m['split_max_size']!r} is not a size like 50G, "
-                          "500M or '' (no split)")
+    try:
+        check_outtype(m.get("outtype", "bf16"))
+        check_split_max_size(str(m.get("split_max_size", "")))
+    except ConvertError as e:
+        raise ConfigError(f"config models.{name}.{e}") from None
     try:
         Checkpoint.read(m["path"])
     except ConvertError as e:
         raise ConfigError(f"config models.{name}.path: {e}") from None
-
-
-SPLIT_SIZE_RE = re.compile(r"^(\d+[KMG]?)?$")
 
 
 def check_run(config: dict) -> None:

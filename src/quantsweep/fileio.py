@@ -8,6 +8,8 @@ import hashlib
 import json
 import os
 import queue
+import shutil
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +37,24 @@ def partial_path(path: str | Path) -> Iterator[Path]:
         raise QuantsweepError(f"{path}: writing failed: {e.strerror or e}") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def partial_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a sibling temp directory (.NAME.XXXX, mode 755); when the block completes it
+    replaces `path` whole, when it fails it is deleted (a killed run leaves .NAME.* behind,
+    which its owner may sweep up)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    os.chmod(staged, 0o755)
+    try:
+        yield staged
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(staged, path)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
 
 
 def sha256_file(path: str | Path) -> str:

@@ -17,9 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import imatrix as imx
-from .config import SPLIT_SIZE_RE
 from .convert import converter
-from .convert.checkpoint import Checkpoint
+from .convert.checkpoint import Checkpoint, check_outtype, check_split_max_size
 from .engine import argv, run
 from .engine.bench import sweep_bench
 from .engine.build import installed_flags
@@ -43,9 +42,8 @@ def convert(checkpoint: Path, spec: EngineSpec, cache: Path, out_dir: Path, name
     converter checked first, the converter's output read back before it is kept. Returns the
     record the manifest extends: the checkpoint's config and files, the converter, its Python."""
     ck = Checkpoint.read(checkpoint)
-    ck.output_bytes(outtype)  # an unknown outtype is refused before anything is fetched
-    if not SPLIT_SIZE_RE.match(split_max_size):
-        raise StepError(f"--split-max-size: {split_max_size!r} is not a size like 50G, 500M or '' (no split)")
+    check_outtype(outtype)  # refused before anything is fetched
+    check_split_max_size(split_max_size)
     conv = converter.fetch(converter.ConverterSource.of(spec), cache, log)
     converter.check(ck, conv)
     py, versions = converter.find_python(python)

@@ -181,6 +181,13 @@ def get_checkpoint_files(wildcards):
     return [str(p) for p in _checkpoint(wildcards).files_to_hash()]
 
 
+def get_convert_args(wildcards):
+    """The checkpoint and what to make of it (models.<name>: path, outtype, split_max_size)."""
+    m = config["models"][wildcards.model]
+    split = f"--split-max-size={m['split_max_size']}"
+    return ["--checkpoint", m["path"], "--outtype", m["outtype"], split]
+
+
 def get_converter_spec(wildcards):
     """The engine keys that say which converter runs (not the build flags: changing those must
     not convert a 1.3 TB checkpoint again)."""

@@ -42,13 +42,10 @@ checkpoint convert:
         disk_mb=disk_mb_convert,
         runtime=runtime_convert,
     params:
-        checkpoint=lambda wc: config["models"][wc.model]["path"],
-        outtype=lambda wc: config["models"][wc.model]["outtype"],
-        split=lambda wc: config["models"][wc.model]["split_max_size"],
+        convert=get_convert_args,
         spec=get_converter_spec,
         cache_dir=config["engine"]["cache_dir"],
     shell:
-        "quantsweep convert --checkpoint {params.checkpoint:q} --out-dir {output.model:q}"
-        " --name {wildcards.model:q} --outtype {params.outtype:q} --split-max-size={params.split:q}"
+        "quantsweep convert {params.convert:q} --out-dir {output.model:q} --name {wildcards.model:q}"
         " --spec {params.spec:q} --cache-dir={params.cache_dir:q} --threads {threads}"
         " --log {log:q} --manifest {output.manifest:q}"

@@ -28,6 +28,17 @@ MLA_ARCHITECTURES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")  # Kimi-K
 OUTTYPES: dict[str, float] = {f.default: by_name(f.default).type_size / by_name(f.default).block
                               for f in FTYPES.values() if f.converter_outtype}
 Q8_0_BLOCK = by_name("q8_0").block
+SPLIT_SIZE_RE = re.compile(r"^(\d+[KMG]?)?$")  # the converter's --split-max-size ("" = no split)
+
+
+def check_outtype(outtype: str) -> None:
+    if outtype not in OUTTYPES:
+        raise ConvertError(f"outtype: {outtype!r} is not one of {', '.join(OUTTYPES)}")
+
+
+def check_split_max_size(size: str) -> None:
+    if not SPLIT_SIZE_RE.match(size):
+        raise ConvertError(f"split_max_size: {size!r} is not a size like 50G, 500M or '' (no split)")
 
 # safetensors dtypes: the bit width is in the name (F8_E4M3, BF16, I64), BOOL is a byte.
 _DTYPE = re.compile(r"^(?:BOOL|[UI](?:8|16|32|64)|F(?:16|32|64)|BF16|F8_E4M3|F8_E5M2|F8_E8M0)$")
@@ -161,8 +172,7 @@ class Checkpoint:
         """The GGUF's tensor data as mainline's converter writes it (alignment padding left out):
         2-D+ weights at `outtype`, the MoE router and every 1-D tensor (norms, the expert score
         bias) F32. A q8_0 row that is not whole 32-value blocks falls back to F16, as there."""
-        if outtype not in OUTTYPES:
-            raise ConvertError(f"outtype {outtype}: not one the converter writes ({', '.join(OUTTYPES)})")
+        check_outtype(outtype)
         total = 0
         for name, t in self.model_tensors().items():
             n = t.n_elements

@@ -30,7 +30,7 @@ from ..engine.run import note, run_logged
 from ..engine.sources import Log, fetch_sdist
 from ..engine.spec import EngineSpec
 from ..errors import ConvertError, GGUFFormatError
-from ..fileio import sha256_file
+from ..fileio import partial_dir, sha256_file
 from ..gguf.reader import read_model, shards
 from .checkpoint import Checkpoint
 
@@ -122,14 +122,9 @@ def fetch(source: ConverterSource, cache: Path, log: Log = None) -> Converter:
         if not (entry / "converter.json").exists():
             key = "engine.converter_pypi_sha256" if source.kind == "mainline" else "engine.pypi_sha256"
             sdist = fetch_sdist(source.package, source.version, source.sha256, cache, log, key)
-            with tempfile.TemporaryDirectory(dir=base, prefix=f".{source.key()}.") as tmp:
-                staged = Path(tmp) / "entry"
+            with partial_dir(entry) as staged:
                 _extract_tree(sdist, source.subdir, staged)
                 (staged / "converter.json").write_text(json.dumps(source.identity(), indent=2, sort_keys=True) + "\n")
-                os.chmod(staged, 0o755)
-                if entry.exists():
-                    shutil.rmtree(entry)
-                os.replace(staged, entry)
             note(log, f"converter extracted: {source.package}=={source.version} {source.subdir}")
     return Converter(source, entry)
 
@@ -149,7 +144,6 @@ def _extract_tree(sdist: Path, subdir: str, dest: Path) -> None:
                 members.append(m)
         if not any(m.name == "convert_hf_to_gguf.py" for m in members):
             raise ConvertError(f"{sdist.name}: no {subdir}/convert_hf_to_gguf.py inside")
-        dest.mkdir(parents=True)
         tf.extractall(dest, members=members, filter="data")
 
 
@@ -263,7 +257,7 @@ def convert(ck: Checkpoint, conv: Converter, out_dir: Path, name: str, outtype: 
         written = sorted(staged.glob("*.gguf"))
         if res.rc != 0 or not written or "successfully exported" not in res.text:
             raise ConvertError(failure(res.text, ck))
-        first = _first_shard(written, name)
+        first = model_file(staged)
         _verify(first, written)
         note(log, f"converted in {res.wall_s:.1f} s: {', '.join(p.name for p in written)}")
         for old in out_dir.glob("*.gguf"):
@@ -271,17 +265,6 @@ def convert(ck: Checkpoint, conv: Converter, out_dir: Path, name: str, outtype: 
         for p in written:
             os.replace(p, out_dir / p.name)
     return [out_dir / p.name for p in written], cmds
-
-
-def _first_shard(written: list[Path], name: str) -> Path:
-    single = [p for p in written if p.name == f"{name}.gguf"]
-    firsts = [p for p in written if re.fullmatch(re.escape(name) + r"-00001-of-\d{5}\.gguf", p.name)]
-    if len(written) == 1 and single:
-        return single[0]
-    if len(firsts) == 1:
-        return firsts[0]
-    raise ConvertError(f"the converter wrote {', '.join(p.name for p in written)}: not {name}.gguf, nor one "
-                       f"split model {name}-00001-of-N.gguf")
 
 
 def _verify(first: Path, written: list[Path]) -> None:

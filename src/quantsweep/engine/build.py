@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from ..errors import EngineError
-from ..fileio import sha256_file
+from ..fileio import partial_dir, sha256_file
 from .hardware import usable_cpus
 from .run import note, run_logged
 from .settings import HELP_FROM, STEP_TOOLS, help_flags
@@ -165,9 +165,7 @@ def install_engine(spec: EngineSpec, out_dir: Path, cache: Path | None = None, l
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(out_dir.parent, f".{out_dir.name}.")  # a killed install's staging (one job per work dir)
-    staged = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    os.chmod(staged, 0o755)
-    try:
+    with partial_dir(out_dir) as staged:
         (staged / "bin").mkdir()
         for tool in meta["tools"]:
             # A copy, not a hard link: Snakemake touches outputs, and a shared inode would make
@@ -175,11 +173,5 @@ def install_engine(spec: EngineSpec, out_dir: Path, cache: Path | None = None, l
             shutil.copy2(bin_src / tool, staged / "bin" / tool)
         meta["flags"] = tool_flags(staged / "bin")
         (staged / "engine.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staged, out_dir)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
     return meta
 

@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConvertError
+from ..fileio import partial_dir
 from .spec import TinySpec
 
 FLAVOURS = ("bf16", "fp8", "dequantized")
@@ -192,9 +190,7 @@ def write_checkpoint(out_dir: str | Path, flavour: str = "bf16", spec: HFTinySpe
             config["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3",
                                               "quant_method": "fp8", "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with partial_dir(out) as tmp:
         _write_shards(tmp, sd, shard_mb * 2**20)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         tok = tokenizer_files()
@@ -205,13 +201,6 @@ def write_checkpoint(out_dir: str | Path, flavour: str = "bf16", spec: HFTinySpe
         tcfg["add_bos_token"] = True  # as deepseek-ai's V3 has it (the package's copy says false)
         (tmp / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2, ensure_ascii=False) + "\n",
                                                    encoding="utf-8")
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
