@@ -25,6 +25,7 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/resources.smk"
 include: "workflow/rules/engine.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/imatrix.smk"

@@ -28,10 +28,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from quantsweep import resources as R  # noqa: E402
+from quantsweep import sizing as R  # noqa: E402
 from quantsweep.gguf.assemble import tensor_data_diff  # noqa: E402
 from quantsweep.gguf.deepseek2 import deepseek_v3_table  # noqa: E402
-from quantsweep.planner.groups import Settings, make_groups, runs, sensitivity_recipe  # noqa: E402
+from quantsweep.allocator.groups import Settings, make_groups, runs, sensitivity_recipe  # noqa: E402
 from quantsweep.planner.plan import plan  # noqa: E402
 from quantsweep.planner.pool import pool_recipe  # noqa: E402
 

@@ -1,5 +1,5 @@
 """What converting DeepSeek-V3 (671B, deepseek-ai's FP8 release) to GGUF asks of a scheduler, on
-paper: the checkpoint as its headers describe it (no files: quantsweep.convert.checkpoint's
+paper: the checkpoint as its headers describe it (no files: quantsweep.hf.checkpoint's
 `Checkpoint` built from the real V3 config), its parameter count and bytes, the predicted GGUF
 size per outtype, and the mem_mb / disk_mb / runtime the convert job requests on attempts 1-3.
 
@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from quantsweep import resources as R  # noqa: E402
-from quantsweep.convert.checkpoint import OUTTYPES, Checkpoint, TensorEntry, dtype_size  # noqa: E402
+from quantsweep import sizing as R  # noqa: E402
+from quantsweep.hf.checkpoint import OUTTYPES, Checkpoint, TensorEntry, dtype_size  # noqa: E402
 
 V3_CONFIG = {
     "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",

@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from quantsweep.cli import bundled_text  # noqa: E402
 from quantsweep.engine import run  # noqa: E402
-from quantsweep.engine.argv import BenchSettings  # noqa: E402
-from quantsweep.engine.build import EngineSpec, install_engine  # noqa: E402
+from quantsweep.engine.build import install_engine
+from quantsweep.settings import BenchSettings, EngineSpec  # noqa: E402
 from quantsweep.engine.hardware import describe_host  # noqa: E402
 from quantsweep.steps import bench  # noqa: E402
 from quantsweep.tinymodel import TinySpec, write_tiny_model  # noqa: E402
@@ -49,11 +49,11 @@ def main() -> int:
         for q in QUANTS:
             files[q] = d / f"tiny-{q}.gguf"
             run.quantize(bin_dir, files["bf16"], files[q], d / f"{q}.log", q, a.threads)
-        b = BenchSettings(depths=tuple(int(x) for x in a.depths.split(",")), tg=a.tg, repeats=1, threads=a.threads)
+        b = BenchSettings(depths=tuple(int(x) for x in a.depths.split(",")), tg=a.tg, repeats=1)
         speeds: dict[str, dict[int, dict[str, list[float]]]] = {k: {} for k in files}
         for _ in range(a.runs):  # interleaved: one run of each file per round
             for name, path in files.items():
-                rec = bench(bin_dir, path, d / f"{name}.bench.log", b)
+                rec = bench(bin_dir, path, d / f"{name}.bench.log", b, a.threads)
                 for s in rec["speed"]:
                     per = speeds[name].setdefault(s["depth"], {"pp_tps": [], "tg_tps": []})
                     for key in per:

@@ -32,7 +32,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from quantsweep.cli import bundled_text  # noqa: E402
-from quantsweep.engine.build import EngineSpec, install_engine  # noqa: E402
+from quantsweep.engine.build import install_engine
+from quantsweep.settings import EngineSpec  # noqa: E402
 from quantsweep.gguf.types import TYPES  # noqa: E402
 from quantsweep.imatrix import Entry, Imatrix, write_dat  # noqa: E402
 from quantsweep.tinymodel import TinySpec, write_tiny_model  # noqa: E402

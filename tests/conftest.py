@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,12 +17,24 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
+# the environment of every Snakemake run but test_slurm's: see tests/noslurm/scontrol
+SMK_ENV = {**os.environ, "PATH": f"{Path(__file__).resolve().parent / 'noslurm'}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
 def smk(workdir: Path, *args: str, timeout: int = 3600) -> subprocess.CompletedProcess:
     """Snakemake on ROOT/Snakefile with `workdir` as working directory (its config/ is used)."""
     return subprocess.run(
         [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir), *args],
-        cwd=workdir, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+        cwd=workdir, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, env=SMK_ENV,
     )
+
+
+# every rule the default sweep runs: test_e2e holds the default sweep to it, test_slurm's small
+# sweep must run each of them through SLURM
+DEFAULT_RULES = {"all", "allocate", "bench_base", "bench_quant", "bundled_text", "engine_build", "eval_baseline",
+                 "eval_quant", "imatrix_check", "imatrix_collect", "imatrix_remap", "pool", "quantize", "report",
+                 "run_settings", "sensitivity_groups", "sensitivity_run", "sensitivity_table", "sensitivity_top",
+                 "tiny_model"}
 
 
 def make_workdir(path: Path, overrides: dict | None = None) -> Path:
@@ -45,6 +58,28 @@ def bin_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("engine") / "engine"
     build.install_engine(build.EngineSpec(), out, log=io.StringIO())
     return out / "bin"
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory):
+    """The demo model of a TinySpec (default: the default one), written once per session and
+    spec (building its weights takes seconds): tests only read it, one that changes a model
+    writes its own."""
+    from quantsweep.cli import bundled_text
+    from quantsweep.tinymodel import TinySpec, write_tiny_model
+
+    made: dict = {}
+
+    def make(spec=None) -> Path:
+        spec = spec or TinySpec()
+        key = (spec, spec.split_kv_b)  # split_kv_b takes no part in equality
+        if key not in made:
+            path = tmp_path_factory.mktemp("tiny-gguf") / "tiny.gguf"
+            write_tiny_model(path, bundled_text("train"), spec)
+            made[key] = path
+        return made[key]
+
+    return make
 
 
 @pytest.fixture

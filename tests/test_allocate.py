@@ -1,4 +1,4 @@
-"""The size-budget allocator (quantsweep.planner.allocate): optimal against brute force on small
+"""The size-budget allocator (quantsweep.allocator.solver): optimal against brute force on small
 instances, split budgets, what does not fit, exact group bytes from the planner on the demo
 model, and the recipe it writes."""
 
@@ -11,13 +11,14 @@ import re
 
 import pytest
 
-from quantsweep.cli import bundled_text
 from quantsweep.errors import PlanError
 from quantsweep.gguf.reader import read_model
-from quantsweep.planner.allocate import TOTAL, Group, Option, group_bytes, solve
+from quantsweep.allocator.solver import TOTAL, Group, Option, group_bytes, solve
 from quantsweep.planner.plan import plan
 from quantsweep.planner.recipes import recipe_from_dict
-from quantsweep.tinymodel import TinySpec, write_tiny_model
+from quantsweep.settings import AllocateSettings
+
+RES = AllocateSettings().resolution  # the solver's default resolution
 
 
 def _random_groups(rnd: random.Random, n: int, budgets: tuple[str, ...] = (TOTAL,)) -> list[Group]:
@@ -56,7 +57,7 @@ def test_optimal_against_brute_force(seed):
         lo = sum(min(o.bytes for o in g.options) for g in groups if g.budget == k)
         hi = sum(max(o.bytes for o in g.options) for g in groups if g.budget == k)
         budgets[k] = rnd.randint(lo, max(lo, hi))
-    a = solve(groups, budgets)
+    a = solve(groups, budgets, RES)
     assert a.kld == pytest.approx(_brute(groups, budgets), abs=1e-12)
     for k in keys:  # the answer fits, and its bytes are what it says
         assert a.bytes[k] == sum(a.choice[g.name].bytes for g in groups if g.budget == k) <= budgets[k]
@@ -82,9 +83,9 @@ def test_more_budget_never_predicts_more_kld():
     groups = _random_groups(random.Random(3), 8)
     lo = sum(min(o.bytes for o in g.options) for g in groups)
     hi = sum(max(o.bytes for o in g.options) for g in groups)
-    klds = [solve(groups, {TOTAL: b}).kld for b in range(lo, hi + 1, max(1, (hi - lo) // 40))]
+    klds = [solve(groups, {TOTAL: b}, RES).kld for b in range(lo, hi + 1, max(1, (hi - lo) // 40))]
     assert all(b <= a + 1e-12 for a, b in zip(klds, klds[1:]))
-    assert solve(groups, {TOTAL: hi}).kld == sum(min(o.kld for o in g.options) for g in groups)  # all fit
+    assert solve(groups, {TOTAL: hi}, RES).kld == sum(min(o.kld for o in g.options) for g in groups)  # all fit
 
 
 @pytest.mark.parametrize("groups, budgets, said", [
@@ -98,7 +99,7 @@ def test_more_budget_never_predicts_more_kld():
 ])
 def test_what_cannot_be_solved_is_named(groups, budgets, said):
     with pytest.raises(PlanError, match=said.replace("(", r"\(").replace(")", r"\)")):
-        solve(groups, budgets)
+        solve(groups, budgets, RES)
 
 
 # groups of the demo model: each a recipe rule; ffn_up and ffn_gate of the experts share one
@@ -109,10 +110,8 @@ LADDER = ("q8_0", "iq6_k", "iq4_ks", "iq3_ks", "iq2_ks")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("alloc") / "tiny.gguf"
-    write_tiny_model(path, bundled_text("train"), TinySpec())
-    return read_model(path)
+def tiny(tiny_gguf):
+    return read_model(tiny_gguf())
 
 
 def test_group_bytes_are_what_the_planner_gives_the_recipe(tiny):
@@ -127,7 +126,7 @@ def test_group_bytes_are_what_the_planner_gives_the_recipe(tiny):
     groups = [Group(n, m, tuple(Option(t, sizes[n][t], i * rnd.uniform(0.001, 0.01)) for i, t in enumerate(LADDER)))
               for n, m in GROUPS]
     budget = sum(sizes[n]["iq3_ks"] for n in sizes)
-    a = solve(groups, {TOTAL: budget})
+    a = solve(groups, {TOTAL: budget}, RES)
     p = plan(tiny, a.recipe(groups, "auto", "Q8_0"), has_imatrix=True)
     planned = {t.name: t.nbytes for t in p.tensors}
     for n, m in GROUPS:
@@ -146,7 +145,7 @@ def test_allocation_writes_a_recipe_the_recipe_loader_reads():
 
     groups = [Group("exps", r"ffn_(gate|up)_exps\.weight", (Option("q8_0", 100, 0.0), Option("iq2_ks", 30, 0.2))),
               Group("attn", r"attn_", (Option("q8_0", 50, 0.0), Option("iq4_ks", 25, 0.01)))]
-    a = solve(groups, {TOTAL: 80})
+    a = solve(groups, {TOTAL: 80}, RES)
     assert {g: o.type for g, o in a.choice.items()} == {"exps": "iq2_ks", "attn": "q8_0"}
     text = a.to_yaml(groups, "auto-80", "Q8_0", header=["budget: 80 bytes", "sensitivity: test"])
     assert text.startswith("# budget: 80 bytes\n# sensitivity: test\n# predicted: 80 bytes")

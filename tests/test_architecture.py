@@ -76,8 +76,8 @@ def test_every_package_error_is_a_quantsweep_error():
     # builtins raised on purpose mean a programming error (a wrong argument from code, not from
     # input); OSError is an I/O failure, which the CLI reports in one line like the rest
     bugs = {("ValueError", "gguf/deepseek2.py"), ("TypeError", "gguf/writer.py"), ("TypeError", "planner/plan.py"),
-            ("ValueError", "fileio.py"),
-                ("ValueError", "gguf/assemble.py")}
+            ("ValueError", "fileio.py"), ("ValueError", "gguf/assemble.py"),
+            ("TypeError", "settings/base.py")}  # a settings class declared a field type the loader lacks
     odd = {(name, where) for name, where in raised
            if name not in ours and name != "OSError" and (name, where) not in bugs}
     assert not odd, odd

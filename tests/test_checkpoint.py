@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from quantsweep import resources as r
-from quantsweep.convert.checkpoint import Checkpoint, TensorEntry
+from quantsweep import sizing as r
+from quantsweep.hf.checkpoint import Checkpoint, TensorEntry
 from quantsweep.errors import ConvertError
 
 MiB = 2**20
@@ -203,7 +203,7 @@ def test_a_dequantized_checkpoint_keeping_its_quantization_config_reads(tmp_path
 
 
 def test_the_package_does_not_import_torch_or_snakemake():
-    code = ("import sys, quantsweep.convert.checkpoint, quantsweep.resources; "
+    code = ("import sys, quantsweep.hf.checkpoint, quantsweep.sizing; "
             "bad = [m for m in ('torch', 'snakemake', 'transformers', 'safetensors') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}

@@ -185,3 +185,45 @@ def test_several_models_fan_out(tmp_path):
     assert int(stats["tiny_model"]) == 2 and int(stats["imatrix_collect"]) == 4
     for model in ("tiny", "tiny2d"):
         assert f"results/quants/{model}/{model}-IQ2_XS.gguf" in out
+
+
+# per-setting flags a rule used to pass (the CLI keeps them as hand overrides)
+_SETTING_FLAGS = {"--run", "--spec", "--gate", "--ctx", "--chunks", "--mla", "--fa", "--depths", "--tg", "--repeats",
+                  "--gib", "--bpw", "--gpu-gib", "--ram-gib", "--resolution", "--ladder", "--pin", "--experts", "--groups-spec"}
+
+
+def test_each_rule_gets_its_settings_as_one_json(tmp_path):
+    """Every config-fed step gets one --settings JSON (what differs from the defaults, read back by
+    the same class) and no setting as a flag of its own."""
+    import json
+    import shlex
+
+    from quantsweep.settings import AllocateSettings, BenchSettings, EvalSettings
+
+    over = {"eval": {"ctx": 256, "chunks": 3}, "bench": {"depths": [0, 1024], "repeats": 2},
+            "run": {"defaults": {"gpu_layers": 7}, "bench": {"threads": 1}},
+            "allocate": {"resolution": 4096, "budgets": [{"gpu_gib": 0.004, "ram_gib": 0.004}]}}
+    wd = make_workdir(tmp_path / "wd", over)
+    r = smk(wd, "-n", "-p")
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    seen = {}
+    for line in out.splitlines():
+        if not line.startswith("Shell command: quantsweep "):
+            continue
+        words = shlex.split(line.removeprefix("Shell command: "))
+        step = " ".join(words[1:3]) if words[1] in ("engine", "imatrix", "eval", "sensitivity") else words[1]
+        assert not _SETTING_FLAGS & set(words), line
+        n = words.count("--settings")
+        assert n <= 1, line
+        if n:
+            seen.setdefault(step, []).append(json.loads(words[words.index("--settings") + 1]))
+    assert {"engine build", "engine check-run", "tiny-model", "imatrix collect", "eval base", "eval kld", "bench",
+            "sensitivity groups", "sensitivity run", "allocate", "report"} <= set(seen)
+    ev = EvalSettings.from_dict(seen["eval kld"][0])
+    assert (ev.ctx, ev.chunks, ev.run.gpu_layers) == (256, 3, 7)
+    b = BenchSettings.from_dict(seen["bench"][0])
+    assert (b.depths, b.repeats, b.run.gpu_layers, b.run.threads) == ((0, 1024), 2, 7, 1)
+    a = AllocateSettings.from_dict(seen["allocate"][0])
+    assert a.resolution == 4096 and len(a.budgets) == 1 and a.budgets[0].gpu_gib == 0.004
+    assert seen["engine check-run"][0]["imatrix"] == {"gpu_layers": 7}

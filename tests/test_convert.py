@@ -66,7 +66,7 @@ def converted(checkpoints, tmp_path_factory) -> dict[str, Path]:
 def test_the_checkpoints_look_like_deepseek_ais(checkpoints):
     """FP8: e4m3 weights, float32 128x128-block scales, quantization_config; the router and
     the norms stay bf16 (what the FP8 path must leave alone)."""
-    from quantsweep.convert.checkpoint import Checkpoint
+    from quantsweep.hf.checkpoint import Checkpoint
 
     fp8 = Checkpoint.read(checkpoints["fp8"])
     assert fp8.quant_method == "fp8" and fp8.block_size == (128, 128)
@@ -111,15 +111,15 @@ def test_engine_perplexity_equals_transformers(converted, checkpoints, bin_dir, 
     from transformers import AutoTokenizer
 
     from quantsweep.cli import bundled_text
-    from quantsweep.engine.argv import EvalSettings
     from quantsweep.engine.outputs import kld_base_tokens
+    from quantsweep.settings import EvalSettings
     from quantsweep.steps import evaluate_base
     from quantsweep.tinymodel.hf import reference_ppl
 
     text = tmp_path / "eval.txt"
     text.write_text(bundled_text("evaluation"), encoding="utf-8")
-    ev = EvalSettings(ctx=EVAL_CTX, chunks=EVAL_CHUNKS, threads=2, mla=1, fa="off")
-    rec = evaluate_base(bin_dir, converted["bf16"], text, tmp_path / "base.bin", tmp_path / "ppl.log", ev)
+    ev = EvalSettings(ctx=EVAL_CTX, chunks=EVAL_CHUNKS, mla=1, fa="off")
+    rec = evaluate_base(bin_dir, converted["bf16"], text, tmp_path / "base.bin", tmp_path / "ppl.log", ev, 2)
     tokens = kld_base_tokens(tmp_path / "base.bin")
     hf_tokens = AutoTokenizer.from_pretrained(str(checkpoints["bf16"]))(text.read_text(encoding="utf-8"))["input_ids"]
     assert tokens[0] == 0 and hf_tokens[:len(tokens)] == tokens
@@ -148,8 +148,8 @@ def test_manifest_names_the_checkpoint_files_and_the_converter(converted, checkp
 
 
 def test_split_output_holds_the_same_tensors(checkpoints, converted, tmp_path):
-    from quantsweep.convert.converter import model_file
     from quantsweep.gguf.assemble import tensor_data_diff
+    from quantsweep.hf.converter import model_file
 
     r = qs("convert", "--checkpoint", str(checkpoints["bf16"]), "--out-dir", str(tmp_path / "split"),
            "--name", "tiny", "--split-max-size", "40M", "--log", str(tmp_path / "split.log"))
@@ -180,28 +180,28 @@ def test_ik_converter_writes_ik_layout_with_the_same_perplexity(checkpoints, con
     computes the same model from it (its gguf-py's missing ADD_SEP key is supplied, else it dies
     on DeepSeek-V3's tokenizer)."""
     from quantsweep.cli import bundled_text
-    from quantsweep.engine.argv import EvalSettings
     from quantsweep.gguf.reader import read_model
+    from quantsweep.settings import EvalSettings
     from quantsweep.steps import evaluate_base
 
     out = tmp_path / "ik"
     r = qs("convert", "--checkpoint", str(checkpoints["bf16"]), "--out-dir", str(out), "--name", "ik",
-           "--spec", json.dumps({"converter": "ik"}), "--log", str(tmp_path / "ik.log"))
+           "--settings", json.dumps({"engine": {"converter": "ik"}}), "--log", str(tmp_path / "ik.log"))
     assert r.returncode == 0, r.stderr + (tmp_path / "ik.log").read_text()[-3000:]
     names = read_model(out / "ik.gguf").by_name()
     assert names["blk.0.attn_k_b.weight"].shape == (128, 2048) and names["blk.0.attn_kv_b.weight"].shape == (512, 1024)
     text = tmp_path / "eval.txt"
     text.write_text(bundled_text("evaluation"), encoding="utf-8")
-    ev = EvalSettings(ctx=EVAL_CTX, chunks=EVAL_CHUNKS, threads=2, mla=1, fa="off")
-    ppl = {k: evaluate_base(bin_dir, m, text, tmp_path / f"{k}.bin", tmp_path / f"{k}.log", ev)["ppl"]
+    ev = EvalSettings(ctx=EVAL_CTX, chunks=EVAL_CHUNKS, mla=1, fa="off")
+    ppl = {k: evaluate_base(bin_dir, m, text, tmp_path / f"{k}.bin", tmp_path / f"{k}.log", ev, 2)["ppl"]
            for k, m in (("ik", out / "ik.gguf"), ("mainline", converted["bf16"]))}
     assert abs(ppl["ik"] / ppl["mainline"] - 1) < 1e-6, ppl
 
 
 def test_ik_converter_refuses_fp8_before_running(checkpoints, tmp_path):
-    spec = json.dumps({"converter": "ik"})
+    settings = json.dumps({"engine": {"converter": "ik"}})
     r = qs("convert", "--checkpoint", str(checkpoints["fp8"]), "--out-dir", str(tmp_path / "o"), "--name", "x",
-           "--spec", spec)
+           "--settings", settings)
     assert r.returncode == 1
     assert "config.json: an FP8 checkpoint (quantization_config), but the ik converter handles bf16 only" in r.stderr
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import tarfile
 from pathlib import Path
 
@@ -14,10 +15,10 @@ import pytest
 from test_checkpoint import make_checkpoint
 
 from quantsweep import config as qconfig
-from quantsweep.convert import converter
-from quantsweep.convert.checkpoint import Checkpoint
-from quantsweep.engine.spec import EngineSpec
+from quantsweep.hf import converter
+from quantsweep.hf.checkpoint import Checkpoint
 from quantsweep.errors import ConfigError, ConvertError, EngineError
+from quantsweep.settings import ConvertSettings, EngineSpec, ModelSettings
 
 SCRIPT = '''
 @ModelBase.register("LlamaForCausalLM")
@@ -75,10 +76,10 @@ def test_source_of_the_config():
 
 
 def test_engine_spec_refuses_unknown_converters():
-    with pytest.raises(EngineError, match=r"engine\.converter: 'hf' is not one of"):
-        EngineSpec(converter="hf").validate()
-    with pytest.raises(EngineError, match=r"engine\.converter: ik takes the converter from the engine's source"):
-        EngineSpec(converter="ik", source="bin_dir", bin_dir="/x").validate()
+    with pytest.raises(ConfigError, match=r"engine\.converter: 'hf' is not one of"):
+        EngineSpec.from_dict({"converter": "hf"})
+    with pytest.raises(ConfigError, match=r"engine\.converter: ik takes the converter from the engine's source"):
+        EngineSpec.from_dict({"converter": "ik", "source": "bin_dir", "bin_dir": "/x"})
 
 
 def test_cache_key_changes_with_what_is_fetched():
@@ -198,10 +199,10 @@ def _cfg(model: dict) -> dict:
 
 def test_config_reads_the_checkpoint_when_the_workflow_starts(tmp_path):
     ck = make_checkpoint(tmp_path / "ck")
-    qconfig.check(_cfg({"source": "hf", "path": str(ck), "outtype": "bf16", "split_max_size": "50G"}))
+    qconfig.load(_cfg({"source": "hf", "path": str(ck), "outtype": "bf16", "split_max_size": "50G"}))
     (ck / "config.json").unlink()
     with pytest.raises(ConfigError) as e:
-        qconfig.check(_cfg({"source": "hf", "path": str(ck)}))
+        qconfig.load(_cfg({"source": "hf", "path": str(ck)}))
     assert str(e.value).startswith(f"config models.v3.path: {ck}/config.json: missing")
 
 
@@ -213,7 +214,7 @@ def test_config_reads_the_checkpoint_when_the_workflow_starts(tmp_path):
 ])
 def test_config_refuses_bad_hf_settings(model, match):
     with pytest.raises(ConfigError, match=match):
-        qconfig.check(_cfg(model))
+        qconfig.load(_cfg(model))
 
 
 def test_converter_keys_are_not_part_of_the_engine_build_key():
@@ -224,3 +225,10 @@ def test_converter_keys_are_not_part_of_the_engine_build_key():
     tc = {"cc": "x"}
     assert cache_key(EngineSpec(), tc) == cache_key(EngineSpec(converter="ik", converter_pypi_version="9"), tc)
     assert cache_key(EngineSpec(), tc) != cache_key(EngineSpec(pypi_version="9"), tc)
+    # and the other way: the convert rule's settings hold the converter keys and no build flag
+    m = ModelSettings.from_dict({"source": "hf", "path": "x", "outtype": "q8_0", "seed": 3})
+    conv = ConvertSettings.of(m, EngineSpec.from_dict({"cuda": True, "native": False, "converter_pypi_version": "9"}))
+    assert json.loads(conv.to_json()) == {"model": {"outtype": "q8_0"}, "engine": {"converter_pypi_version": "9"}}
+    ik = ConvertSettings.of(m, EngineSpec.from_dict({"converter": "ik", "pypi_version": "0.2", "cuda": True}))
+    assert json.loads(ik.to_json())["engine"] == {"converter": "ik", "pypi_version": "0.2"}  # ik: the engine's sdist
+    assert ConvertSettings.from_json(conv.to_json()) == conv

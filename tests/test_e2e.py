@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, make_workdir, smk
+from conftest import DEFAULT_RULES, ROOT, make_workdir, smk
 from quantsweep.engine import logparse
-from quantsweep.config import resolve_recipe_paths, sweep_quants
+from quantsweep.config import load
 from quantsweep.gguf.assemble import tensor_data_diff
 from quantsweep.gguf.reader import read_table
 from quantsweep.report import read_csv
@@ -24,9 +24,8 @@ import yaml
 
 pytestmark = pytest.mark.e2e
 
-_CONFIG = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
-_CONFIG["quants"] = resolve_recipe_paths(_CONFIG["quants"], str(ROOT))
-QUANTS = sweep_quants(_CONFIG)  # the default quants, then one auto recipe per allocate budget
+# the default quants, then one auto recipe per allocate budget
+QUANTS = load(yaml.safe_load((ROOT / "config" / "config.yaml").read_text()), ROOT).quants
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +33,14 @@ def demo(tmp_path_factory) -> Path:
     wd = make_workdir(tmp_path_factory.mktemp("demo"))
     r = smk(wd, "--cores", "all")
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
+    (wd / "snakemake.out").write_text(r.stdout + r.stderr)
     return wd
+
+
+def test_default_sweep_runs_the_rules_the_slurm_test_covers(demo):
+    """test_slurm runs a small sweep with every rule of this one (conftest.DEFAULT_RULES)."""
+    ran = set(re.findall(r"^Finished jobid: \d+ \(Rule: (\w+)\)$", (demo / "snakemake.out").read_text(), re.M))
+    assert ran == DEFAULT_RULES
 
 
 @pytest.fixture(scope="session")

@@ -11,21 +11,20 @@ import pytest
 from quantsweep import imatrix
 from quantsweep.cli import bundled_text
 from quantsweep.engine import build, run
-from quantsweep.engine.argv import EvalSettings
-from quantsweep.errors import EngineError, StepError
+from quantsweep.engine.spec import cmake_args
+from quantsweep.errors import ConfigError, EngineError, StepError
 from quantsweep.fileio import sha256_file
 from quantsweep.gguf.reader import read_table
 from quantsweep.gguf.types import needs_imatrix
-from quantsweep.tinymodel import TinySpec, write_tiny_model
+from quantsweep.settings import EvalSettings, ImatrixSettings
+from quantsweep.tinymodel import TinySpec
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="session")
-def tiny(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("model") / "tiny.gguf"
-    write_tiny_model(path, bundled_text("train"), TinySpec())
-    return path
+def tiny(tiny_gguf) -> Path:
+    return tiny_gguf()
 
 
 def test_unchanged_spec_is_a_cache_hit(bin_dir, tmp_path):
@@ -71,7 +70,7 @@ def test_perplexity_failure_with_exit_code_zero_is_caught(bin_dir, tiny, tmp_pat
     text.write_text("too short for two contexts\n" * 3)
     kld, result, log = tmp_path / "b.kld", tmp_path / "b.json", tmp_path / "b.log"
     with pytest.raises(StepError, match=r"exit code 0\).*Final estimate"):
-        run.perplexity_base(bin_dir, tiny, text, kld, log, EvalSettings(chunks=4))
+        run.perplexity_base(bin_dir, tiny, text, kld, log, EvalSettings(chunks=4), 2)
     assert not kld.exists() and not result.exists()
     assert not list(tmp_path.glob(".*partial*"))
 
@@ -81,7 +80,7 @@ def test_raw_mla_imatrix_aborts_quantize_and_remap_fixes_it(bin_dir, tiny, tmp_p
     cal = tmp_path / "cal.txt"
     cal.write_text(bundled_text("calibration"))
     raw = tmp_path / "mla.dat"
-    run.collect_imatrix(bin_dir, tiny, cal, raw, tmp_path / "imx.log", "mla", 512, 4, 2)
+    run.collect_imatrix(bin_dir, tiny, cal, raw, tmp_path / "imx.log", "mla", ImatrixSettings(ctx=512, chunks=4), 2)
     out = tmp_path / "q.gguf"
     with pytest.raises(StepError, match="imatrix size 2048 is different from tensor size 512"):
         run.quantize(bin_dir, tiny, out, tmp_path / "q.log", "IQ2_KS", 2, raw)
@@ -97,10 +96,8 @@ def test_raw_mla_imatrix_aborts_quantize_and_remap_fixes_it(bin_dir, tiny, tmp_p
 
 
 @pytest.fixture(scope="session")
-def tiny_split(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("model") / "tiny-split.gguf"
-    write_tiny_model(path, bundled_text("train"), TinySpec(split_kv_b=True))
-    return path
+def tiny_split(tiny_gguf) -> Path:
+    return tiny_gguf(TinySpec(split_kv_b=True))
 
 
 @pytest.fixture(scope="session")
@@ -112,7 +109,7 @@ def split_passes(bin_dir, tiny_split, tmp_path_factory) -> dict[str, Path]:
     out = {}
     for mode in ("mla", "std"):
         out[mode] = d / f"{mode}.dat"
-        run.collect_imatrix(bin_dir, tiny_split, cal, out[mode], d / f"{mode}.log", mode, 512, 4, 2)
+        run.collect_imatrix(bin_dir, tiny_split, cal, out[mode], d / f"{mode}.log", mode, ImatrixSettings(ctx=512, chunks=4), 2)
     return out
 
 
@@ -148,7 +145,7 @@ def test_check_catches_a_removed_entry(bin_dir, tiny, tiny_split, split_passes, 
         cal = tmp_path / "cal.txt"
         cal.write_text(bundled_text("calibration"))
         raw = [tmp_path / "mla.dat"]
-        run.collect_imatrix(bin_dir, model, cal, raw[0], tmp_path / "imx.log", "mla", 512, 4, 2)
+        run.collect_imatrix(bin_dir, model, cal, raw[0], tmp_path / "imx.log", "mla", ImatrixSettings(ctx=512, chunks=4), 2)
     else:
         raw = [split_passes["mla"], split_passes["std"]]
     table = read_table(model)
@@ -184,17 +181,17 @@ def test_check_cli_fails_with_a_table_on_the_raw_imatrix(bin_dir, tiny_split, sp
 def test_cuda_build_exposes_cooker_flags():
     spec = build.EngineSpec.from_dict({"cuda": True, "cuda_architectures": "86;90", "cuda_force_bf16": True,
                                         "sched_max_copies": 1, "max_contexts": 2048})
-    args = spec.cmake_args()
+    args = cmake_args(spec)
     for flag in ("-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=86;90", "-DGGML_CUDA_IQK_FORCE_BF16=ON",
                  "-DGGML_SCHED_MAX_COPIES=1", "-DGGML_MAX_CONTEXTS=2048"):
         assert flag in args
     # defaults add no flag, so existing cache keys (and cached builds) stay valid
-    assert not any("SCHED_MAX_COPIES" in a or "MAX_CONTEXTS" in a or "BF16" in a for a in build.EngineSpec().cmake_args())
+    assert not any("SCHED_MAX_COPIES" in a or "MAX_CONTEXTS" in a or "BF16" in a for a in cmake_args(build.EngineSpec()))
     tc = {"cc": "gcc 12"}
     assert build.cache_key(build.EngineSpec(max_contexts=2048), tc) != build.cache_key(build.EngineSpec(), tc)
-    with pytest.raises(EngineError, match="cuda_force_bf16"):
+    with pytest.raises(ConfigError, match=r"engine\.cuda_force_bf16: only applies to a CUDA build"):
         build.EngineSpec.from_dict({"cuda_force_bf16": True})
-    with pytest.raises(EngineError, match="max_contexts"):
+    with pytest.raises(ConfigError, match=r"engine\.max_contexts"):
         build.EngineSpec.from_dict({"max_contexts": -1})
 
 
@@ -205,7 +202,7 @@ def test_build_maps_its_temp_dir_out_of_the_binaries(tmp_path):
     flags = build._reproducible_flags(tmp_path, spec)
     assert f"-DCMAKE_CXX_FLAGS=-ffile-prefix-map={tmp_path}=." in flags
     assert f"-DCMAKE_CUDA_FLAGS=-Xcompiler=-ffile-prefix-map={tmp_path}=." in flags
-    assert not any("prefix-map" in a for a in spec.cmake_args())
+    assert not any("prefix-map" in a for a in cmake_args(spec))
 
 
 @pytest.mark.parametrize("chars", [0, 300])
@@ -218,9 +215,9 @@ def test_a_text_too_short_for_one_window_says_how_many_tokens_it_has(bin_dir, ti
         with pytest.raises(StepError, match=r"the text tokenizes to only \d+ tokens; a context of 512 needs at least "
                                             r"1024; see \S+\.log"):
             if step == "imatrix":
-                run.collect_imatrix(bin_dir, tiny, text, out, tmp_path / "i.log", "mla", 512, 4, 2)
+                run.collect_imatrix(bin_dir, tiny, text, out, tmp_path / "i.log", "mla", ImatrixSettings(ctx=512, chunks=4), 2)
             else:
-                run.perplexity_base(bin_dir, tiny, text, out, tmp_path / "b.log", EvalSettings(chunks=4, threads=2))
+                run.perplexity_base(bin_dir, tiny, text, out, tmp_path / "b.log", EvalSettings(chunks=4), 2)
         assert not out.exists()
 
 
@@ -231,7 +228,7 @@ def test_a_text_with_fewer_chunks_than_asked_fails_and_names_it(bin_dir, tiny, t
     out = tmp_path / "i.dat"
     with pytest.raises(StepError, match=r"imatrix \(mla pass\) ran ([2-9]|1\d) of the 32 chunks asked for: \S+cal\.txt "
                                         r"is too short for 32 chunks"):
-        run.collect_imatrix(bin_dir, tiny, text, out, tmp_path / "i.log", "mla", 512, 32, 2)
+        run.collect_imatrix(bin_dir, tiny, text, out, tmp_path / "i.log", "mla", ImatrixSettings(ctx=512, chunks=32), 2)
     assert not out.exists()
 
 

@@ -27,7 +27,6 @@ from fake_engine.fake import install, kld_base_bytes
 
 from quantsweep.cli import bundled_text
 from quantsweep.gguf.writer import header
-from quantsweep.tinymodel import TinySpec, write_tiny_model
 
 OUTPUTS = ("out.dat", "out.gguf", "rec.json", "man.json", "base.kld", "res.json", "report.csv", "report.md",
            "report.html", "lnppl.png", "kld.png", "check.txt", "bench.json", "run.json")
@@ -49,10 +48,9 @@ class Ctx:
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory) -> tuple[Path, Path, Path]:
+def shared(tmp_path_factory, tiny_gguf) -> tuple[Path, Path, Path]:
     d = tmp_path_factory.mktemp("faults")
-    model = d / "tiny.gguf"
-    write_tiny_model(model, bundled_text("train"), TinySpec())
+    model = tiny_gguf()
     text = d / "text.txt"
     text.write_text(bundled_text("calibration"))
     return model, install(d / "fake-bin"), text

@@ -9,15 +9,16 @@ import re
 import pytest
 import yaml
 
-from quantsweep.config import ConfigError, load_yaml, sweep_quants
+from quantsweep.allocator import sensitivity as sens
+from quantsweep.allocator import solver as alloc
+from quantsweep.allocator.groups import GPU, RAM, make_groups, runs, sensitivity_recipe, tensor_class
+from quantsweep.config import ConfigError, load, load_yaml
 from quantsweep.errors import PlanError, RecipeError
 from quantsweep.gguf.deepseek2 import deepseek_v3_table
-from quantsweep.planner import allocate as alloc
-from quantsweep.planner import sensitivity as sens
-from quantsweep.planner.groups import GPU, RAM, Settings, make_groups, runs, sensitivity_recipe, tensor_class
 from quantsweep.planner.plan import plan
 from quantsweep.planner.pool import assembly, named_types, pool_recipe
 from quantsweep.planner.recipes import Recipe, Rule, load_recipe
+from quantsweep.settings import AllocateSettings, Budget
 
 from conftest import ROOT
 
@@ -29,8 +30,11 @@ def v3():
     return deepseek_v3_table()
 
 
-def settings(**kw) -> Settings:
-    return Settings.from_config({"ladder": LADDER, **kw})
+RES = AllocateSettings().resolution
+
+
+def settings(**kw) -> AllocateSettings:
+    return AllocateSettings.from_dict({"ladder": LADDER, **kw})
 
 
 def test_tensor_class_joins_gate_and_up():
@@ -54,8 +58,8 @@ def test_tensor_class_joins_gate_and_up():
     ({"ladder": LADDER, "pin": {"attn_kv_b": "Q8_0"}}, "allocate.pin"),
 ])
 def test_bad_settings_name_the_key(section, key):
-    with pytest.raises((PlanError, RecipeError)) as e:
-        Settings.from_config(section, "allocate")
+    with pytest.raises((ConfigError, RecipeError)) as e:
+        AllocateSettings.from_dict(section, "allocate")
     assert key in str(e.value) and "\n" not in str(e.value)
 
 
@@ -91,7 +95,7 @@ def test_pins_come_first_with_one_option(v3):
 
 
 def test_layers_ranges_and_items(v3):
-    s = Settings.from_config({"ladder": LADDER, "groups": [{"match": r"_exps\.", "per": 10}, {"match": "attn_"}]})
+    s = AllocateSettings.from_dict({"ladder": LADDER, "groups": [{"match": r"_exps\.", "per": 10}, {"match": "attn_"}]})
     groups = make_groups(v3, s)
     names = [g.name for g in groups]
     assert "g0-ffn_down_exps+ffn_gate_up_exps.L3-9" in names  # MoE layers start at 3
@@ -99,12 +103,12 @@ def test_layers_ranges_and_items(v3):
     assert len([n for n in names if n.startswith("g0-")]) == 7
     attn = next(g for g in groups if g.name.startswith("g1-"))
     assert all("attn_" in n for n in attn.tensors) and len(attn.tensors) == 61 * 7
-    layers = make_groups(v3, Settings.from_config({"ladder": LADDER, "groups": "layers"}))
+    layers = make_groups(v3, AllocateSettings.from_dict({"ladder": LADDER, "groups": "layers"}))
     assert len([g for g in layers if g.name.startswith("ffn_gate_up_exps.L")]) == 58
 
 
 def test_gate_and_up_cannot_be_parted(v3):
-    s = Settings.from_config({"ladder": LADDER, "groups": [{"match": "ffn_gate_exps"}]})
+    s = AllocateSettings.from_dict({"ladder": LADDER, "groups": [{"match": "ffn_gate_exps"}]})
     with pytest.raises(PlanError, match="ffn_gate and ffn_up of a layer must share a type"):
         make_groups(v3, s)
 
@@ -113,12 +117,12 @@ def test_split_budgets_need_experts_apart(v3):
     groups = make_groups(v3, settings())
     assert {g.name: g.budget for g in groups}["ffn_down_exps"] == RAM
     assert {g.name: g.budget for g in groups}["attn_q_b"] == GPU
-    mixed = Settings.from_config({"ladder": LADDER, "groups": [{"match": "ffn_down"}]})
+    mixed = AllocateSettings.from_dict({"ladder": LADDER, "groups": [{"match": "ffn_down"}]})
     assert {g.name: g.budget for g in make_groups(v3, mixed)}["g0-ffn_down+ffn_down_shexp+ffn_down_exps"] == "mixed"
 
 
 def test_imatrix_types_drop_out_without_an_imatrix(v3):
-    s = Settings.from_config({"ladder": ["iq2_xxs", "iq4_ks", "q8_0"]})
+    s = AllocateSettings.from_dict({"ladder": ["iq2_xxs", "iq4_ks", "q8_0"]})
     with_im = {g.name: g for g in make_groups(v3, s, has_imatrix=True)}
     without = {g.name: g for g in make_groups(v3, s, has_imatrix=False)}
     assert "iq2_xxs" in with_im["ffn_down_exps"].bytes
@@ -179,9 +183,9 @@ def v3_table(tmp_path_factory, v3):
 
 @pytest.mark.parametrize("budget", [{"gib": 250}, {"bpw": 3.0}, {"size_of": "IQ2_KS"}])
 def test_allocation_fits_and_its_recipe_plans_to_the_predicted_bytes(v3, v3_table, budget):
-    b = alloc.Budget.from_dict(budget, "b")
+    b = Budget.from_dict(budget, "b")
     size = plan(v3, "IQ2_KS", has_imatrix=True).total_bytes if b.size_of else None
-    a, info = alloc.allocate_budget(v3_table, b, sens.options(v3_table), size)
+    a, info = alloc.allocate_budget(v3_table, b, sens.options(v3_table), size, RES)
     text = alloc.Allocation.to_yaml(a, sens.options(v3_table), b.name, "Q8_0", ["header line"])
     path = ROOT / "tests" / ".tmp-allocated.yaml"
     try:
@@ -205,30 +209,30 @@ def test_allocation_fits_and_its_recipe_plans_to_the_predicted_bytes(v3, v3_tabl
 def test_split_budget_keeps_each_side(v3, tmp_path):
     doc, paths = _table(tmp_path, v3, settings(), lambda g, t: 0.001 + 0.01 * (4 - LADDER.index(t)))
     table = sens.table(tmp_path / "groups.json", tmp_path / "top.json", paths)
-    b = alloc.Budget.from_dict({"gpu_gib": 20, "ram_gib": 200}, "b")
-    a, info = alloc.allocate_budget(table, b, sens.options(table))
+    b = Budget.from_dict({"gpu_gib": 20, "ram_gib": 200}, "b")
+    a, info = alloc.allocate_budget(table, b, sens.options(table), None, RES)
     assert b.name == "auto-gpu20-ram200"
     assert info["predicted"]["bytes_by_budget"]["ram"] <= 200 * 2**30
     assert info["predicted"]["bytes_by_budget"]["gpu"] + doc["fixed_bytes"] <= 20 * 2**30
-    whole = alloc.Budget.from_dict({"gib": 220}, "b")  # the same groups serve a whole-file budget
-    assert sum(alloc.allocate_budget(table, whole, sens.options(table))[1]["predicted"]["bytes_by_budget"].values()) \
-        + doc["fixed_bytes"] <= 220 * 2**30
+    whole = Budget.from_dict({"gib": 220}, "b")  # the same groups serve a whole-file budget
+    predicted = alloc.allocate_budget(table, whole, sens.options(table), None, RES)[1]["predicted"]
+    assert sum(predicted["bytes_by_budget"].values()) + doc["fixed_bytes"] <= 220 * 2**30
     mixed = {**table, "groups": [{**g, "budget": "mixed" if g["name"] == "attn_q_b" else g["budget"]}
                                  for g in table["groups"]]}
     with pytest.raises(PlanError, match="group attn_q_b mixes routed experts and other tensors"):
-        alloc.allocate_budget(mixed, b, sens.options(mixed))
+        alloc.allocate_budget(mixed, b, sens.options(mixed), None, RES)
 
 
 @pytest.mark.parametrize("d, msg", [({}, "exactly one of"), ({"gib": 1, "bpw": 2}, "exactly one of"),
                                     ({"gpu_gib": 1}, "go together"), ({"gib": -1}, "positive")])
 def test_bad_budgets(d, msg):
-    with pytest.raises(PlanError, match=msg):
-        alloc.Budget.from_dict(d, "allocate.budgets[0]")
+    with pytest.raises(ConfigError, match=msg):
+        Budget.from_dict(d, "allocate.budgets[0]")
 
 
 def test_a_budget_below_the_smallest_choice_is_refused(v3_table):
     with pytest.raises(PlanError, match="below the"):
-        alloc.allocate_budget(v3_table, alloc.Budget.from_dict({"bpw": 1.0}, "b"), sens.options(v3_table))
+        alloc.allocate_budget(v3_table, Budget.from_dict({"bpw": 1.0}, "b"), sens.options(v3_table), None, RES)
 
 
 def test_pool_assembly_plan(v3):
@@ -248,8 +252,10 @@ def test_pool_assembly_plan(v3):
 
 def test_config_adds_one_auto_quant_per_budget():
     cfg = load_yaml(ROOT / "config" / "config.yaml")
-    cfg["quants"] = [q if not isinstance(q, dict) or "recipe" not in q else {"recipe": str(ROOT / q["recipe"])}
-                     for q in cfg["quants"]]
+
+    def sweep_quants(cfg):
+        return load(cfg, ROOT).quants
+
     qs = sweep_quants(cfg)
     auto = [q for q in qs if q.auto]
     assert [q.name for q in auto] == [f"auto-{b['size_of']}" for b in cfg["allocate"]["budgets"]]
@@ -291,8 +297,8 @@ def test_refined_allocation_is_anchored_at_the_measurement(v3, v3_table, tmp_pat
     from quantsweep.steps import allocate as allocate_step
 
     (tmp_path / "sens.json").write_text(json.dumps(v3_table))
-    b = alloc.Budget.from_dict({"gib": 250}, "b")
-    text, info = allocate_step(tmp_path / "sens.json", b)
+    b = Budget.from_dict({"gib": 250}, "b")
+    text, info = allocate_step(tmp_path / "sens.json", b, None, RES)
     (tmp_path / "a.json").write_text(json.dumps(info))
     measured = info["predicted"]["kld_mean"] + 0.5  # interactions the additive model missed
     (tmp_path / "m.json").write_text(json.dumps({"kld_mean": measured}))
@@ -305,7 +311,8 @@ def test_refined_allocation_is_anchored_at_the_measurement(v3, v3_table, tmp_pat
         p.write_text(json.dumps({"group": name, "raised": up and up.type, "kld_mean": kld,
                                  "allocation": str(tmp_path / "a.json")}))
         runs.append(p)
-    text2, info2 = allocate_step(tmp_path / "sens.json", b, refine=(tmp_path / "a.json", tmp_path / "m.json", runs))
+    text2, info2 = allocate_step(tmp_path / "sens.json", b, None, RES,
+                                 refine=(tmp_path / "a.json", tmp_path / "m.json", runs))
     assert info2["choice"] == info["choice"]  # nothing to correct: the same recipe
     assert info2["predicted"]["kld_mean"] == pytest.approx(measured)  # anchored at the measurement
     assert info2["refined_from"]["context_runs"] == sum(1 for r in runs if json.loads(r.read_text())["raised"])
@@ -313,4 +320,4 @@ def test_refined_allocation_is_anchored_at_the_measurement(v3, v3_table, tmp_pat
     bad = tmp_path / "other.json"
     bad.write_text(json.dumps({"group": "attn_q_b", "raised": "iq5_ks", "kld_mean": 0.1, "allocation": "x.json"}))
     with pytest.raises(PlanError, match="not .*a.json"):
-        allocate_step(tmp_path / "sens.json", b, refine=(tmp_path / "a.json", tmp_path / "m.json", [bad]))
+        allocate_step(tmp_path / "sens.json", b, None, RES, refine=(tmp_path / "a.json", tmp_path / "m.json", [bad]))

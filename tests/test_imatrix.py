@@ -9,18 +9,14 @@ import pytest
 
 from conftest import FIXTURES
 from quantsweep import imatrix
-from quantsweep.cli import bundled_text
 from quantsweep.gguf.reader import read_table
-from quantsweep.tinymodel import TinySpec, write_tiny_model
 
 RAW = FIXTURES / "tiny-mla.dat"
 
 
 @pytest.fixture(scope="module")
-def tiny_table(tmp_path_factory):
-    p = tmp_path_factory.mktemp("m") / "tiny.gguf"
-    write_tiny_model(p, bundled_text("train"), TinySpec())
-    return read_table(p)
+def tiny_table(tiny_gguf):
+    return read_table(tiny_gguf())
 
 
 def test_read_engine_file():

@@ -27,15 +27,12 @@ def test_sha256_cache_is_used_and_invalidated(tmp_path):
     assert manifest.sha256(f, cache) == hashlib.sha256(b"b" * 1000).hexdigest()
 
 
-def test_cli_manifest_of_remap(tmp_path, monkeypatch):
+def test_cli_manifest_of_remap(tmp_path, monkeypatch, tiny_gguf):
     """remap's manifest hashes its inputs (model + imatrices) and output, and records the command."""
     from conftest import FIXTURES
-    from quantsweep.cli import bundled_text
-    from quantsweep.tinymodel import TinySpec, write_tiny_model
 
     monkeypatch.chdir(tmp_path)
-    model = tmp_path / "tiny.gguf"
-    write_tiny_model(model, bundled_text("train"), TinySpec())
+    model = tiny_gguf()
     out, man = tmp_path / "fit.dat", tmp_path / "fit.manifest.json"
     argv = ["imatrix", "remap", "--model", str(model), "-o", str(out), "--manifest", str(man),
             str(FIXTURES / "tiny-mla.dat")]

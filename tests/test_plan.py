@@ -18,7 +18,6 @@ import pytest
 
 from conftest import FIXTURES, ROOT
 from quantsweep import imatrix as imx
-from quantsweep.cli import bundled_text
 from quantsweep.engine import argv, logparse
 from quantsweep.engine import run as engine_run
 from quantsweep.errors import ImatrixError, PlanError, QuantsweepError, RecipeError, StepError
@@ -29,7 +28,7 @@ from quantsweep.gguf.writer import write_shape_gguf
 from quantsweep.planner import recipes as R
 from quantsweep.planner import selection as S
 from quantsweep.planner.plan import Plan, as_options, compare, plan
-from quantsweep.tinymodel import TinySpec, write_tiny_model
+from quantsweep.tinymodel import TinySpec
 
 RECIPES = ROOT / "config" / "recipes"
 PF = FIXTURES / "plan"
@@ -44,15 +43,9 @@ e2e = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory) -> dict[str, Path]:
+def tiny_models(tiny_gguf) -> dict[str, Path]:
     """The tiny model in both layouts (attn_kv_b only; plus 2-D attn_k_b/attn_v_b)."""
-    d = tmp_path_factory.mktemp("tiny")
-    out = {}
-    for layout, split in (("kv_b", False), ("split", True)):
-        path = d / f"tiny-{layout}.gguf"
-        write_tiny_model(path, bundled_text("train"), TinySpec(split_kv_b=split))
-        out[layout] = path
-    return out
+    return {"kv_b": tiny_gguf(), "split": tiny_gguf(TinySpec(split_kv_b=True))}
 
 
 @pytest.fixture(scope="module")

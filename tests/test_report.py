@@ -16,9 +16,10 @@ import pytest
 from conftest import make_workdir, smk
 from quantsweep import cli
 from quantsweep.errors import ReportError
-from quantsweep.report import (Gate, ModelInfo, Record, Row, annotate, gate_verdict, load_rows, make_rows, pareto_front,
+from quantsweep.report import (ModelInfo, Record, Row, annotate, gate_verdict, load_rows, make_rows, pareto_front,
                                plot_metric, plotted_fronts, plotted_points, png_points, read_rows,
                                smallest_passing, to_csv, write_report)
+from quantsweep.settings import Gate
 
 EVAL = {"ctx": 512, "chunks": 16, "mla": 1, "fa": "off", "threads": 2, "batch": 0}
 # (name, size in bytes, bpw, ln PPL ratio, mean KLD): IQ2_KS-noimatrix is 256 bytes smaller than
@@ -122,10 +123,19 @@ def report_paths(tmp_path) -> dict:
             "plots": {"lnppl": out / "size_vs_lnppl.png", "kld": out / "size_vs_kld.png"}}
 
 
+_REPORTS: dict = {}  # (gate, kw) -> the paths of its report
+
+
 def run_report(tmp_path, gate=Gate(5.0, 0.05), **kw) -> dict:
-    p = report_paths(tmp_path)
-    write_report(make_entries(tmp_path, **kw), gate, p["csv"], p["md"], p["html"], p["plots"])
-    return p
+    """The report of make_entries(**kw) under `gate`, written once per session for each set of
+    arguments (rendering the plots is most of a report's time): the tests that take it only read
+    its files; one that changes an input writes its own report."""
+    key = (gate, tuple(sorted(kw.items())))
+    if key not in _REPORTS:
+        p = report_paths(tmp_path)
+        write_report(make_entries(tmp_path, **kw), gate, p["csv"], p["md"], p["html"], p["plots"])
+        _REPORTS[key] = p
+    return _REPORTS[key]
 
 
 def csv_dicts(path) -> list[dict]:

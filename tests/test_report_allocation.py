@@ -14,9 +14,10 @@ from test_report import QUANTS, csv_dicts, make_entries, points_vs_table, report
 from test_report_entries import PATHS
 from test_report_entries import QUANTS as ENTRY_QUANTS
 from quantsweep.errors import ReportError
-from quantsweep.report import (AllocationRecord, Gate, ModelEntry, allocation_paths, bench_paths, evaluation_paths,
+from quantsweep.report import (AllocationRecord, ModelEntry, allocation_paths, bench_paths, evaluation_paths,
                                load_rows, parse_entries, plot_metric, plotted_points, read_rows, record_paths,
                                sweep_entries, to_json_data, write_report)
+from quantsweep.settings import Gate
 from quantsweep.report.entries import describe_budget
 from quantsweep.report.table import ALLOCATION_TITLE, Row
 
@@ -46,7 +47,7 @@ class AutoQ:
 def allocation_record(model: str, quant: str) -> dict:
     """What the allocator writes next to an auto recipe (results/allocate/{model}/{quant}.json):
     as the report's brief describes it (model, budget.split), or for a split budget as
-    planner.allocate.allocate_budget writes it (no model; budget.describe and group_bytes)."""
+    allocator.solver.allocate_budget writes it (no model; budget.describe and group_bytes)."""
     kind, value, nbytes, split, kld = BUDGETS[quant]
     rec = {"quant": quant, "model": model,
            "budget": {"name": quant, "kind": kind, "value": value, "bytes": nbytes, "split": split},
@@ -73,6 +74,16 @@ def auto_entries(tmp_path, models=("tiny",), with_allocation: bool = True) -> li
                     (d / f"{q['name']}.json").write_text(json.dumps(allocation_record(e["model"], q["name"])))
                     q["allocation"] = str(d / f"{q['name']}.json")
     return entries
+
+
+_AUTO: dict = {}
+
+
+def auto_report(tmp_path) -> dict:
+    """write(auto_entries()), written once per session: the tests that take it only read it."""
+    if not _AUTO:
+        _AUTO.update(write(tmp_path, auto_entries(tmp_path)))
+    return _AUTO
 
 
 def write(tmp_path, entries) -> dict:
@@ -143,7 +154,7 @@ def test_rows_carry_the_allocation_records_values(tmp_path):
 
 
 def test_csv_has_the_new_columns_before_the_provenance_and_round_trips(tmp_path):
-    p = write(tmp_path, auto_entries(tmp_path))
+    p = auto_report(tmp_path)
     d = csv_dicts(p["csv"])
     cols = list(d[0])
     at = cols.index("pareto") + 1
@@ -170,7 +181,7 @@ def _section(md: str) -> list[str]:
 
 
 def test_markdown_marks_auto_recipes_and_sets_prediction_against_measurement(tmp_path):
-    md = write(tmp_path, auto_entries(tmp_path))["md"].read_text()
+    md = auto_report(tmp_path)["md"].read_text()
     assert "| tiny | auto-IQ2_KS (auto) | auto |" in md and "| tiny | auto-4bpw (auto) |" in md
     assert "| tiny | IQ2_KS |" in md  # a fixed quant is not marked
     head, *cells = _section(md)
@@ -188,7 +199,7 @@ def test_markdown_marks_auto_recipes_and_sets_prediction_against_measurement(tmp
 
 
 def test_html_has_the_section_and_the_marker(tmp_path):
-    page = write(tmp_path, auto_entries(tmp_path))["html"].read_text()
+    page = auto_report(tmp_path)["html"].read_text()
     assert f"<h2>{ALLOCATION_TITLE}</h2>" in page
     assert '<td class="t">auto-IQ2_KS (auto)</td>' in page
     row = re.search(r"<tr><td class=\"t\">tiny</td><td class=\"t\">auto-4bpw</td>(.*?)</tr>", page).group(1)
@@ -202,7 +213,7 @@ def test_without_auto_recipes_no_section_and_no_marker(tmp_path):
     """The same sweep with the auto recipes as ordinary quants: no section, no marker, and its
     summary.md is the auto sweep's with those two taken out."""
     plain = write(tmp_path / "plain", auto_entries(tmp_path / "plain", with_allocation=False))
-    auto = write(tmp_path / "auto", auto_entries(tmp_path / "auto"))
+    auto = auto_report(tmp_path / "auto")
     md, page = plain["md"].read_text(), plain["html"].read_text()
     assert ALLOCATION_TITLE not in md and ALLOCATION_TITLE not in page
     assert "(auto)" not in md and "(auto)" not in page
@@ -270,7 +281,8 @@ def test_budget_in_words_and_its_file_limit(tmp_path):
     assert describe_budget("size_of", "IQ2_KS") == "the size of IQ2_KS"
     assert describe_budget("gib", 12.5) == "12.5 GiB"
     assert describe_budget("bpw", 4) == "4 bpw"
-    assert describe_budget("split", {"gpu_gib": 10, "ram_gib": 200}) == "10 GiB GPU + 200 GiB RAM"
+    assert describe_budget("split", {"gpu_gib": 10, "ram_gib": 200}) == (
+        "10 GiB GPU (non-expert tensors) + 200 GiB RAM (routed experts)")  # what the allocator says
     assert describe_budget("bytes", 1234567, {"gpu": 1000, "ram": 2000}) == (
         "1234567 bytes (split: gpu 1000 bytes, ram 2000 bytes)")
     path = tmp_path / "a.json"
@@ -298,7 +310,7 @@ def _marker_of(coll, marker: str) -> bool:
 
 
 def test_plot_draws_auto_recipes_as_diamonds(tmp_path):
-    p = write(tmp_path, auto_entries(tmp_path))
+    p = auto_report(tmp_path)
     table = csv_dicts(p["csv"])
     fig = plot_metric(read_rows(p["csv"]), "kld", GATE)
     assert points_vs_table(plotted_points(fig), table, "kld") == []  # a diamond is still the table's point

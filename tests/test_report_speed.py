@@ -14,9 +14,10 @@ import re
 import pytest
 from matplotlib.collections import LineCollection
 
-from quantsweep.errors import ReportError
-from quantsweep.report import (Gate, Row, annotate, gate_verdict, load_rows, plot_speed, plotted_fronts,
+from quantsweep.errors import ConfigError, ReportError
+from quantsweep.report import (Row, annotate, gate_verdict, load_rows, plot_speed, plotted_fronts,
                                plotted_points, png_points, read_rows, speed_front, write_report)
+from quantsweep.settings import Gate
 from test_report import (CPU_RUN, QUANTS, SPEED_FRONT, TG, add_bench, csv_dicts, make_entries, points_vs_table,
                          report_paths)
 
@@ -29,11 +30,18 @@ def speed_report_paths(tmp_path) -> dict:
     return p
 
 
+_REPORTS: dict = {}  # the arguments -> the paths of their report
+
+
 def run_bench_report(tmp_path, gate=Gate(5.0, 0.05), skip=(), models=("tiny",), reference=None, **kw) -> dict:
-    p = speed_report_paths(tmp_path)
-    entries = add_bench(tmp_path, make_entries(tmp_path, models=models, reference=reference), skip=skip, **kw)
-    write_report(entries, gate, p["csv"], p["md"], p["html"], p["plots"])
-    return p
+    """As test_report.run_report: written once per session for each set of arguments, only read."""
+    key = (gate, frozenset(skip), models, reference, tuple(sorted(kw.items())))
+    if key not in _REPORTS:
+        p = speed_report_paths(tmp_path)
+        entries = add_bench(tmp_path, make_entries(tmp_path, models=models, reference=reference), skip=skip, **kw)
+        write_report(entries, gate, p["csv"], p["md"], p["html"], p["plots"])
+        _REPORTS[key] = p
+    return _REPORTS[key]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,7 +78,9 @@ def _tg(rec: dict, i: int = 0) -> dict:
     (lambda r: r["bench"].pop("tg"), "key 'bench.tg' is missing"),
     (lambda r: r["host"].pop("cpu"), "key 'host.cpu' is missing"),
     (lambda r: r["host"].update(gpus=[{"name": "NVIDIA H200"}]), "key 'host.gpus[0].driver' is missing"),
-    (lambda r: r["run"].update(gpu_layers=-1), "key 'run.gpu_layers' is -1, not a whole number >= 0"),
+    (lambda r: r["run"].update(gpu_layers=-1), "run.gpu_layers: -1 is not a whole number >= 0"),
+    (lambda r: r["run"].update(ngl=99), "run: unknown key 'ngl' (known: batch, extra_args, gpu_layers, mmap, "
+                                        "override_tensors, threads, threads_batch, ubatch)"),
     (lambda r: r["engine"].update(cuda="yes"), "key 'engine.cuda' is 'yes', not true or false"),
     (lambda r: r.update(size_bytes=123), "key 'size_bytes' is 123, but tiny/IQ4_KS was evaluated at 11616000 bytes "
                                          "(not the same file)"),
@@ -152,12 +162,13 @@ def test_gate_speed_limits_are_inclusive_and_need_a_bench():
 
 
 @pytest.mark.parametrize("d, expected", [
-    ({"min_tg_tps": "fast"}, "gate: key 'min_tg_tps' is 'fast', not a number or null"),
-    ({"min_pp_tps": True}, "gate: key 'min_pp_tps' is True, not a number or null"),
-    ({"min_tps": 1}, "gate: unknown key 'min_tps' (known: max_dppl_pct, max_kld, min_tg_tps, min_pp_tps)"),
+    ({"min_tg_tps": "fast"}, "gate.min_tg_tps: 'fast' is not a positive number"),
+    ({"min_pp_tps": True}, "gate.min_pp_tps: True is not a positive number"),
+    ({"max_kld": -0.1}, "gate.max_kld: -0.1 is not a positive number"),
+    ({"min_tps": 1}, "gate: unknown key 'min_tps' (known: max_dppl_pct, max_kld, min_pp_tps, min_tg_tps)"),
 ])
 def test_gate_refuses_bad_speed_limits(d, expected):
-    with pytest.raises(ReportError) as e:
+    with pytest.raises(ConfigError) as e:
         Gate.from_dict(d)
     assert str(e.value) == expected
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from quantsweep import resources as r
+from quantsweep import sizing as r
 from quantsweep.gguf.deepseek2 import deepseek_v3_table
 
 

@@ -36,7 +36,7 @@ from typing import NamedTuple
 import pytest
 import yaml
 
-from conftest import ROOT, make_workdir, smk
+from conftest import ROOT, SMK_ENV, make_workdir, smk
 from quantsweep.gguf.reader import read_model, read_table
 
 pytestmark = pytest.mark.e2e
@@ -150,7 +150,7 @@ def kill_during(wd: Path, point: str, timeout: float = 900) -> dict:
         proc = subprocess.Popen(
             [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(wd),
              "--cores", CORES], cwd=wd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True)
+            start_new_session=True, env=SMK_ENV)
         pgid = proc.pid
         deadline = time.monotonic() + timeout
         gone: set[tuple] = set()  # engine runs seen in a log whose process has exited

@@ -11,10 +11,12 @@ from conftest import FIXTURES
 
 from quantsweep import config as qconfig
 from quantsweep.engine import argv
-from quantsweep.engine.argv import BenchSettings, EvalSettings
+from quantsweep.engine.argv import help_flags
 from quantsweep.engine.hardware import parse_nvidia_smi
-from quantsweep.engine.settings import HELP_FROM, STEP_TOOLS, RunSettings, check_steps, help_flags, resolve
 from quantsweep.errors import ConfigError
+from quantsweep.settings import (STEP_TOOLS, STEPS, BenchSettings, EvalSettings, ImatrixSettings, RunSettings,
+                                 check_steps)
+from quantsweep.settings import resolve_run as resolve
 
 HELP = FIXTURES / "help"
 
@@ -93,16 +95,16 @@ def test_engine_flags_check():
 
 
 def test_check_steps_names_the_step_and_a_missing_tool():
-    flags = {tool: flags_of(HELP_FROM.get(tool, tool)) for tool in STEP_TOOLS.values()}
+    flags = {t.name: flags_of(t.help_tool) for t in STEP_TOOLS.values()}
     settings = resolve({"defaults": {"extra_args": ["--no-warmup"]}, "imatrix": {"extra_args": []}})
-    check_steps(settings, flags, ["imatrix", "eval", "bench"])
+    check_steps(settings, flags)
     bad = resolve({"bench": {"extra_args": ["--chunks-per-batch"]}})
     with pytest.raises(ConfigError, match=r"run\.bench\.extra_args: llama-sweep-bench does not know"):
-        check_steps(bad, flags, ["imatrix", "eval", "bench"])
-    check_steps(bad, flags, ["imatrix", "eval"])  # bench disabled: its settings are not checked
+        check_steps(bad, flags)
+    check_steps({s: bad[s] for s in ("imatrix", "eval")}, flags)  # bench disabled: its settings are not checked
     del flags["llama-sweep-bench"]
     with pytest.raises(ConfigError, match=r"run\.bench: the engine has no llama-sweep-bench"):
-        check_steps(settings, flags, ["bench"])
+        check_steps({"bench": settings["bench"]}, flags)
 
 
 def test_resolve_step_over_defaults():
@@ -111,7 +113,7 @@ def test_resolve_step_over_defaults():
     assert s["imatrix"] == RunSettings(gpu_layers=99, override_tensors=("exps=CPU",), threads=8)
     assert s["eval"] == RunSettings(gpu_layers=99, override_tensors=("exps=CPU",), threads=4, ubatch=512)
     assert s["bench"] == RunSettings(gpu_layers=99, threads=8)
-    assert resolve(None) == {step: RunSettings() for step in STEP_TOOLS}
+    assert resolve(None) == {step: RunSettings() for step in STEPS}
     with pytest.raises(ConfigError, match="run: unknown key 'perplexity'"):
         resolve({"perplexity": {}})
     with pytest.raises(ConfigError, match=r"run\.defaults: unknown key"):
@@ -120,11 +122,12 @@ def test_resolve_step_over_defaults():
 
 def test_default_command_lines_are_unchanged():
     """Without run settings the engine gets exactly the flags it got before they existed."""
-    ev = EvalSettings(ctx=512, chunks=16, threads=2)
-    base = argv.perplexity_base_cmd(Path("b"), Path("m.gguf"), Path("t.txt"), Path("k.kld"), ev)
+    ev = EvalSettings(ctx=512, chunks=16)
+    base = argv.perplexity_base_cmd(Path("b"), Path("m.gguf"), Path("t.txt"), Path("k.kld"), ev, 2)
     assert base[1:] == ["-m", "m.gguf", "-f", "t.txt", "-c", "512", "--chunks", "16", "-t", "2", "-mla", "1", "-fa",
                         "off", "--kl-divergence-base", "k.kld", "--log-disable"]
-    imx = argv.imatrix_cmd(Path("b"), Path("m.gguf"), Path("t.txt"), Path("o.dat"), "mla", 512, 8, 2)
+    imx = argv.imatrix_cmd(Path("b"), Path("m.gguf"), Path("t.txt"), Path("o.dat"), "mla",
+                           ImatrixSettings(ctx=512, chunks=8), 2)
     assert imx[1:] == ["-m", "m.gguf", "-f", "t.txt", "-o", "o.dat", "-c", "512", "--chunks", "8", "-t", "2",
                        "-mla", "1", "-fa", "off", "-no-fmoe", "-no-fug", "--log-disable"]
 
@@ -133,10 +136,10 @@ def test_settings_reach_every_engine_command():
     run = RunSettings(gpu_layers=99, override_tensors=("exps=CPU",), ubatch=256, mmap=False)
     want = ["-ngl", "99", "-ot", "exps=CPU", "-ub", "256", "--no-mmap"]
     ev = EvalSettings(run=run)
-    cmds = [argv.imatrix_cmd(Path("b"), Path("m"), Path("t"), Path("o"), "std", 512, 8, 2, run),
-            argv.perplexity_base_cmd(Path("b"), Path("m"), Path("t"), Path("k"), ev),
-            argv.perplexity_kld_cmd(Path("b"), Path("m"), Path("k"), ev),
-            argv.sweep_bench_cmd(Path("b"), Path("m"), BenchSettings(depths=(0, 256), run=run), Path("l"))]
+    cmds = [argv.imatrix_cmd(Path("b"), Path("m"), Path("t"), Path("o"), "std", ImatrixSettings(chunks=8, run=run), 2),
+            argv.perplexity_base_cmd(Path("b"), Path("m"), Path("t"), Path("k"), ev, 2),
+            argv.perplexity_kld_cmd(Path("b"), Path("m"), Path("k"), ev, 2),
+            argv.sweep_bench_cmd(Path("b"), Path("m"), BenchSettings(depths=(0, 256), run=run), 2, Path("l"))]
     for cmd in cmds:
         joined = " ".join(cmd)
         assert " ".join(want) in joined, joined
@@ -145,17 +148,17 @@ def test_settings_reach_every_engine_command():
 def test_bench_settings():
     b = BenchSettings(depths=(0, 1024), tg=16)
     assert (b.pp, b.ctx) == (512, 1536)
-    cmd = argv.sweep_bench_cmd(Path("bin"), Path("m.gguf"), b, Path("logs/q.engine"))
+    cmd = argv.sweep_bench_cmd(Path("bin"), Path("m.gguf"), b, 2, Path("logs/q.engine"))
     assert cmd[0] == str(Path("bin") / "llama-sweep-bench")
     assert cmd[cmd.index("-c") + 1] == "1536" and cmd[cmd.index("-n") + 1] == "16"
     assert cmd[cmd.index("-ub") + 1] == "512" and cmd[cmd.index("--output-format") + 1] == "jsonl"
     assert cmd.count("-ub") == 1 and cmd[-2:] == ["--log-file", "logs/q.engine"]  # not ./llama.log
     own = BenchSettings(depths=(0, 256), run=RunSettings(ubatch=128))
     assert (own.pp, own.ctx) == (128, 384)
-    assert argv.sweep_bench_cmd(Path("bin"), Path("m"), own, Path("l")).count("-ub") == 1
+    assert argv.sweep_bench_cmd(Path("bin"), Path("m"), own, 2, Path("l")).count("-ub") == 1
     for depths in ((0, 100), (), (512, 512), (-512,)):
         with pytest.raises(ConfigError, match="bench.depths"):
-            BenchSettings(depths=depths).check()
+            BenchSettings.from_dict({"depths": list(depths)}, "bench")
 
 
 def _config(**over) -> dict:
@@ -181,28 +184,39 @@ def _config(**over) -> dict:
 def test_config_check_of_run_and_bench(over, expected):
     cfg = _config(**over)
     if expected is None:
-        qconfig.check(cfg)
+        qconfig.load(cfg)
         return
     with pytest.raises(ConfigError) as e:
-        qconfig.check(cfg)
+        qconfig.load(cfg)
     assert str(e.value).startswith(expected), str(e.value)
 
 
 def test_a_prebuilt_engine_without_sweep_bench_is_refused_when_the_sweep_benchmarks(tmp_path):
     eng = {"source": "bin_dir", "bin_dir": str(tmp_path)}
+    for tool in ("llama-imatrix", "llama-quantize"):  # what every sweep runs, but llama-perplexity
+        (tmp_path / tool).write_text("")
+    with pytest.raises(ConfigError, match=r"config engine\.bin_dir: \S+ has no llama-perplexity \(every sweep runs "
+                                          r"it\); add it$"):
+        qconfig.load(_config(engine=eng))
+    (tmp_path / "llama-perplexity").write_text("")
     with pytest.raises(ConfigError, match=r"config engine\.bin_dir: \S+ has no llama-sweep-bench .*bench\.enabled: "
                                           "false"):
-        qconfig.check(_config(engine=eng))
-    qconfig.check(_config(engine=eng, bench={"enabled": False}))
+        qconfig.load(_config(engine=eng))
+    qconfig.load(_config(engine=eng, bench={"enabled": False}))
     (tmp_path / "llama-sweep-bench").write_text("")
-    qconfig.check(_config(engine=eng))
+    qconfig.load(_config(engine=eng))
 
 
 def test_engine_steps_follow_the_config():
-    assert qconfig.engine_steps(_config()) == ["imatrix", "eval", "bench"]
+    sweep = qconfig.load(_config())
+    assert sweep.engine_steps() == ["imatrix", "eval", "bench"]
+    assert [t.name for t in sweep.tools()] == ["llama-imatrix", "llama-quantize", "llama-perplexity",
+                                               "llama-sweep-bench"]
     cfg = _config(bench={"enabled": False})
-    cfg["imatrix"] = {**cfg["imatrix"], "passes": []}
-    assert qconfig.engine_steps(cfg) == ["eval"]
+    cfg["imatrix"] = {**cfg["imatrix"], "passes": [], "external": ["x.dat"]}
+    sweep = qconfig.load(cfg)
+    assert sweep.engine_steps() == ["eval"] and list(sweep.step_runs()) == ["eval"]
+    assert "llama-sweep-bench" not in [t.name for t in sweep.tools()]
 
 
 def test_nvidia_smi_parsing():

@@ -1,10 +1,16 @@
-"""The default sweep through a real single-node SLURM with the site profile profiles/slurm.
+"""A sweep through a real single-node SLURM with the site profile profiles/slurm.
 
 tests/slurm/up.sh brings up SLURM on localhost (installing slurm-wlm + munge with apt when
 missing, one fake GPU), the sweep runs with `--workflow-profile profiles/slurm` through
 snakemake-executor-plugin-slurm, and tests/slurm/down.sh stops the daemons afterwards. The test
 checks that every job except the local rules ran as a COMPLETED SLURM job, that the GPU-declared
 jobs got the (fake) GPU and saw CUDA_VISIBLE_DEVICES, and that the report was written.
+
+The sweep is the default one made small (SWEEP): it runs every rule the default sweep runs (an
+ftype and a recipe quant, both imatrix passes, the pool, the baseline, sensitivity with its top
+run, an allocated recipe, speed), so every kind of job crosses SLURM, but ~30 jobs instead of
+~125: what this test checks is the scheduling of each rule, and the default sweep's own results
+are checked by test_e2e.py.
 
 Needs root. Outside CI (CI != "true") it is skipped when root, the SLURM plugin or SLURM itself
 (apt) is unavailable; under CI=true those are failures. The engine comes from the user cache
@@ -25,8 +31,8 @@ from collections import Counter
 import pytest
 import yaml
 
-from conftest import ROOT, make_workdir
-from quantsweep.config import resolve_recipe_paths, sweep_quants
+from conftest import DEFAULT_RULES, ROOT, make_workdir
+from quantsweep.config import load
 from quantsweep.report import read_csv
 
 pytestmark = [pytest.mark.slurm, pytest.mark.e2e]
@@ -34,13 +40,20 @@ pytestmark = [pytest.mark.slurm, pytest.mark.e2e]
 IN_CI = os.environ.get("CI") == "true"
 UP = ROOT / "tests" / "slurm" / "up.sh"
 DOWN = ROOT / "tests" / "slurm" / "down.sh"
-CONFIG = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
 # localrule: True, run by the main Snakemake process
 LOCAL_RULES = {"all", "report", "run_settings", "sensitivity_table", "allocate"}
 RUN_TIMEOUT = 2400  # s, hard limit (SIGKILL) on the Snakemake run
 REPORT_FILES = ("summary.csv", "summary.md", "summary.html", "size_vs_lnppl.png", "size_vs_kld.png",
                 "kld_vs_speed.png")
 BENCH_RULES = {"bench_quant", "bench_base"}
+# the default sweep made small: two quants, a two-rung ladder over two groups, one budget
+SWEEP = {
+    "resources": {"gpus": 1},  # every imatrix/perplexity job asks for gpu=1: the node's one fake GPU
+    "quants": ["Q8_0", {"recipe": "config/recipes/tiny-mix-iq2.yaml"}],
+    "allocate": {"enabled": True, "ladder": ["iq4_ks", "q8_0"], "groups": [{"match": "exps", "per": "all"},
+                 {"match": ".", "per": "all"}], "budgets": [{"bpw": 6.5}]},
+    "bench": {"depths": [0], "tg": 16, "repeats": 1},
+}
 
 
 def _unavailable(reason: str) -> None:
@@ -121,10 +134,9 @@ def _job_stats(log: str) -> Counter:
     return stats
 
 
-def test_default_sweep_runs_through_slurm(slurm, tmp_path):
+def test_sweep_runs_through_slurm(slurm, tmp_path):
     cpus = _nproc()
-    # every imatrix/perplexity job asks for gpu=1: the node's one fake GPU
-    wd = make_workdir(tmp_path / "wd", {"resources": {"gpus": 1}})
+    wd = make_workdir(tmp_path / "wd", SWEEP)
     gpu_rules = {"imatrix_collect", "eval_baseline", "eval_reference", "eval_quant", "sensitivity_run",
                  "sensitivity_top", *BENCH_RULES}
 
@@ -146,15 +158,16 @@ def test_default_sweep_runs_through_slurm(slurm, tmp_path):
     (tmp_path / "snakemake.log").write_text(log)
     assert r.returncode == 0, f"rc {r.returncode} after {wall:.0f} s\n{log[-8000:]}"
 
-    # the report of the default sweep: one row per quant plus the baseline
+    # the report: one row per quant plus the baseline
     out = wd / "results" / "report"
     for name in REPORT_FILES:
         assert (out / name).stat().st_size > 0, name
-    quants = sweep_quants({**CONFIG, "quants": resolve_recipe_paths(CONFIG["quants"], str(ROOT))})
+    quants = load(yaml.safe_load((wd / "config" / "config.yaml").read_text()), ROOT).quants
     assert [row["quant"] for row in read_csv(out / "summary.csv")] == ["baseline"] + [q.name for q in quants]
 
     # every non-local job was a SLURM job of this run and COMPLETED
     stats = _job_stats(log)
+    assert set(stats) == DEFAULT_RULES  # every kind of job the default sweep has went through SLURM
     remote = Counter({rule: n for rule, n in stats.items() if rule not in LOCAL_RULES})
     jobs = [j for j in _slurm_jobs() if j.get("Comment", "").startswith("rule_")]
     for j in jobs:  # the plugin's job comment: rule_<rule>[_wildcards_<values>]

@@ -13,24 +13,21 @@ import pytest
 
 from conftest import FIXTURES, ROOT, make_workdir, smk
 from quantsweep import imatrix as imx
-from quantsweep import resources, steps
-from quantsweep.cli import bundled_text
+from quantsweep import sizing, steps
 from quantsweep.engine import run
 from quantsweep.fileio import sha256_file
 from quantsweep.gguf.reader import read_model, read_table
 from quantsweep.planner.plan import plan
-from quantsweep.tinymodel import TinySpec, write_tiny_model
 
 pytestmark = pytest.mark.e2e
 RECIPE = str(ROOT / "config" / "recipes" / "tiny-mix-iq2.yaml")
 
 
 @pytest.fixture(scope="module")
-def model(bin_dir, tmp_path_factory) -> tuple[Path, list[Path]]:
+def model(bin_dir, tiny_gguf, tmp_path_factory) -> tuple[Path, list[Path]]:
     """(the whole demo model, its shards: 20 tensors each)."""
     d = tmp_path_factory.mktemp("split")
-    whole = d / "tiny.gguf"
-    write_tiny_model(whole, bundled_text("train"), TinySpec())
+    whole = tiny_gguf()
     (d / "shards").mkdir()
     return whole, run.gguf_split(bin_dir, whole, d / "shards" / "tiny", 20, d / "split.log")
 
@@ -58,12 +55,12 @@ def test_resources_and_plan_of_any_shard_equal_the_whole(model):
     """The disk request of a quantize job used to fall back to the bf16 size for shard 2
     (its plan raised for lack of metadata); now every shard plans the whole model."""
     whole, shards = model
-    assert resources.model_size(shards[0]) == resources.model_size(whole)
-    want = resources.predicted_bytes(whole, "IQ2_KS", True)
-    assert want < resources.model_size(whole).bytes / 3
-    assert resources.predicted_bytes(shards[1], "IQ2_KS", True) == want
-    assert resources.predicted_bytes(shards[0], RECIPE, True) == \
-        resources.predicted_bytes(whole, RECIPE, True)
+    assert sizing.model_size(shards[0]) == sizing.model_size(whole)
+    want = sizing.predicted_bytes(whole, "IQ2_KS", True)
+    assert want < sizing.model_size(whole).bytes / 3
+    assert sizing.predicted_bytes(shards[1], "IQ2_KS", True) == want
+    assert sizing.predicted_bytes(shards[0], RECIPE, True) == \
+        sizing.predicted_bytes(whole, RECIPE, True)
     a, b = plan(read_model(shards[0]), "IQ2_KS"), plan(read_table(whole), "IQ2_KS")
     assert a.types() == b.types() and a.total_bytes == b.total_bytes and a.n_fallback == b.n_fallback
 

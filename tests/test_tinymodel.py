@@ -11,6 +11,7 @@ import pytest
 
 from quantsweep import tinymodel as tm
 from quantsweep.errors import QuantsweepError, TinyModelError
+from quantsweep.settings import ImatrixSettings
 from quantsweep.tinymodel import TinySpec, tokenize, write_tensors, write_tiny_model
 from quantsweep.tinymodel.bigram import log_bigram
 from quantsweep.tinymodel.forward import layer_attn, layer_ffn, moe_route, rmsnorm
@@ -42,9 +43,8 @@ def _weights(reader: gguf.GGUFReader) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
-    write_tiny_model(path, _bundled("train"), SPEC)
+def model(tiny_gguf):
+    path = tiny_gguf(SPEC)
     reader = gguf.GGUFReader(path)
     return path, reader, _weights(reader)
 
@@ -397,13 +397,20 @@ def test_dead_channels_out_of_range_refused(tmp_path):
 
 def test_cli_layout_options():
     from quantsweep.cli import build_parser
+    from quantsweep.cli.commands import tiny_spec
 
-    a = build_parser().parse_args(["tiny-model", "-o", "x.gguf", "--layout", "mainline", "--dead-channels", "7"])
-    assert (a.layout, a.split_kv_b, a.dead_channels) == ("mainline", False, 7)
-    a = build_parser().parse_args(["tiny-model", "-o", "x.gguf", "--split-kv-b"])
-    assert TinySpec(layout=a.layout, split_kv_b=a.split_kv_b).layout == "ik"
+    def spec(*args):
+        return tiny_spec(build_parser().parse_args(["tiny-model", "-o", "x.gguf", *args]))
+
+    assert spec("--layout", "mainline", "--dead-channels", "7") == TinySpec(layout="mainline", dead_channels=7)
+    assert spec("--split-kv-b").layout == "ik"
+    assert spec() == TinySpec()  # the workflow's {} for a model with every default
+    # the workflow's settings (models.<name>), a hand option over them
+    assert spec("--settings", '{"layout": "mainline", "seed": 3}', "--seed", "4") == TinySpec(layout="mainline", seed=4)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["tiny-model", "-o", "x.gguf", "--layout", "torch"])
+    with pytest.raises(QuantsweepError, match=r"tiny-model\.seed: -1 is not a whole number >= 0"):
+        spec("--seed", "-1")
 
 
 def test_mainline_layout_tensors(mainline):
@@ -467,14 +474,14 @@ def test_dead_channels_weights_and_ppl(model, dead):
 
 def _engine_ppl(bin_dir, model_path, mla: int, d) -> float:
     from quantsweep.engine import run
-    from quantsweep.engine.argv import EvalSettings
+    from quantsweep.settings import EvalSettings
 
     text = d / "eval.txt"
     if not text.exists():
         text.write_text(_bundled("evaluation"))
     ev = EvalSettings(ctx=512, chunks=4, mla=mla, fa="off")
     tag = f"{model_path.stem}-mla{mla}"
-    return run.perplexity_base(bin_dir, model_path, text, d / f"{tag}.kld", d / f"{tag}.log", ev)["ppl"]
+    return run.perplexity_base(bin_dir, model_path, text, d / f"{tag}.kld", d / f"{tag}.log", ev, 2)["ppl"]
 
 
 def _imatrix_pass(bin_dir, model_path, mode: str, d):
@@ -485,7 +492,7 @@ def _imatrix_pass(bin_dir, model_path, mode: str, d):
     if not cal.exists():
         cal.write_text(_bundled("calibration"))
     out = d / f"{model_path.stem}-{mode}.dat"
-    run.collect_imatrix(bin_dir, model_path, cal, out, d / f"{model_path.stem}-{mode}.log", mode, 512, 4, 2)
+    run.collect_imatrix(bin_dir, model_path, cal, out, d / f"{model_path.stem}-{mode}.log", mode, ImatrixSettings(ctx=512, chunks=4), 2)
     return imatrix.read_dat(out)
 
 

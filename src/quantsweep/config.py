@@ -1,49 +1,41 @@
-"""Checks of the workflow config that a JSON schema cannot express, and its normalised form.
+"""The workflow config as settings objects: `load` builds the sweep's `Sweep` once, with the
+checks a JSON schema cannot express.
 
-The schema (workflow/schemas/config.schema.yaml) catches unknown keys and wrong types; this
-module catches what needs the engine's tables (quant type names) or cross-references, and
-names the offending key in one line.
+The schema (workflow/schemas/config.schema.yaml) catches unknown keys and wrong types in the
+workflow; the settings classes check their own values (so a config checked by hand, or a
+step's JSON, gets the same checks); this module adds what needs the engine's tables (quant type
+names), recipe files, the models' files or several sections at once, and names the offending
+key in one line.
 """
 
 from __future__ import annotations
 
+import copy
+import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
-from .engine.argv import BenchSettings
-from .engine.settings import RunSettings, resolve
-from .errors import ConfigError, PlanError, RecipeError
+from .errors import ConfigError, PlanError, QuantsweepError, RecipeError
 from .gguf.reader import first_shard
-from .gguf.types import FTYPES, canonical_ftype, ftype_names
-from .planner.allocate import Budget
-from .planner.groups import Settings
+from .gguf.types import canonical_ftype, ftype_names
 from .planner.recipes import load_recipe
-from .report.table import BASE_REFERENCE, BASELINE  # eval.reference value: the unquantized model
+from .settings import (BASE_REFERENCE, BASELINE, AllocateSettings, BenchSettings, EngineSpec, EvalSettings, Gate,
+                       ImatrixSettings, ModelSettings, Quant, ResourceSettings, Sweep, TextSettings, resolve_run)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-
-
-@dataclass(frozen=True)
-class Quant:
-    name: str
-    ftype: str
-    imatrix: bool
-    recipe: str | None = None  # recipe YAML path (its base is `ftype`)
-    auto: bool = False  # an allocated recipe (written per model by the allocate step)
-    budget: Budget | None = None
-    refines: str | None = None  # allocate.refine: the auto quant whose measurement this one corrects
-
-    @property
-    def needs_imatrix(self) -> bool:
-        return FTYPES[self.ftype].needs_imatrix
+# The settings class of each mapping section (`models` maps names to ModelSettings; `run` is
+# resolved into each engine step's settings).
+SECTIONS = {"engine": EngineSpec, "texts": TextSettings, "imatrix": ImatrixSettings, "eval": EvalSettings,
+            "bench": BenchSettings, "allocate": AllocateSettings, "resources": ResourceSettings, "gate": Gate}
+REQUIRED = ("models", "quants")  # no default: a sweep names its models and quants
+# Lists whose items must have one of these types (checked before the schema, whose validator
+# would otherwise fail with an AttributeError on `quants: [8]`).
+_LISTS = {("quants",): (str, dict), ("imatrix", "passes"): (str,), ("imatrix", "external"): (str,)}
 
 
 def resolve_recipe_paths(items: list, fallback_dir: str) -> list:
     """Recipe paths are relative to the working directory; one not found there is looked up
     relative to `fallback_dir` (the workflow's own directory, which ships config/recipes/)."""
-    import os
-
     out = []
     for item in items:
         if isinstance(item, dict) and item.get("recipe") and not os.path.exists(item["recipe"]):
@@ -92,9 +84,31 @@ def parse_quants(items: list, key: str = "quants") -> list[Quant]:
     return out
 
 
-# Top-level sections that must be mappings, and lists whose items must have one of these types.
-_SECTIONS = ("engine", "models", "texts", "imatrix", "eval", "resources", "gate", "run", "bench", "allocate")
-_LISTS = {("quants",): (str, dict), ("imatrix", "passes"): (str,), ("imatrix", "external"): (str,)}
+def sweep_quants(quants: list[Quant], allocate: AllocateSettings, has_imatrix: bool) -> tuple[Quant, ...]:
+    """Every quant of the sweep: `quants`, then one auto recipe per allocate budget (after the
+    quants they are compared with), then with allocate.refine each one refined."""
+    out = list(quants)
+    names = {q.name: q for q in out}
+    for i, b in enumerate(allocate.budgets if allocate.active else ()):
+        where = f"config allocate.budgets[{i}]"
+        if b.name in names:
+            raise ConfigError(f"{where}.name: {b.name!r} is already a quant of the sweep; name the budget")
+        if not NAME_RE.match(b.name):
+            raise ConfigError(f"{where}.name: {b.name!r} must match {NAME_RE.pattern}")
+        if b.size_of is not None and (b.size_of not in names or names[b.size_of].auto):
+            raise ConfigError(f"{where}.size_of: {b.size_of!r} is not a quant of `quants` "
+                              f"({', '.join(q.name for q in quants)})")
+        q = Quant(b.name, allocate.base, has_imatrix, None, True, b)
+        names[q.name] = q
+        out.append(q)
+    if allocate.refine:
+        for q in [q for q in out if q.auto]:
+            r = Quant(f"{q.name}-refined", q.ftype, q.imatrix, None, True, q.budget, q.name)
+            if r.name in names:
+                raise ConfigError(f"config allocate.refine: {r.name!r} (the refined {q.name}) is already a quant")
+            names[r.name] = r
+            out.append(r)
+    return tuple(out)
 
 
 def check_structure(config: dict) -> None:
@@ -103,7 +117,7 @@ def check_structure(config: dict) -> None:
     than an AttributeError from inside the schema validator."""
     if not isinstance(config, dict):
         raise ConfigError(f"config: the top level is {type(config).__name__}, not a mapping of sections")
-    for key in _SECTIONS:
+    for key in (*SECTIONS, "models", "run"):
         if key in config and not isinstance(config[key], dict):
             raise ConfigError(f"config {key}: is {config[key]!r}, not a mapping")
     for name, m in (config.get("models") or {}).items():
@@ -124,6 +138,84 @@ def check_structure(config: dict) -> None:
                 raise ConfigError(f"config {where}[{i}]: {item!r} is not {want}")
 
 
+def load(config: dict, recipe_dir: str | Path = ".") -> Sweep:
+    """The sweep's settings from a config (after check_structure and, in the workflow, the
+    schema); ConfigError naming the key. Recipe paths not found in the working directory are
+    looked up in `recipe_dir` (the workflow's own directory, which ships config/recipes/)."""
+    check_structure(config)
+    if missing := [k for k in REQUIRED if k not in config]:
+        raise ConfigError(f"config {missing[0]}: missing (give the default config/config.yaml first)")
+    try:
+        sweep = _build(config, str(recipe_dir))
+    except (ConfigError, RecipeError, PlanError) as e:
+        text = str(e)
+        raise ConfigError(text if text.startswith("config ") else f"config {text}") from None
+    _check(sweep)
+    return sweep
+
+
+def _build(config: dict, recipe_dir: str) -> Sweep:
+    models = config["models"]
+    if not isinstance(models, dict) or not models:
+        raise ConfigError("models: name at least one model")
+    for name in models:
+        if not NAME_RE.match(name):
+            raise ConfigError(f"models.{name}: model names must match {NAME_RE.pattern}")
+    runs = resolve_run(config.get("run"))
+    section = {key: cls.from_dict({**(config.get(key) or {}), **({"run": runs[key]} if key in runs else {})}, key)
+               for key, cls in SECTIONS.items()}
+    quants = parse_quants(resolve_recipe_paths(config["quants"], recipe_dir))
+    if not quants:
+        raise ConfigError("quants: name at least one quant")
+    imx = section["imatrix"]
+    return Sweep(models={n: ModelSettings.from_dict(m, f"models.{n}") for n, m in models.items()},
+                 quants=sweep_quants(quants, section["allocate"], imx.any), **section)
+
+
+def _check(s: Sweep) -> None:
+    """What spans sections or needs files: each model's files, the imatrix the quants want, the
+    engine's tools, the gate's speed limits, each model's reference."""
+    for name, m in s.models.items():
+        if m.source == "hf":
+            check_hf_model(name, m)
+        if m.source == "gguf":
+            first = first_shard(m.path)
+            if str(first) != str(m.path):
+                raise ConfigError(f"config models.{name}.path: {m.path} is not the first shard of a split "
+                                  f"model; give {first} (the engine reads the other shards from it)")
+    if not s.imatrix.any and any(q.imatrix for q in s.quants if not q.auto):
+        raise ConfigError("config imatrix: passes and external are both empty, but quants want an imatrix")
+    if s.engine.source == "bin_dir":
+        for tool in s.tools():
+            if not (Path(s.engine.bin_dir) / tool.name).is_file():
+                why = "every sweep runs it" if tool.required else f"the {tool.step} step runs it"
+                fix = "" if tool.required else f", or set {tool.step}.enabled: false"
+                raise ConfigError(f"config engine.bin_dir: {s.engine.bin_dir} has no {tool.name} ({why}); add "
+                                  f"it{fix}")
+    for key in Gate.SPEED_KEYS:
+        if getattr(s.gate, key) is not None and not s.bench.enabled:
+            raise ConfigError(f"config gate.{key}: a speed limit needs bench.enabled: true")
+    names = [q.name for q in s.quants if not q.auto]
+    for model, m in s.models.items():
+        key = f"models.{model}.reference" if m.reference else "eval.reference"
+        ref = s.reference_of(model)
+        if ref != BASE_REFERENCE and ref not in names:
+            raise ConfigError(f"config {key}: {ref!r} is neither {BASE_REFERENCE!r} nor a quant name of the sweep "
+                              f"({', '.join(names)})")
+
+
+def check_hf_model(name: str, m: ModelSettings) -> None:
+    """A Hugging Face checkpoint (source: hf) is read and checked when the workflow starts (every
+    safetensors header, the architecture, the tokenizer files, FP8 scales), so a truncated
+    download or a wrong directory is one line now, not a failed job hours later."""
+    from .hf.checkpoint import Checkpoint
+
+    try:
+        Checkpoint.read(m.path)
+    except QuantsweepError as e:
+        raise ConfigError(f"config models.{name}.path: {e}") from None
+
+
 def load_yaml(path: str | Path) -> dict:
     """A config file, with a YAML syntax error named by file, line and column."""
     import yaml
@@ -140,8 +232,6 @@ def load_yaml(path: str | Path) -> dict:
 def merged(*configs: dict) -> dict:
     """Later configs deep-update earlier ones (as Snakemake's --configfile does); the inputs
     are left as they were."""
-    import copy
-
     out: dict = {}
     for c in configs:
         _deep_update(out, copy.deepcopy(c))
@@ -156,171 +246,7 @@ def _deep_update(d: dict, u: dict) -> None:
             d[k] = v
 
 
-def check_files(paths: list[str]) -> dict:
+def check_files(paths: list[str]) -> Sweep:
     """Config files merged in order (as --configfile merges over config/config.yaml), given the
-    workflow's checks; the schema's type checks need Snakemake and run in the workflow only."""
-    cfg = merged(*(load_yaml(p) for p in paths))
-    check_structure(cfg)
-    for key in ("models", "quants", "engine", "imatrix", "eval"):
-        if key not in cfg:
-            raise ConfigError(f"config {key}: missing (give the default config/config.yaml first)")
-    cfg["quants"] = resolve_recipe_paths(cfg["quants"], ".")
-    check(cfg)
-    return cfg
-
-
-def check(config: dict) -> None:
-    """Semantic checks after schema validation; raises ConfigError naming the key."""
-    for name, m in config["models"].items():
-        if not NAME_RE.match(name):
-            raise ConfigError(f"config models.{name}: model names must match {NAME_RE.pattern}")
-        if m.get("split_kv_b") and m.get("layout", "kv_b") not in ("kv_b", "ik"):
-            raise ConfigError(f"config models.{name}.split_kv_b: means layout ik, but layout is {m['layout']!r}")
-        if m.get("source", "tiny") == "hf":
-            check_hf_model(name, m)
-        if m.get("source", "tiny") == "gguf":
-            if not m.get("path"):
-                raise ConfigError(f"config models.{name}.path: required when source is 'gguf'")
-            first = first_shard(m["path"])
-            if str(first) != str(m["path"]):
-                raise ConfigError(f"config models.{name}.path: {m['path']} is not the first shard of a split "
-                                  f"model; give {first} (the engine reads the other shards from it)")
-    parse_quants(config["quants"])
-    eng = config["engine"]
-    need = {"git": "git_commit", "path": "path", "bin_dir": "bin_dir"}.get(eng.get("source", "pypi"))
-    if need and not eng.get(need):
-        raise ConfigError(f"config engine.{need}: required when engine.source is {eng['source']!r}")
-    imx = config["imatrix"]
-    if not imx["passes"] and not imx["external"] and any(q.imatrix for q in parse_quants(config["quants"])):
-        raise ConfigError("config imatrix: passes and external are both empty, but quants want an imatrix")
-    ev = config["eval"]
-    if ev["ctx"] < 128 or ev["ctx"] % 2:
-        raise ConfigError(f"config eval.ctx: {ev['ctx']} must be an even number >= 128")
-    check_run(config)
-    sweep_quants(config)
-    names = [q.name for q in parse_quants(config["quants"])]
-    for model, m in config["models"].items():
-        ref, key = (m["reference"], f"models.{model}.reference") if m.get("reference") else (
-            ev.get("reference", BASE_REFERENCE), "eval.reference")
-        if ref != BASE_REFERENCE and ref not in names:
-            raise ConfigError(f"config {key}: {ref!r} is neither {BASE_REFERENCE!r} nor a quant name of the sweep "
-                              f"({', '.join(names)})")
-
-
-def check_hf_model(name: str, m: dict) -> None:
-    """A Hugging Face checkpoint (source: hf) is read and checked when the workflow starts (every
-    safetensors header, the architecture, the tokenizer files, FP8 scales), so a truncated
-    download or a wrong directory is one line now, not a failed job hours later."""
-    from .convert.checkpoint import Checkpoint, check_outtype, check_split_max_size
-    from .errors import ConvertError
-
-    if not m.get("path"):
-        raise ConfigError(f"config models.{name}.path: required when source is 'hf' (the checkpoint directory)")
-    try:
-        check_outtype(m.get("outtype", "bf16"))
-        check_split_max_size(str(m.get("split_max_size", "")))
-    except ConvertError as e:
-        raise ConfigError(f"config models.{name}.{e}") from None
-    try:
-        Checkpoint.read(m["path"])
-    except ConvertError as e:
-        raise ConfigError(f"config models.{name}.path: {e}") from None
-
-
-def check_run(config: dict) -> None:
-    """run.* (each step's settings over run.defaults) and bench: what can be checked without the
-    engine (its flags are checked once it is installed: quantsweep engine check-run)."""
-    settings = run_settings(config)
-    if bench_enabled(config):
-        try:
-            bench_settings(config, settings["bench"], threads=1).check()
-        except ConfigError as e:
-            raise ConfigError(f"config {e}") from None
-    eng = config.get("engine") or {}
-    if bench_enabled(config) and eng.get("source") == "bin_dir" and eng.get("bin_dir"):
-        tool = Path(eng["bin_dir"]) / "llama-sweep-bench"
-        if not tool.is_file():
-            raise ConfigError(f"config engine.bin_dir: {eng['bin_dir']} has no llama-sweep-bench (the bench step "
-                              "runs it); add it, or set bench.enabled: false")
-    gate = config.get("gate") or {}
-    for key in ("min_tg_tps", "min_pp_tps"):
-        if gate.get(key) is not None and not bench_enabled(config):
-            raise ConfigError(f"config gate.{key}: a speed limit needs bench.enabled: true")
-
-
-def run_settings(config: dict) -> dict[str, RunSettings]:
-    """Each engine step's run settings (run.<step> over run.defaults; none: CPU only, as before)."""
-    try:
-        return resolve(config.get("run"))
-    except ConfigError as e:
-        raise ConfigError(f"config {e}") from None
-
-
-def bench_enabled(config: dict) -> bool:
-    return bool((config.get("bench") or {}).get("enabled", True))
-
-
-def bench_settings(config: dict, run: RunSettings, threads: int) -> BenchSettings:
-    b = config.get("bench") or {}
-    default = BenchSettings()
-    return BenchSettings(depths=tuple(b.get("depths", default.depths)), tg=b.get("tg", default.tg),
-                         repeats=b.get("repeats", default.repeats), mla=b.get("mla", default.mla),
-                         fa=b.get("fa", default.fa), threads=threads, run=run)
-
-
-def engine_steps(config: dict) -> list[str]:
-    """The engine steps a sweep runs (whose run settings must suit the engine)."""
-    return [s for s, on in (("imatrix", bool(config["imatrix"]["passes"])), ("eval", True),
-                            ("bench", bench_enabled(config))) if on]
-
-
-def allocation(config: dict) -> tuple[Settings | None, list[Budget]]:
-    """allocate: the sensitivity settings and the budgets (None, [] when disabled or no budget)."""
-    sec = config.get("allocate") or {}
-    if not sec.get("enabled", False) or not sec.get("budgets"):
-        return None, []
-    try:
-        s = Settings.from_config(sec, "allocate")
-        budgets = [Budget.from_dict(b, f"allocate.budgets[{i}]") for i, b in enumerate(sec["budgets"])]
-    except (PlanError, RecipeError) as e:
-        raise ConfigError(f"config {e}") from None
-    return s, budgets
-
-
-def has_imatrix(config: dict) -> bool:
-    imx = config["imatrix"]
-    return bool(imx["passes"] or imx["external"])
-
-
-def sweep_quants(config: dict) -> list[Quant]:
-    """Every quant of the sweep: `quants`, then one auto recipe per allocate budget (after the
-    quants they are compared with), then with allocate.refine each one refined."""
-    quants = parse_quants(config["quants"])
-    s, budgets = allocation(config)
-    names = {q.name: q for q in quants}
-    for i, b in enumerate(budgets):
-        where = f"config allocate.budgets[{i}]"
-        if b.name in names:
-            raise ConfigError(f"{where}.name: {b.name!r} is already a quant of the sweep; name the budget")
-        if not NAME_RE.match(b.name):
-            raise ConfigError(f"{where}.name: {b.name!r} must match {NAME_RE.pattern}")
-        if b.size_of is not None and (b.size_of not in names or names[b.size_of].auto):
-            raise ConfigError(f"{where}.size_of: {b.size_of!r} is not a quant of `quants` "
-                              f"({', '.join(q.name for q in quants)})")
-        q = Quant(b.name, s.base, has_imatrix(config), None, True, b)
-        names[q.name] = q
-        quants.append(q)
-    if (config.get("allocate") or {}).get("refine"):
-        for q in [q for q in quants if q.auto]:
-            r = Quant(f"{q.name}-refined", q.ftype, q.imatrix, None, True, q.budget, q.name)
-            if r.name in names:
-                raise ConfigError(f"config allocate.refine: {r.name!r} (the refined {q.name}) is already a quant")
-            names[r.name] = r
-            quants.append(r)
-    return quants
-
-
-def reference_of(config: dict, model: str) -> str:
-    """What a model's KLD base logits come from: 'base' (the unquantized model) or a quant's name;
-    models.<model>.reference, else eval.reference, else 'base'."""
-    return config["models"][model].get("reference") or config["eval"].get("reference") or BASE_REFERENCE
+    workflow's checks (the settings classes check every value the schema does)."""
+    return load(merged(*(load_yaml(p) for p in paths)))

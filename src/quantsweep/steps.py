@@ -17,33 +17,33 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import imatrix as imx
-from .convert import converter
-from .convert.checkpoint import Checkpoint, check_outtype, check_split_max_size
-from .engine import argv, run
+from .allocator import sensitivity as sens
+from .allocator import solver as alloc
+from .allocator.groups import sensitivity_recipe
+from .engine import run
 from .engine.bench import sweep_bench
 from .engine.build import installed_flags
-from .engine.settings import RunSettings, check_steps
-from .engine.spec import EngineSpec
 from .errors import ImatrixError, PlanError, StepError
 from .gguf.assemble import assemble, pieces
 from .gguf.reader import first_shard, read_model, read_table, verify_complete
 from .gguf.types import FTYPES
-from .planner import allocate as alloc
-from .planner import sensitivity as sens
-from .planner.groups import Settings, sensitivity_recipe
+from .hf import converter
+from .hf.checkpoint import Checkpoint
 from .planner.plan import as_options, plan
 from .planner.pool import assembly, check_pool, pool_recipe
 from .planner.recipes import Recipe, Rule, load_recipe, recipe_or_ftype
+from .settings import (AllocateSettings, BenchSettings, Budget, EngineSpec, EvalSettings, ImatrixSettings,
+                       ModelSettings, RunSettings, check_steps)
 
 
-def convert(checkpoint: Path, spec: EngineSpec, cache: Path, out_dir: Path, name: str, outtype: str,
-            split_max_size: str, python: str, log: Path | None) -> dict:
-    """A Hugging Face checkpoint to out_dir/<name>.gguf (or its shards): the checkpoint and the
-    converter checked first, the converter's output read back before it is kept. Returns the
-    record the manifest extends: the checkpoint's config and files, the converter, its Python."""
+def convert(checkpoint: Path, model: ModelSettings, spec: EngineSpec, cache: Path, out_dir: Path, name: str,
+            python: str, log: Path | None) -> dict:
+    """A Hugging Face checkpoint to out_dir/<name>.gguf (or its shards), at the model's outtype
+    and split size: the checkpoint and the converter checked first, the converter's output read
+    back before it is kept. Returns the record the manifest extends: the checkpoint's config and
+    files, the converter, its Python."""
     ck = Checkpoint.read(checkpoint)
-    check_outtype(outtype)  # refused before anything is fetched
-    check_split_max_size(split_max_size)
+    outtype, split_max_size = model.outtype, model.split_max_size
     conv = converter.fetch(converter.ConverterSource.of(spec), cache, log)
     converter.check(ck, conv)
     py, versions = converter.find_python(python)
@@ -84,21 +84,18 @@ def matrices_per_entry(model: str | Path | None) -> dict[str, int]:
     return {t.name: t.shape[2] for t in read_model(model).tensors if len(t.shape) > 2}
 
 
-def run_settings(bin_dir: Path, step: str, d: dict | None) -> RunSettings:
-    """A step's run settings (the config's run.<step>, defaults applied), checked against the
-    flags the installed engine's tool lists in its --help."""
-    s = RunSettings.from_dict(d, f"run.{step}")
+def check_run(bin_dir: Path, step: str, s: RunSettings) -> None:
+    """A step's run settings against the flags the installed engine's tool lists in its --help
+    (the workflow checks every step once, before any runs; this is for a step run by hand)."""
     if s.extra_args or s.gpu_layers:  # else nothing the engine's --help has a say on
-        check_steps({step: s}, installed_flags(bin_dir), [step])
-    return s
+        check_steps({step: s}, installed_flags(bin_dir))
 
 
 def collect_imatrix(bin_dir: Path, model: Path, text: Path, output: Path, log: Path, mode: str,
-                    ctx: int, chunks: int, threads: int, timeout_s: float | None = None,
-                    settings: RunSettings = RunSettings()) -> dict:
+                    s: ImatrixSettings, threads: int, timeout_s: float | None = None) -> dict:
     """One imatrix pass of the engine; returns its record."""
-    return run.collect_imatrix(bin_dir, first_shard(model), text, output, log, mode, ctx, chunks, threads,
-                               timeout_s, settings)
+    check_run(bin_dir, "imatrix", s.run)
+    return run.collect_imatrix(bin_dir, first_shard(model), text, output, log, mode, s, threads, timeout_s)
 
 
 def remap_imatrix(inputs: list[str], model: str | Path, output: str | Path) -> tuple[imx.Imatrix, list[str]]:
@@ -225,13 +222,13 @@ def assemble_recipe(model: Path, recipe: Recipe, pools: dict[str, Path], output:
     return rec
 
 
-def sensitivity_groups(model: Path, s: Settings, has_imatrix: bool) -> dict:
+def sensitivity_groups(model: Path, s: AllocateSettings, has_imatrix: bool) -> dict:
     """groups.json: the groups the sensitivity stage measures, each with its bytes per type."""
     return sens.groups_doc(read_model(model), s, has_imatrix)
 
 
 def sensitivity_run(bin_dir: Path, model: Path, groups: Path, group: str | None, typ: str | None,
-                    pools: dict[str, Path], kld_base: Path, log: Path, ev: argv.EvalSettings,
+                    pools: dict[str, Path], kld_base: Path, log: Path, ev: EvalSettings, threads: int,
                     imatrix: Path | None, work: Path, timeout_s: float | None = None) -> dict:
     """One sensitivity run: the model with only `group` at `typ` (pins at theirs, the rest at the
     ladder's top; group None: the top run), assembled from the pool into `work`, its KLD against
@@ -239,16 +236,16 @@ def sensitivity_run(bin_dir: Path, model: Path, groups: Path, group: str | None,
     for DeepSeek-V3 each such file is hundreds of GB)."""
     _, s, gs = sens.load_groups(groups)
     recipe = sensitivity_recipe(gs, s, group, typ)
-    return {**_measure(bin_dir, model, recipe, pools, kld_base, log, ev, imatrix, work, timeout_s),
+    return {**_measure(bin_dir, model, recipe, pools, kld_base, log, ev, threads, imatrix, work, timeout_s),
             "group": group, "type": typ, "top": s.top}
 
 
 def _measure(bin_dir: Path, model: Path, recipe: Recipe, pools: dict[str, Path], kld_base: Path, log: Path,
-             ev: argv.EvalSettings, imatrix: Path | None, work: Path, timeout_s: float | None) -> dict:
+             ev: EvalSettings, threads: int, imatrix: Path | None, work: Path, timeout_s: float | None) -> dict:
     """A recipe assembled into `work`, its KLD measured, the file removed; the eval record."""
     try:
         built = assemble_recipe(model, recipe, pools, work, log, imatrix)
-        rec = evaluate_quant(bin_dir, work, kld_base, log, ev, timeout_s)
+        rec = evaluate_quant(bin_dir, work, kld_base, log, ev, threads, timeout_s)
     finally:
         work.unlink(missing_ok=True)
     return {**rec, "tensor_bytes": built["tensor_bytes"], "assemble_s": built["wall_s"],
@@ -256,7 +253,7 @@ def _measure(bin_dir: Path, model: Path, recipe: Recipe, pools: dict[str, Path],
 
 
 def context_run(bin_dir: Path, model: Path, sensitivity: Path, allocation: Path, group: str,
-                pools: dict[str, Path], kld_base: Path, log: Path, ev: argv.EvalSettings,
+                pools: dict[str, Path], kld_base: Path, log: Path, ev: EvalSettings, threads: int,
                 imatrix: Path | None, work: Path, timeout_s: float | None = None) -> dict:
     """The refinement's measurement: the allocated recipe with `group` one rung up (nothing to
     measure for a group at the top or pinned: the record says so)."""
@@ -271,10 +268,10 @@ def context_run(bin_dir: Path, model: Path, sensitivity: Path, allocation: Path,
     out = {"group": group, "type": choice[group], "raised": up.type if up else None, "allocation": str(allocation)}
     if up is None:
         return {**out, "kld_mean": None, "skipped": "at the top of its ladder (or pinned): nothing to raise"}
-    s = sens.settings_from(table["settings"])
+    s = sens.settings_from(table["settings"], f"{sensitivity}: settings")
     rules = tuple(Rule(g.match, up.type if name == group else choice[name]) for name, g in groups.items())
     recipe = Recipe(name=f"context-{group}", base=s.base, rules=rules)
-    return {**_measure(bin_dir, model, recipe, pools, kld_base, log, ev, imatrix, work, timeout_s), **out}
+    return {**_measure(bin_dir, model, recipe, pools, kld_base, log, ev, threads, imatrix, work, timeout_s), **out}
 
 
 def size_of(model: Path, quant: str, imatrix: bool) -> int:
@@ -282,19 +279,19 @@ def size_of(model: Path, quant: str, imatrix: bool) -> int:
     return plan(read_model(model), recipe_or_ftype(quant), has_imatrix=imatrix).total_bytes
 
 
-def allocate(sensitivity: Path, budget: alloc.Budget, size_of_bytes: int | None = None,
-             resolution: int = 1 << 16, refine: tuple[Path, Path, list[Path]] | None = None) -> tuple[str, dict]:
+def allocate(sensitivity: Path, budget: Budget, size_of_bytes: int | None, resolution: int,
+             refine: tuple[Path, Path, list[Path]] | None = None) -> tuple[str, dict]:
     """One budget's recipe (YAML text, with a header saying the budget, the prediction and the
     sensitivity data it came from) and the prediction as the report reads it.
 
     refine: (the allocation JSON of the recipe being refined, its measured evaluation record, the
     context runs): the sensitivities are corrected by the measured in-recipe steps first
-    (planner.allocate.refined_groups) and the prediction is anchored at the measured KLD."""
+    (allocator.solver.refined_groups) and the prediction is anchored at the measured KLD."""
     from .fileio import read_json_object
 
     table = read_json_object(sensitivity, "sensitivity table")
     groups = sens.options(table)
-    s = sens.settings_from(table["settings"])
+    s = sens.settings_from(table["settings"], f"{sensitivity}: settings")
     if refine is not None:
         groups, anchor, note = _refined(groups, *refine)
     a, info = alloc.allocate_budget(table, budget, groups, size_of_bytes, resolution)
@@ -339,21 +336,25 @@ def _refined(groups: list[alloc.Group], allocation: Path, measured: Path,
                    "context_runs": len(context)}, [f"refined by {len(context)} in-recipe runs", shifts]
 
 
-def evaluate_base(bin_dir: Path, model: Path, text: Path, kld_base: Path, log: Path,
-                  ev: argv.EvalSettings, timeout_s: float | None = None) -> dict:
+def evaluate_base(bin_dir: Path, model: Path, text: Path, kld_base: Path, log: Path, ev: EvalSettings,
+                  threads: int, timeout_s: float | None = None) -> dict:
     """PPL of the reference, writing the KLD base logits; returns the evaluation record."""
-    return run.perplexity_base(bin_dir, first_shard(model), text, kld_base, log, ev, timeout_s)
+    check_run(bin_dir, "eval", ev.run)
+    return run.perplexity_base(bin_dir, first_shard(model), text, kld_base, log, ev, threads, timeout_s)
 
 
-def evaluate_quant(bin_dir: Path, model: Path, kld_base: Path, log: Path, ev: argv.EvalSettings,
+def evaluate_quant(bin_dir: Path, model: Path, kld_base: Path, log: Path, ev: EvalSettings, threads: int,
                    timeout_s: float | None = None) -> dict:
     """PPL + KLD of a quant against the base logits; returns the evaluation record."""
-    return run.perplexity_kld(bin_dir, first_shard(model), kld_base, log, ev, timeout_s)
+    check_run(bin_dir, "eval", ev.run)
+    return run.perplexity_kld(bin_dir, first_shard(model), kld_base, log, ev, threads, timeout_s)
 
 
-def bench(bin_dir: Path, model: Path, log: Path, b: argv.BenchSettings, timeout_s: float | None = None) -> dict:
+def bench(bin_dir: Path, model: Path, log: Path, b: BenchSettings, threads: int,
+          timeout_s: float | None = None) -> dict:
     """Speed of a model (a quant or the reference): llama-sweep-bench, repeated; its record."""
-    return sweep_bench(bin_dir, first_shard(model), log, b, timeout_s)
+    check_run(bin_dir, "bench", b.run)
+    return sweep_bench(bin_dir, first_shard(model), log, b, threads, timeout_s)
 
 
 def require_clean(report: CheckReport) -> None:

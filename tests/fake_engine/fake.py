@@ -126,7 +126,7 @@ def install(bin_dir: Path) -> Path:
     writes them."""
     import json
 
-    from quantsweep.engine.settings import help_flags
+    from quantsweep.engine.argv import help_flags
 
     bin_dir.mkdir(parents=True, exist_ok=True)
     for tool in ("llama-imatrix", "llama-quantize", "llama-perplexity", "llama-sweep-bench"):

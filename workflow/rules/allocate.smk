@@ -7,9 +7,12 @@
 #   results/refine/{model}/{quant}/{group}.json    allocate.refine: the recipe with one group up
 
 
+include: "allocate_functions.smk"
+
+
 rule pool:
     input:
-        unpack(get_pool_input),
+        unpack(get_fitted_imatrix),
         quantize=rules.engine_build.output.quantize,
         run_settings=ancient(rules.run_settings.output[0]),
         model=get_model,
@@ -24,9 +27,9 @@ rule pool:
         get_engine_env()
     threads: threads_engine
     resources:
-        mem_mb=mem_mb_quantize,
-        disk_mb=disk_mb_pool,
-        runtime=runtime_quantize,
+        mem_mb=mem_mb_streamed_model,
+        disk_mb=disk_mb_pool_file,
+        runtime=runtime_quantization,
     params:
         bin_dir=get_bin_dir,
         imatrix=get_imatrix_arg,
@@ -48,7 +51,7 @@ checkpoint sensitivity_groups:
     conda:
         "../../envs/quantsweep.yaml"
     params:
-        settings=get_allocate_settings_json,
+        settings=ALLOC.sensitivity_json(),
         flags=get_sensitivity_group_flags,
     shell:
         "quantsweep sensitivity groups --model {input.model:q} --settings {params.settings:q}"
@@ -74,20 +77,20 @@ rule sensitivity_run:
         get_engine_env()
     threads: threads_engine
     resources:
-        mem_mb=mem_mb_sensitivity,
-        disk_mb=disk_mb_sensitivity,
-        runtime=runtime_eval,
-        gpu=gpu_engine,
+        mem_mb=mem_mb_assembled_model,
+        disk_mb=disk_mb_assembled_model,
+        runtime=runtime_evaluation,
+        gpu=gpus_engine,
     params:
         bin_dir=get_bin_dir,
         pools=get_pool_args,
         run=get_sensitivity_run_args,
-        ev=get_eval_args,
+        settings=EVAL_SETTINGS,
     shell:
         "quantsweep sensitivity run --bin-dir {params.bin_dir:q} --model {input.model:q}"
         " --groups {input.groups:q} {params.run:q} {params.pools:q}"
         " --kld-base {input.kld_base:q} --result {output.result:q} --log {log:q}"
-        " --threads {threads} --manifest {output.manifest:q} {params.ev:q}"
+        " --threads {threads} --manifest {output.manifest:q} --settings {params.settings:q}"
         " --timeout-min {resources.runtime}"
 
 
@@ -135,12 +138,12 @@ rule allocate:
     conda:
         "../../envs/quantsweep.yaml"
     params:
-        budget=get_budget_args,
-        resolution=config.get("allocate", {}).get("resolution", 65536),
+        settings=get_allocate_settings,
+        size_of=get_size_of_args,
         refine=get_refine_args,
     shell:
         "quantsweep allocate --sensitivity {input.table:q} --model {input.model:q}"
-        " {params.budget:q} --name {wildcards.quant:q} --resolution {params.resolution}"
+        " --settings {params.settings:q} {params.size_of:q}"
         " {params.refine:q}"
         " -o {output.recipe:q} --json {output.json:q} --manifest {output.manifest:q}"
         " > {log:q} 2>&1"
@@ -168,21 +171,21 @@ rule sensitivity_context:
         get_engine_env()
     threads: threads_engine
     resources:
-        mem_mb=mem_mb_sensitivity,
-        disk_mb=disk_mb_sensitivity,
-        runtime=runtime_eval,
-        gpu=gpu_engine,
+        mem_mb=mem_mb_assembled_model,
+        disk_mb=disk_mb_assembled_model,
+        runtime=runtime_evaluation,
+        gpu=gpus_engine,
     params:
         bin_dir=get_bin_dir,
         pools=get_pool_args,
         imatrix=get_imatrix_arg,
-        ev=get_eval_args,
+        settings=EVAL_SETTINGS,
     shell:
         "quantsweep sensitivity context --bin-dir {params.bin_dir:q} --model {input.model:q}"
         " --sensitivity {input.table:q} --allocation {input.allocation:q}"
         " --group {wildcards.group:q} {params.imatrix:q} {params.pools:q}"
         " --kld-base {input.kld_base:q} --result {output.result:q} --log {log:q}"
-        " --threads {threads} --manifest {output.manifest:q} {params.ev:q}"
+        " --threads {threads} --manifest {output.manifest:q} --settings {params.settings:q}"
         " --timeout-min {resources.runtime}"
 
 

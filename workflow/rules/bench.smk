@@ -1,5 +1,5 @@
 # Speed (bench.enabled): llama-sweep-bench on every quant and on the reference model. A bench job
-# holds every core (threads_bench), so no other job shares the machine while it measures.
+# holds every core (threads_whole_machine), so no other job shares the machine while it measures.
 rule bench_quant:
     input:
         model=rules.quantize.output.gguf,
@@ -13,19 +13,20 @@ rule bench_quant:
         "logs/bench/{model}/{quant}.log",
     conda:
         get_engine_env()
-    threads: threads_bench
+    threads: threads_whole_machine
     resources:
-        mem_mb=mem_mb_engine,
-        runtime=runtime_bench,
-        gpu=gpu_engine,
+        mem_mb=mem_mb_resident_model,
+        runtime=runtime_benchmark,
+        gpu=gpus_engine,
     params:
         bin_dir=get_bin_dir,
         threads=threads_engine,
-        bench=get_bench_args,
+        settings=SWEEP.bench.to_json(only=SWEEP.bench.MEASURE),
     shell:
         "quantsweep bench --bin-dir {params.bin_dir:q} --model {input.model:q}"
         " --result {output.result:q} --log {log:q} --threads {params.threads}"
-        " --manifest {output.manifest:q} {params.bench:q} --timeout-min {resources.runtime}"
+        " --manifest {output.manifest:q} --settings {params.settings:q}"
+        " --timeout-min {resources.runtime}"
 
 
 # The unquantized reference (eval.reference: base); a reference quant is measured by bench_quant.

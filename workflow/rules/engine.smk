@@ -1,3 +1,6 @@
+include: "engine_functions.smk"
+
+
 rule engine_build:
     output:
         **get_engine_tool_outputs(),
@@ -8,11 +11,11 @@ rule engine_build:
         get_engine_env()
     threads: threads_engine
     params:
-        spec=get_engine_spec,
-        cache_dir=config["engine"]["cache_dir"],
+        settings=SWEEP.engine.build_json(),
+        cache_dir=SWEEP.engine.cache_dir,
         outdir=get_engine_outdir,
     shell:
-        "quantsweep engine build --spec {params.spec:q} --cache-dir={params.cache_dir:q}"
+        "quantsweep engine build --settings {params.settings:q} --cache-dir={params.cache_dir:q}"
         " --out {params.outdir:q} --log {log:q}"
 
 
@@ -30,8 +33,7 @@ rule run_settings:
     conda:
         "../../envs/quantsweep.yaml"
     params:
-        run=get_run_section_json,
-        steps=",".join(ENGINE_STEPS),
+        settings=get_step_runs_json(),
     shell:
-        "quantsweep engine check-run --engine {input.meta:q} --run {params.run:q}"
-        " --steps {params.steps:q} -o {output:q} > {log:q} 2>&1"
+        "quantsweep engine check-run --engine {input.meta:q} --settings {params.settings:q}"
+        " -o {output:q} > {log:q} 2>&1"

@@ -1,3 +1,6 @@
+include: "evaluate_functions.smk"
+
+
 rule eval_baseline:
     input:
         model=get_model,
@@ -16,18 +19,18 @@ rule eval_baseline:
         get_engine_env()
     threads: threads_engine
     resources:
-        mem_mb=mem_mb_engine,
-        disk_mb=disk_mb_eval,
-        runtime=runtime_eval,
-        gpu=gpu_engine,
+        mem_mb=mem_mb_resident_model,
+        disk_mb=disk_mb_kld_base,
+        runtime=runtime_evaluation,
+        gpu=gpus_engine,
     params:
         bin_dir=get_bin_dir,
-        ev=get_eval_args,
+        settings=EVAL_SETTINGS,
     shell:
         "quantsweep eval base --bin-dir {params.bin_dir:q} --model {input.model:q}"
         " --text {input.text:q} --kld-base {output.kld_base:q} --result {output.result:q}"
-        " --log {log:q} --threads {threads} --manifest {output.manifest:q} {params.ev:q}"
-        " --timeout-min {resources.runtime}"
+        " --log {log:q} --threads {threads} --manifest {output.manifest:q}"
+        " --settings {params.settings:q} --timeout-min {resources.runtime}"
 
 
 # eval.reference = <quant>: that quant's PPL run writes the KLD base logits (and baseline.json)
@@ -65,15 +68,15 @@ rule eval_quant:
         get_engine_env()
     threads: threads_engine
     resources:
-        mem_mb=mem_mb_engine,
-        disk_mb=disk_mb_eval,
-        runtime=runtime_eval,
-        gpu=gpu_engine,
+        mem_mb=mem_mb_resident_model,
+        disk_mb=disk_mb_kld_base,
+        runtime=runtime_evaluation,
+        gpu=gpus_engine,
     params:
         bin_dir=get_bin_dir,
-        ev=get_eval_args,
+        settings=EVAL_SETTINGS,
     shell:
         "quantsweep eval kld --bin-dir {params.bin_dir:q} --model {input.model:q}"
         " --kld-base {input.kld_base:q} --result {output.result:q}"
-        " --log {log:q} --threads {threads} --manifest {output.manifest:q} {params.ev:q}"
-        " --timeout-min {resources.runtime}"
+        " --log {log:q} --threads {threads} --manifest {output.manifest:q}"
+        " --settings {params.settings:q} --timeout-min {resources.runtime}"

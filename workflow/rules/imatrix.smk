@@ -1,3 +1,6 @@
+include: "imatrix_functions.smk"
+
+
 rule imatrix_collect:
     input:
         model=get_model,
@@ -16,21 +19,18 @@ rule imatrix_collect:
         get_engine_env()
     threads: threads_engine
     resources:
-        mem_mb=mem_mb_engine,
-        disk_mb=disk_mb_imatrix,
-        runtime=runtime_imatrix,
-        gpu=gpu_engine,
+        mem_mb=mem_mb_resident_model,
+        disk_mb=disk_mb_imatrix_file,
+        runtime=runtime_calibration,
+        gpu=gpus_engine,
     params:
         bin_dir=get_bin_dir,
-        ctx=config["imatrix"]["ctx"],
-        chunks=config["imatrix"]["chunks"],
-        run=get_run_json("imatrix"),
+        settings=SWEEP.imatrix.to_json(only=SWEEP.imatrix.COLLECT),
     shell:
         "quantsweep imatrix collect --bin-dir {params.bin_dir:q} --model {input.model:q}"
         " --text {input.text:q} -o {output.dat:q} --record {output.record:q} --log {log:q}"
-        " --mode {wildcards.imatrix_pass} --ctx {params.ctx} --chunks {params.chunks}"
-        " --threads {threads} --run {params.run:q} --manifest {output.manifest:q}"
-        " --timeout-min {resources.runtime}"
+        " --mode {wildcards.imatrix_pass} --threads {threads} --settings {params.settings:q}"
+        " --manifest {output.manifest:q} --timeout-min {resources.runtime}"
 
 
 rule imatrix_remap:

@@ -1,3 +1,6 @@
+include: "model_functions.smk"
+
+
 rule tiny_model:
     output:
         "resources/models/{model}.gguf",
@@ -6,9 +9,9 @@ rule tiny_model:
     conda:
         "../../envs/quantsweep.yaml"
     params:
-        args=get_tiny_model_args,
+        settings=get_tiny_settings,
     shell:
-        "quantsweep tiny-model -o {output:q} {params.args:q} 2> {log:q}"
+        "quantsweep tiny-model -o {output:q} --settings {params.settings:q} 2> {log:q}"
 
 
 rule bundled_text:
@@ -36,16 +39,16 @@ checkpoint convert:
         model=HF_MODELS,
     conda:
         "../../envs/convert.yaml"
-    threads: threads_convert
+    threads: threads_converter
     resources:
-        mem_mb=mem_mb_convert,
-        disk_mb=disk_mb_convert,
-        runtime=runtime_convert,
+        mem_mb=mem_mb_converter,
+        disk_mb=disk_mb_converted_model,
+        runtime=runtime_conversion,
     params:
-        convert=get_convert_args,
-        spec=get_converter_spec,
-        cache_dir=config["engine"]["cache_dir"],
+        checkpoint=get_checkpoint_dir,
+        settings=get_convert_settings,
+        cache_dir=SWEEP.engine.cache_dir,
     shell:
-        "quantsweep convert {params.convert:q} --out-dir {output.model:q} --name {wildcards.model:q}"
-        " --spec {params.spec:q} --cache-dir={params.cache_dir:q} --threads {threads}"
-        " --log {log:q} --manifest {output.manifest:q}"
+        "quantsweep convert --checkpoint {params.checkpoint:q} --out-dir {output.model:q}"
+        " --name {wildcards.model:q} --settings {params.settings:q} --cache-dir={params.cache_dir:q}"
+        " --threads {threads} --log {log:q} --manifest {output.manifest:q}"

@@ -1,3 +1,6 @@
+include: "quantize_functions.smk"
+
+
 rule quantize:
     input:
         unpack(get_quantize_input),
@@ -11,9 +14,9 @@ rule quantize:
         get_engine_env()
     threads: threads_engine
     resources:
-        mem_mb=mem_mb_quantize,
-        disk_mb=disk_mb_quantize,
-        runtime=runtime_quantize,
+        mem_mb=mem_mb_streamed_model,
+        disk_mb=disk_mb_quant_file,
+        runtime=runtime_quantization,
     params:
         bin_dir=get_bin_dir,
         type_args=get_type_args,

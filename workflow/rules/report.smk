@@ -1,3 +1,6 @@
+include: "report_functions.smk"
+
+
 rule report:
     input:
         get_summary_input,
@@ -36,10 +39,10 @@ rule report:
         "../../envs/quantsweep.yaml"
     params:
         entries=get_summary_entries_json,
-        gate=get_gate_json,
+        settings=SWEEP.gate.to_json(),
         speed=get_speed_plot_arg,
     shell:
-        "quantsweep report --entries {params.entries:q} --gate {params.gate:q}"
+        "quantsweep report --entries {params.entries:q} --settings {params.settings:q}"
         " --csv {output.csv:q} --md {output.md:q} --html {output.html:q}"
         " --plot-lnppl {output.lnppl:q} --plot-kld {output.kld:q} {params.speed:q}"
         " --manifest {output.manifest:q} > {log:q} 2>&1"

@@ -36,6 +36,7 @@ def _files(a, names: tuple[str, ...]) -> dict[str, list[str]]:
 def _write_manifest(a, result, argv: list[str], started: float, wall: float) -> None:
     from .. import manifest
     from ..fileio import write_json
+    from ..settings.tools import record_run
 
     result = result if isinstance(result, dict) else {}
     inputs = {**_files(a, a.manifest_inputs), **result.get("inputs", {})}
@@ -43,7 +44,7 @@ def _write_manifest(a, result, argv: list[str], started: float, wall: float) -> 
     cmds = result.get("cmds") or ([result["cmd"]] if result.get("cmd") else [])
     m = manifest.build(argv=["quantsweep", *argv], inputs=inputs, outputs=outputs, started=started, wall_s=wall,
                        bin_dir=getattr(a, "bin_dir", None), engine_cmds=cmds)
-    run = result.get("run") or (result.get("eval") or {}).get("run")
+    run = record_run(result)
     if run is not None:  # how the engine ran (PPL depends on -b/-ub) and what it reports it ran
         m.update(run_settings=run, ran=result.get("ran", {}))
     m.update(result.get("provenance", {}))  # what only the step knows (a conversion's checkpoint)

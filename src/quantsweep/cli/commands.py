@@ -9,18 +9,24 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import QuantsweepError
+from ..settings import read_json_arg
 
 
 def bundled_text(name: str) -> str:
     return resources.files("quantsweep").joinpath("data", f"{name}.txt").read_text(encoding="utf-8")
 
 
-def _json_arg(value: str, what: str):
-    """A JSON argument given inline or as a .json file."""
-    try:
-        return json.loads(Path(value).read_text()) if value.endswith(".json") else json.loads(value)
-    except json.JSONDecodeError as e:
-        raise QuantsweepError(f"--{what}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+def _settings(a, cls, section: str, **overrides):
+    """The step's settings: --settings (the config's `section` as the workflow passes it), with
+    the options given by hand put over it (None: not given), checked as the config is."""
+    from ..settings import RunSettings
+
+    s = cls.from_dict(read_json_arg(a.settings, "--settings"), section)
+    if getattr(a, "run", None) is not None:  # the step's run settings, key by key over the settings' run
+        given = read_json_arg(a.run, "--run")
+        RunSettings.from_dict(given, f"run.{section}")
+        overrides["run"] = {**s.run.to_dict(), **given}
+    return s.updated(overrides, section)
 
 
 def _timeout(a) -> float | None:
@@ -36,25 +42,30 @@ def _write_record(path: str, rec: dict) -> None:
 
 
 def _engine_build(a) -> None:
-    from ..engine.build import EngineSpec, install_engine
+    from ..engine.build import install_engine
+    from ..settings import EngineSpec
 
-    spec = EngineSpec.from_dict(_json_arg(a.spec, "spec") if a.spec else {})
+    spec = EngineSpec.from_json(a.settings, "engine")
     meta = install_engine(spec, Path(a.out), Path(a.cache_dir) if a.cache_dir else None,
-                          Path(a.log) if a.log else sys.stderr)
+                          Path(a.log) if a.log else sys.stderr, jobs=a.jobs)
     print(f"engine ready in {a.out} (source {meta['source']}, key {meta.get('key', '-')})")
 
 
 def _engine_check_run(a) -> None:
     """Every step's run settings against the installed engine's flags, before the sweep starts."""
-    from ..engine.settings import check_steps, resolve
     from ..fileio import read_json_object, write_json
+    from ..settings import STEPS, check_steps, resolve_run
 
     meta = read_json_object(a.engine, "engine metadata")
-    settings = resolve(_json_arg(a.run, "run"))
-    steps = [s for s in a.steps.split(",") if s]
-    check_steps(settings, meta.get("flags") or {}, steps)
+    section = read_json_arg(a.settings, "--settings")
+    runs = resolve_run(section)
+    named = [k for k in section if k in STEPS] if isinstance(section, dict) else []
+    steps = [s for s in a.steps.split(",") if s] if a.steps else (named or list(STEPS))
+    if unknown := [s for s in steps if s not in runs]:
+        raise QuantsweepError(f"--steps: {unknown[0]!r} is not an engine step ({', '.join(STEPS)})")
+    check_steps({step: runs[step] for step in steps}, meta.get("flags") or {})
     if a.output:
-        write_json(a.output, {step: settings[step].to_dict() for step in steps})
+        write_json(a.output, {step: runs[step].to_dict() for step in steps})
     print(f"run settings OK for {', '.join(steps)} against {a.engine}")
 
 
@@ -62,24 +73,33 @@ def _convert(a) -> dict:
     import os
 
     from ..engine.build import default_cache_dir
-    from ..engine.spec import EngineSpec
+    from ..settings import ConvertSettings
     from ..steps import convert
 
-    spec = EngineSpec.from_dict(_json_arg(a.spec, "spec") if a.spec else {})
+    s = ConvertSettings.from_json(a.settings, "--settings")
+    model = s.model.updated({"outtype": a.outtype, "split_max_size": a.split_max_size}, "model")
     if a.threads > 0:
         os.environ["OMP_NUM_THREADS"] = str(a.threads)  # the converter's torch
-    rec = convert(Path(a.checkpoint), spec, Path(a.cache_dir) if a.cache_dir else default_cache_dir(),
-                  Path(a.out_dir), a.name, a.outtype, a.split_max_size, a.python, Path(a.log) if a.log else None)
+    cache = Path(a.cache_dir or s.engine.cache_dir) if (a.cache_dir or s.engine.cache_dir) else default_cache_dir()
+    rec = convert(Path(a.checkpoint), model, s.engine, cache, Path(a.out_dir), a.name, a.python,
+                  Path(a.log) if a.log else None)
     print(f"converted {a.checkpoint} -> {rec['model']} ({len(rec['files'])} file(s))")
     return rec
 
 
+def tiny_spec(a):
+    """The tiny model's spec: --settings (models.<name>'s knobs), the options by hand over it."""
+    from ..settings import TinySpec
+
+    return _settings(a, TinySpec, "tiny-model", seed=a.seed, layout="ik" if a.split_kv_b else a.layout,
+                     dead_channels=a.dead_channels)
+
+
 def _tiny_model(a) -> None:
-    from ..tinymodel import TinySpec, write_tiny_model
+    from ..tinymodel import write_tiny_model
 
     train = Path(a.train_text).read_text(encoding="utf-8") if a.train_text else bundled_text("train")
-    spec = TinySpec(seed=a.seed, layout=a.layout, split_kv_b=a.split_kv_b, dead_channels=a.dead_channels)
-    write_tiny_model(a.output, train, spec)
+    write_tiny_model(a.output, train, tiny_spec(a))
 
 
 def _tiny_checkpoint(a) -> None:
@@ -99,16 +119,17 @@ def _text(a) -> None:
 def _config_check(a) -> None:
     from .. import config
 
-    cfg = config.check_files(a.files)
-    print(f"OK: {' + '.join(a.files)}: {len(cfg['models'])} model(s), {len(cfg['quants'])} quant(s)")
+    sweep = config.check_files(a.files)
+    print(f"OK: {' + '.join(a.files)}: {len(sweep.models)} model(s), {len(sweep.quants)} quant(s)")
 
 
 def _imatrix_collect(a) -> dict:
-    from ..steps import collect_imatrix, run_settings
+    from ..settings import ImatrixSettings
+    from ..steps import collect_imatrix
 
-    settings = run_settings(Path(a.bin_dir), "imatrix", _json_arg(a.run, "run"))
+    s = _settings(a, ImatrixSettings, "imatrix", ctx=a.ctx, chunks=a.chunks)
     rec = collect_imatrix(Path(a.bin_dir), Path(a.model), Path(a.text), Path(a.output), Path(a.log), a.mode,
-                          a.ctx, a.chunks, a.threads, _timeout(a), settings)
+                          s, a.threads, _timeout(a))
     _write_record(a.record, rec)
     return rec
 
@@ -208,10 +229,10 @@ def _pool(a) -> dict:
 
 def _sensitivity_groups(a) -> None:
     from ..fileio import write_json
-    from ..planner.groups import Settings
+    from ..settings import AllocateSettings
     from ..steps import sensitivity_groups
 
-    s = Settings.from_config(_json_arg(a.settings, "settings"), "--settings")
+    s = AllocateSettings.from_json(a.settings, "allocate")
     doc = sensitivity_groups(Path(a.model), s, not a.no_imatrix)
     write_json(a.output, doc)
     print(f"{len(doc['groups'])} groups, {len(doc['runs'])} runs besides the top run ({s.top} everywhere)")
@@ -229,7 +250,7 @@ def _sensitivity_run(a) -> dict:
     if bool(a.group) != bool(a.type):
         raise QuantsweepError("sensitivity run: give --group and --type together (neither: the all-top run)")
     rec = sensitivity_run(Path(a.bin_dir), Path(a.model), Path(a.groups), a.group or None, a.type or None,
-                          _pools(a.pool), Path(a.kld_base), Path(a.log), _eval_settings(a),
+                          _pools(a.pool), Path(a.kld_base), Path(a.log), _eval_settings(a), a.threads,
                           Path(a.imatrix) if a.imatrix else None, _work_file(a.result), _timeout(a))
     _write_record(a.result, rec)
     return rec
@@ -239,7 +260,7 @@ def _sensitivity_context(a) -> dict:
     from ..steps import context_run
 
     rec = context_run(Path(a.bin_dir), Path(a.model), Path(a.sensitivity), Path(a.allocation), a.group,
-                      _pools(a.pool), Path(a.kld_base), Path(a.log), _eval_settings(a),
+                      _pools(a.pool), Path(a.kld_base), Path(a.log), _eval_settings(a), a.threads,
                       Path(a.imatrix) if a.imatrix else None, _work_file(a.result), _timeout(a))
     _write_record(a.result, rec)
     return rec
@@ -247,7 +268,7 @@ def _sensitivity_context(a) -> dict:
 
 def _sensitivity_table(a) -> None:
     from ..fileio import read_json_object, write_json
-    from ..planner.sensitivity import table
+    from ..allocator.sensitivity import table
 
     runs = {}
     for path in a.runs:
@@ -256,24 +277,39 @@ def _sensitivity_table(a) -> None:
     write_json(a.output, table(a.groups, a.top, runs))
 
 
+def _budget(a, s):
+    """The budget: one given by hand (--gib, --bpw, --size-of, --gpu-gib/--ram-gib), else the one
+    of --settings (the workflow's: a size_of budget then names its quant, --size-of its ftype or
+    recipe); checked once, by Budget.from_dict."""
+    from ..settings import Budget
+
+    hand = {"gib": a.gib, "bpw": a.bpw, "gpu_gib": a.gpu_gib, "ram_gib": a.ram_gib}
+    if any(v is not None for v in hand.values()) or (a.size_of and not s.budgets):
+        name = a.size_of_name or a.size_of
+        return Budget.from_dict({k: v for k, v in {**hand, "size_of": name, "name": a.name}.items() if v}, "allocate")
+    if len(s.budgets) != 1:
+        raise QuantsweepError(f"allocate: give one budget (--settings has {len(s.budgets)}; or --gib, --bpw, "
+                              "--size-of, --gpu-gib with --ram-gib)")
+    b = s.budgets[0]
+    return b.updated({"name": a.name or None}, "allocate.budgets[0]")
+
+
 def _allocate(a) -> dict:
     from ..fileio import write_json, write_text
-    from ..planner.allocate import Budget
+    from ..settings import AllocateSettings
     from ..steps import allocate, size_of
 
-    if (a.gpu_gib is None) != (a.ram_gib is None):
-        raise QuantsweepError("allocate: --gpu-gib and --ram-gib go together (a split budget)")
-    budget = Budget.from_dict({"name": a.name, "gib": a.gib, "bpw": a.bpw, "size_of": a.size_of_name or a.size_of,
-                               "gpu_gib": a.gpu_gib, "ram_gib": a.ram_gib}, "allocate")
+    s = _settings(a, AllocateSettings, "allocate", resolution=a.resolution)
+    budget = _budget(a, s)
     nbytes = None
-    if a.size_of:
+    if budget.size_of:
         if not a.model:
-            raise QuantsweepError("allocate: --size-of needs --model (the quant is planned on it)")
-        nbytes = size_of(Path(a.model), a.size_of, not a.size_of_no_imatrix)
+            raise QuantsweepError("allocate: a size_of budget needs --model (the quant is planned on it)")
+        nbytes = size_of(Path(a.model), a.size_of or budget.size_of, not a.size_of_no_imatrix)
     if bool(a.refine) != bool(a.measured):
         raise QuantsweepError("allocate: --refine and --measured go together")
     refine = (Path(a.refine), Path(a.measured), [Path(p) for p in a.context]) if a.refine else None
-    text, info = allocate(Path(a.sensitivity), budget, nbytes, a.resolution, refine)
+    text, info = allocate(Path(a.sensitivity), budget, nbytes, s.resolution, refine)
     info["recipe"] = a.output
     write_text(a.output, text)
     if a.json:
@@ -304,24 +340,23 @@ def _recipe_args(a) -> None:
 
 
 def _eval_settings(a):
-    from ..engine.argv import EvalSettings
-    from ..steps import run_settings
+    from ..settings import EvalSettings
 
-    return EvalSettings(ctx=a.ctx, chunks=a.chunks, threads=a.threads, mla=a.mla, fa=a.fa,
-                        run=run_settings(Path(a.bin_dir), "eval", _json_arg(a.run, "run")))
+    return _settings(a, EvalSettings, "eval", ctx=a.ctx, chunks=a.chunks, mla=a.mla, fa=a.fa)
 
 
 def _bench(a) -> dict:
-    from ..engine.argv import BenchSettings
-    from ..steps import bench, run_settings
+    from ..settings import BenchSettings
+    from ..steps import bench
 
-    try:
-        depths = tuple(int(d) for d in a.depths.split(","))
-    except ValueError:
-        raise QuantsweepError(f"--depths: {a.depths!r} is not a comma-separated list of numbers") from None
-    b = BenchSettings(depths=depths, tg=a.tg, repeats=a.repeats, mla=a.mla, fa=a.fa, threads=a.threads,
-                      run=run_settings(Path(a.bin_dir), "bench", _json_arg(a.run, "run")))
-    rec = bench(Path(a.bin_dir), Path(a.model), Path(a.log), b, _timeout(a))
+    depths = None
+    if a.depths is not None:
+        try:
+            depths = [int(d) for d in a.depths.split(",")]
+        except ValueError:
+            raise QuantsweepError(f"--depths: {a.depths!r} is not a comma-separated list of numbers") from None
+    b = _settings(a, BenchSettings, "bench", depths=depths, tg=a.tg, repeats=a.repeats, mla=a.mla, fa=a.fa)
+    rec = bench(Path(a.bin_dir), Path(a.model), Path(a.log), b, a.threads, _timeout(a))
     _write_record(a.result, rec)
     return rec
 
@@ -330,7 +365,7 @@ def _eval_base(a) -> dict:
     from ..steps import evaluate_base
 
     rec = evaluate_base(Path(a.bin_dir), Path(a.model), Path(a.text), Path(a.kld_base), Path(a.log),
-                        _eval_settings(a), _timeout(a))
+                        _eval_settings(a), a.threads, _timeout(a))
     _write_record(a.result, rec)
     return rec
 
@@ -339,17 +374,18 @@ def _eval_kld(a) -> dict:
     from ..steps import evaluate_quant
 
     rec = evaluate_quant(Path(a.bin_dir), Path(a.model), Path(a.kld_base), Path(a.log), _eval_settings(a),
-                         _timeout(a))
+                         a.threads, _timeout(a))
     _write_record(a.result, rec)
     return rec
 
 
 def _report(a) -> dict:
-    from ..report import Gate, parse_entries, smallest_passing, write_report
+    from ..report import parse_entries, smallest_passing, write_report
     from ..report.entries import bench_paths, evaluation_paths
+    from ..settings import Gate
 
-    gate = Gate.from_dict(_json_arg(a.gate, "gate"))
-    entries = parse_entries(_json_arg(a.entries, "entries"))
+    gate = Gate.from_json(a.settings, "gate")
+    entries = parse_entries(read_json_arg(a.entries, "--entries"))
     plots = {"lnppl": a.plot_lnppl, "kld": a.plot_kld, **({"speed": a.plot_speed} if a.plot_speed else {})}
     rows = write_report(entries, gate, a.csv, a.md, a.html, plots)
     print(f"wrote {a.csv}, {a.md}, {a.html}, {', '.join(plots.values())}: {len(rows)} rows; gate: {gate.describe()}")

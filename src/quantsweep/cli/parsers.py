@@ -6,10 +6,17 @@ from __future__ import annotations
 import argparse
 
 from .. import __version__
+from ..settings import (AllocateSettings, BenchSettings, EngineSpec, EvalSettings, Gate, ImatrixSettings, ModelSettings,
+                        RunSettings, TinySpec)
+from ..settings.measure import ATTENTION, MLA_MODES, PASSES
+from ..settings.model import OUTTYPES
+from ..settings.tiny import LAYOUTS
 from . import commands as c
 
 DESCRIPTION = ("quantsweep: imatrix-guided ik_llama.cpp quantization sweeps of DeepSeek-family models. "
-               "Each subcommand is one pipeline step, as the workflow's rules run it.")
+               "Each subcommand is one pipeline step, as the workflow's rules run it: the config's settings "
+               "of the step as one --settings JSON (what differs from the defaults; {} = every default), "
+               "files and the job's threads as options. The other options override one setting by hand.")
 
 
 def _add_timeout(p) -> None:
@@ -17,9 +24,24 @@ def _add_timeout(p) -> None:
                    help="kill the engine run after this many minutes (the workflow passes the rule's runtime)")
 
 
-def _add_run(p) -> None:
-    p.add_argument("--run", default="{}", help="JSON (or a .json file) of the step's run settings: gpu_layers, "
-                   "override_tensors, batch, ubatch, mmap, threads, threads_batch, extra_args (config run.<step>)")
+def _add_settings(p, section: str, cls, keys: str = "") -> None:
+    """--settings: the step's settings object (config `section`) as JSON; the class holds the defaults."""
+    keys = keys or ", ".join(cls().to_dict())
+    p.add_argument("--settings", default="{}", metavar="JSON",
+                   help=f"JSON (or a .json file) of the config's {section} settings this step reads ({keys}); "
+                        "missing keys take the defaults; the options below override single keys")
+
+
+def _add_run(p, step: str) -> None:
+    p.add_argument("--run", default=None, metavar="JSON",
+                   help="override the settings' run: JSON of the step's run settings ("
+                        f"{', '.join(RunSettings().to_dict())}; config run.{step} over run.defaults)")
+
+
+def _default(cls, key: str) -> str:
+    """A default in words for --help, read from the settings class that holds it."""
+    v = cls().to_dict()[key]
+    return ",".join(map(str, v)) if isinstance(v, list) else str(v)
 
 
 def _manifested(p, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> None:
@@ -32,15 +54,22 @@ def _add_engine(sub) -> None:
     eng = sub.add_parser("engine", help="build or adopt the ik_llama.cpp tools").add_subparsers(dest="sub",
                                                                                               required=True)
     p = eng.add_parser("build", help="build (cached) and place bin/ + engine.json in --out")
-    p.add_argument("--spec", default="", help="JSON of the config's engine section")
+    p.add_argument("--settings", "--spec", default="{}", metavar="JSON",
+                   help="JSON (or a .json file) of the config's engine section (" + ", ".join(EngineSpec().to_dict())
+                        + "); missing keys take the defaults")
     p.add_argument("--out", required=True)
-    p.add_argument("--cache-dir", default="")
+    p.add_argument("--cache-dir", default="", help="where builds are cached (default: the settings' cache_dir, "
+                   "else $QUANTSWEEP_CACHE, else ~/.cache/quantsweep)")
+    p.add_argument("--jobs", type=int, default=0, help="parallel build jobs (0: every usable CPU)")
     p.add_argument("--log", default="")
     p.set_defaults(func=c._engine_build)
     p = eng.add_parser("check-run", help="check the run settings of every step against the engine's flags")
     p.add_argument("--engine", required=True, help="engine.json of the installed engine")
-    p.add_argument("--run", default="{}", help="JSON of the config's run section")
-    p.add_argument("--steps", default="imatrix,eval,bench", help="the steps the sweep runs (comma-separated)")
+    p.add_argument("--settings", "--run", default="{}", metavar="JSON",
+                   help="JSON (or a .json file): a run section ({defaults, imatrix, eval, bench}; the workflow "
+                        "gives each step it runs, resolved)")
+    p.add_argument("--steps", default="", help="the steps to check (comma-separated; default: the steps the JSON "
+                   "names, every step when it names none)")
     p.add_argument("-o", "--output", default="", help="write each step's resolved settings here (JSON)")
     p.set_defaults(func=c._engine_check_run)
 
@@ -54,9 +83,14 @@ def _add_convert(sub) -> None:
     p.add_argument("--checkpoint", required=True, help="the checkpoint directory (config.json, *.safetensors)")
     p.add_argument("--out-dir", required=True, help="where <name>.gguf (or its shards) go")
     p.add_argument("--name", required=True, help="the model's name (file name stem)")
-    p.add_argument("--outtype", default="bf16", help="bf16 (default), f32 or q8_0")
-    p.add_argument("--split-max-size", default="", help="split into shards of at most this size (e.g. 50G)")
-    p.add_argument("--spec", default="", help="JSON of the config's engine section (the converter keys)")
+    p.add_argument("--settings", default="{}", metavar="JSON",
+                   help='JSON (or a .json file): {"model": the model\'s outtype and split_max_size, "engine": the '
+                        "engine section's converter keys}; missing keys take the defaults")
+    p.add_argument("--outtype", choices=OUTTYPES, default=None,
+                   help=f"override the model's outtype (default {_default(ModelSettings, 'outtype')})")
+    p.add_argument("--split-max-size", default=None,
+                   help="override the model's split_max_size: shards of at most this size (e.g. 50G; default: "
+                        "one file)")
     p.add_argument("--cache-dir", default="", help="where the converter's sdist is cached (as engine build)")
     p.add_argument("--python", default="", help="the interpreter that runs the converter (default: the first "
                    "of this one, python3, python that imports torch and transformers)")
@@ -69,13 +103,16 @@ def _add_convert(sub) -> None:
 def _add_inputs(sub) -> None:
     p = sub.add_parser("tiny-model", help="write the embedded tiny DeepSeek2 GGUF")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--layout", choices=["kv_b", "ik", "mainline"], default="kv_b",
+    _add_settings(p, "models.<name> (source: tiny)", TinySpec, "seed, layout, dead_channels, and every other "
+                  "knob of quantsweep.settings.TinySpec")
+    p.add_argument("--seed", type=int, default=None, help=f"override the seed (default {_default(TinySpec, 'seed')})")
+    p.add_argument("--layout", choices=LAYOUTS, default=None,
                    help="kv_b: 2-D attn_kv_b only; ik: also 2-D attn_k_b/attn_v_b; "
-                        "mainline: 3-D attn_k_b/attn_v_b, no attn_kv_b")
+                        f"mainline: 3-D attn_k_b/attn_v_b, no attn_kv_b (default {_default(TinySpec, 'layout')})")
     p.add_argument("--split-kv-b", action="store_true", help="same as --layout ik")
-    p.add_argument("--dead-channels", type=int, default=0, metavar="N",
-                   help="layer 0's attn_norm gain is zero on channels [0, N)")
+    p.add_argument("--dead-channels", type=int, default=None, metavar="N",
+                   help="layer 0's attn_norm gain is zero on channels [0, N) (default "
+                        f"{_default(TinySpec, 'dead_channels')})")
     p.add_argument("--train-text", default="", help="text for the bigram statistics (default: bundled)")
     p.set_defaults(func=c._tiny_model)
     p = sub.add_parser("tiny-checkpoint", help="write a tiny DeepSeek-V3 Hugging Face checkpoint (bf16, FP8 or "
@@ -97,20 +134,21 @@ def _add_inputs(sub) -> None:
 
 
 def _add_imatrix(sub) -> None:
-    from ..engine.argv import IMATRIX_PASSES
-
     imx = sub.add_parser("imatrix", help="collect and fit importance matrices").add_subparsers(dest="sub",
                                                                                               required=True)
     p = imx.add_parser("collect", help="run one llama-imatrix pass")
     for flag in ("--bin-dir", "--model", "--text", "--log"):
         p.add_argument(flag, required=True)
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--mode", choices=sorted(IMATRIX_PASSES), default="mla")
-    p.add_argument("--ctx", type=int, default=512)
-    p.add_argument("--chunks", type=int, default=32)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--mode", choices=PASSES, default=PASSES[0], help="the pass (imatrix.passes; default %(default)s)")
+    p.add_argument("--threads", type=int, default=2, help="the job's threads (default %(default)s)")
     p.add_argument("--record", default="", help="JSON record of the run")
-    _add_run(p)
+    _add_settings(p, "imatrix", ImatrixSettings, ", ".join(ImatrixSettings.COLLECT))
+    p.add_argument("--ctx", type=int, default=None,
+                   help=f"override the context (default {_default(ImatrixSettings, 'ctx')})")
+    p.add_argument("--chunks", type=int, default=None,
+                   help=f"override the chunks of text (default {_default(ImatrixSettings, 'chunks')})")
+    _add_run(p, "imatrix")
     _add_timeout(p)
     _manifested(p, inputs=("model", "text"), outputs=("output", "record"))
     p.set_defaults(func=c._imatrix_collect)
@@ -224,13 +262,19 @@ def _add_bench(sub) -> None:
     for flag in ("--bin-dir", "--model", "--log"):
         p.add_argument(flag, required=True)
     p.add_argument("--result", required=True, help="JSON record: speeds per depth (median, min, max), host")
-    p.add_argument("--depths", default="0", help="KV depths to report, comma-separated (multiples of the ubatch)")
-    p.add_argument("--tg", type=int, default=128, help="tokens generated per measurement")
-    p.add_argument("--repeats", type=int, default=5, help="separate runs (median and range are reported)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--mla", type=int, default=3)
-    p.add_argument("--fa", default="on", choices=["on", "off", "auto"])
-    _add_run(p)
+    p.add_argument("--threads", type=int, default=2, help="the job's threads (default %(default)s)")
+    _add_settings(p, "bench", BenchSettings, ", ".join(BenchSettings.MEASURE))
+    p.add_argument("--depths", default=None, help="override the KV depths to report, comma-separated (multiples of "
+                   f"the ubatch; default {_default(BenchSettings, 'depths')})")
+    p.add_argument("--tg", type=int, default=None,
+                   help=f"override the tokens generated per measurement (default {_default(BenchSettings, 'tg')})")
+    p.add_argument("--repeats", type=int, default=None, help="override the separate runs (median and range are "
+                   f"reported; default {_default(BenchSettings, 'repeats')})")
+    p.add_argument("--mla", type=int, default=None, choices=MLA_MODES,
+                   help=f"override -mla (default {_default(BenchSettings, 'mla')})")
+    p.add_argument("--fa", default=None, choices=ATTENTION,
+                   help=f"override -fa (default {_default(BenchSettings, 'fa')})")
+    _add_run(p, "bench")
     _add_timeout(p)
     _manifested(p, inputs=("model",), outputs=("result",))
     p.set_defaults(func=c._bench)
@@ -238,19 +282,24 @@ def _add_bench(sub) -> None:
 
 def _add_eval_args(p) -> None:
     """How a perplexity/KLD run is made (eval and the sensitivity runs alike: config eval)."""
-    p.add_argument("--ctx", type=int, default=512)
-    p.add_argument("--chunks", type=int, default=16)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--mla", type=int, default=1)
-    p.add_argument("--fa", default="off", choices=["on", "off", "auto"])
-    _add_run(p)
+    p.add_argument("--threads", type=int, default=2, help="the job's threads (default %(default)s)")
+    _add_settings(p, "eval", EvalSettings, ", ".join(EvalSettings.MEASURE))
+    p.add_argument("--ctx", type=int, default=None,
+                   help=f"override the context (default {_default(EvalSettings, 'ctx')})")
+    p.add_argument("--chunks", type=int, default=None,
+                   help=f"override the chunks of text (default {_default(EvalSettings, 'chunks')})")
+    p.add_argument("--mla", type=int, default=None, choices=MLA_MODES,
+                   help=f"override -mla (default {_default(EvalSettings, 'mla')})")
+    p.add_argument("--fa", default=None, choices=ATTENTION,
+                   help=f"override -fa (default {_default(EvalSettings, 'fa')})")
+    _add_run(p, "eval")
     _add_timeout(p)
 
 
-SETTINGS_HELP = ("JSON (or a .json file) of the config's allocate section: ladder (types, fewest bits first; "
-                 "the last is the top every other group keeps), groups (classes | layers | a list of "
-                 "{match, per: all|layer|tensor|N}), pin ({regex: type}), experts (regex of the tensors a split "
-                 "budget puts in RAM)")
+SETTINGS_HELP = ("JSON (or a .json file) of the config's allocate section; the groups step reads ladder (types, "
+                 "fewest bits first; the last is the top every other group keeps), groups (classes | layers | a "
+                 "list of {match, per: all|layer|tensor|N}), pin ({regex: type}), experts (regex of the tensors a "
+                 "split budget puts in RAM)")
 
 
 def _add_sensitivity(sub) -> None:
@@ -258,7 +307,7 @@ def _add_sensitivity(sub) -> None:
         dest="sub", required=True)
     p = sv.add_parser("groups", help="the groups of a model and their exact bytes per ladder type (groups.json)")
     p.add_argument("--model", required=True)
-    p.add_argument("--settings", required=True, help=SETTINGS_HELP)
+    p.add_argument("--settings", required=True, metavar="JSON", help=SETTINGS_HELP)
     p.add_argument("--no-imatrix", action="store_true", help="plan without an imatrix (types needing one drop out)")
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(func=c._sensitivity_groups)
@@ -300,10 +349,11 @@ of the budget, so the answer always fits). Bytes are the planner's exact tensor 
 budget covers the whole file: the tensors no group holds (norms, ffn_gate_inp), the header and
 each tensor's alignment padding come off it first.
 
-Budgets (one of):
+Budgets: the one budget of --settings (its `budgets`: what the workflow passes), or one of:
   --gib X            the whole file within X GiB
   --bpw X            X bits per weight over all tensors
   --size-of Q        as large as quant Q: an ftype (IQ2_KS) or a recipe YAML, planned on --model
+                     (with a size_of budget from --settings: that quant's ftype or recipe)
   --gpu-gib X --ram-gib Y
                      split: non-expert tensors (and the copied ones) within X GiB, the routed
                      experts (the groups' `experts` regex) within Y; a group mixing both is refused
@@ -327,18 +377,18 @@ def _add_allocate(sub) -> None:
                        description="Write the recipe with the lowest predicted mean KLD that fits a size budget.",
                        epilog=ALLOCATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sensitivity", required=True, help="the sensitivity table (quantsweep sensitivity table)")
-    b = p.add_mutually_exclusive_group(required=True)
-    b.add_argument("--gib", type=float, help="budget: the whole file in GiB")
-    b.add_argument("--bpw", type=float, help="budget: bits per weight over all tensors")
-    b.add_argument("--size-of", default=None, help="budget: the planned size of this ftype or recipe YAML (--model)")
-    b.add_argument("--gpu-gib", type=float, help="split budget: non-expert tensors in GiB (with --ram-gib)")
+    _add_settings(p, "allocate", AllocateSettings, "budgets: one budget; resolution")
+    p.add_argument("--gib", type=float, help="budget: the whole file in GiB")
+    p.add_argument("--bpw", type=float, help="budget: bits per weight over all tensors")
+    p.add_argument("--size-of", default=None, help="budget: the planned size of this ftype or recipe YAML (--model)")
+    p.add_argument("--gpu-gib", type=float, help="split budget: non-expert tensors in GiB (with --ram-gib)")
     p.add_argument("--ram-gib", type=float, help="split budget: routed experts in GiB")
     p.add_argument("--model", default="", help="the model (for --size-of)")
     p.add_argument("--size-of-no-imatrix", action="store_true", help="plan --size-of's quant as made without imatrix")
     p.add_argument("--size-of-name", default="", help="--size-of's quant name in the sweep (what the report says)")
     p.add_argument("--name", default="", help="the recipe's name (default: auto-<budget>)")
-    p.add_argument("--resolution", type=int, default=1 << 16,
-                   help="size units per budget of the exact solver (more: finer, slower; default 65536)")
+    p.add_argument("--resolution", type=int, default=None, help="override the size units per budget of the exact "
+                   f"solver (more: finer, slower; default {_default(AllocateSettings, 'resolution')})")
     p.add_argument("--refine", default="", metavar="ALLOCATION_JSON",
                    help="refine that allocation: correct the sensitivities by its context runs and measured KLD")
     p.add_argument("--measured", default="", help="with --refine: the evaluation record of the recipe refined")
@@ -352,7 +402,9 @@ def _add_allocate(sub) -> None:
 def _add_report(sub) -> None:
     p = sub.add_parser("report", help="summary.csv/.md, size-vs-quality plots (PNG) and a self-contained HTML page")
     p.add_argument("--entries", required=True, help="JSON (or a .json file) listing models, references and quants")
-    p.add_argument("--gate", default="{}", help='JSON (or a .json file): {"max_dppl_pct": X, "max_kld": Y}')
+    p.add_argument("--settings", "--gate", default="{}", metavar="JSON",
+                   help="JSON (or a .json file) of the config's gate section (" + ", ".join(Gate().to_dict())
+                        + "; null or missing: not checked)")
     for flag in ("--csv", "--md", "--html"):
         p.add_argument(flag, required=True)
     p.add_argument("--plot-lnppl", required=True, help="PNG: size vs ln(PPL(Q)/PPL(ref))")

@@ -8,38 +8,36 @@ reference): `-fa` takes a value, `-fmoe` no longer exists, fused ops are switche
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
 from pathlib import Path
 
-from ..errors import ConfigError, StepError
-from .settings import RunSettings
+from ..errors import StepError
+from ..settings import BenchSettings, EvalSettings, ImatrixSettings
+from ..settings.measure import PASSES
 
 # What each imatrix pass collects (ik_llama.md §1.5): `-mla 1 -fa off` gives per-head
 # attn_k_b/attn_v_b data, `-mla 0` gives attn_kv_b. Fused MoE/up-gate ops would hide the
 # gate tensors, so they stay off while collecting.
-IMATRIX_PASSES = {
-    "mla": ["-mla", "1", "-fa", "off"],
-    "std": ["-mla", "0", "-fa", "off"],
-}
+IMATRIX_PASSES = dict(zip(PASSES, (["-mla", "1", "-fa", "off"], ["-mla", "0", "-fa", "off"]), strict=True))
 COLLECT_FLAGS = ["-no-fmoe", "-no-fug"]
 # The common-arg tools otherwise also write ./llama.log into whatever directory they run in;
 # their stdout/stderr (which is parsed and kept in the step's log) is unaffected.
 NO_LOG_FILE = ["--log-disable"]
+# "-ngl, --gpu-layers N" style option lines of `--help` (two leading spaces, then the flags).
+_HELP_FLAGS = re.compile(r"^\s+(-[-\w]+(?:[,\s]+-[-\w]+)*)", re.M)
+_FLAG = re.compile(r"-{1,2}[A-Za-z][-\w]*")
 
 
-@dataclass(frozen=True)
-class EvalSettings:
-    """How every model of a sweep is evaluated; identical for the base and each quant."""
+def help_flags(text: str) -> list[str]:
+    """Every flag an engine tool's `--help` lists (sorted)."""
+    flags = set()
+    for m in _HELP_FLAGS.finditer(text):
+        flags.update(_FLAG.findall(m.group(1)))
+    return sorted(flags)
 
-    ctx: int = 512
-    chunks: int = 16
-    threads: int = 2
-    mla: int = 1
-    fa: str = "off"
-    run: RunSettings = field(default_factory=RunSettings)  # -ngl, -ot, -b/-ub, ... (run.eval)
 
-    def attention_args(self) -> list[str]:
-        return ["-mla", str(self.mla), "-fa", self.fa]
+def attention_args(mla: int, fa: str) -> list[str]:
+    return ["-mla", str(mla), "-fa", fa]
 
 
 def asked_context(cmd: list[str]) -> dict[str, int]:
@@ -56,10 +54,8 @@ def asked_context(cmd: list[str]) -> dict[str, int]:
     return asked
 
 
-def imatrix_cmd(
-    bin_dir: Path, model: Path, text: Path, out: Path, mode: str, ctx: int, chunks: int, threads: int,
-    run: RunSettings = RunSettings(),
-) -> list[str]:
+def imatrix_cmd(bin_dir: Path, model: Path, text: Path, out: Path, mode: str, s: ImatrixSettings,
+                threads: int) -> list[str]:
     if mode not in IMATRIX_PASSES:
         raise StepError(f"imatrix pass {mode!r} is not one of {sorted(IMATRIX_PASSES)}")
     return [
@@ -67,9 +63,9 @@ def imatrix_cmd(
         "-m", str(model),
         "-f", str(text),
         "-o", str(out),
-        "-c", str(ctx),
-        "--chunks", str(chunks),
-        *run.argv(threads),
+        "-c", str(s.ctx),
+        "--chunks", str(s.chunks),
+        *s.run.argv(threads),
         *IMATRIX_PASSES[mode],
         *COLLECT_FLAGS,
         *NO_LOG_FILE,
@@ -87,7 +83,8 @@ def quantize_cmd(
     return cmd + [str(model), str(out), ftype, str(threads)]
 
 
-def perplexity_base_cmd(bin_dir: Path, model: Path, text: Path, kld_base: Path, ev: EvalSettings) -> list[str]:
+def perplexity_base_cmd(bin_dir: Path, model: Path, text: Path, kld_base: Path, ev: EvalSettings,
+                        threads: int) -> list[str]:
     """PPL of the reference model; also writes the base logits every quant is compared with."""
     cmd = [
         str(Path(bin_dir) / "llama-perplexity"),
@@ -95,23 +92,23 @@ def perplexity_base_cmd(bin_dir: Path, model: Path, text: Path, kld_base: Path, 
         "-f", str(text),
         "-c", str(ev.ctx),
         "--chunks", str(ev.chunks),
-        *ev.run.argv(ev.threads),
-        *ev.attention_args(),
+        *ev.run.argv(threads),
+        *attention_args(ev.mla, ev.fa),
         "--kl-divergence-base", str(kld_base),
         *NO_LOG_FILE,
     ]
     return cmd
 
 
-def perplexity_kld_cmd(bin_dir: Path, model: Path, kld_base: Path, ev: EvalSettings) -> list[str]:
+def perplexity_kld_cmd(bin_dir: Path, model: Path, kld_base: Path, ev: EvalSettings, threads: int) -> list[str]:
     """PPL + KLD of a quant; tokens come from the base file, so no text argument."""
     cmd = [
         str(Path(bin_dir) / "llama-perplexity"),
         "-m", str(model),
         "-c", str(ev.ctx),
         "--chunks", str(ev.chunks),
-        *ev.run.argv(ev.threads),
-        *ev.attention_args(),
+        *ev.run.argv(threads),
+        *attention_args(ev.mla, ev.fa),
         "--kl-divergence-base", str(kld_base),
         "--kl-divergence",
         *NO_LOG_FILE,
@@ -119,40 +116,7 @@ def perplexity_kld_cmd(bin_dir: Path, model: Path, kld_base: Path, ev: EvalSetti
     return cmd
 
 
-# The engine's physical batch when -ub is not given: sweep-bench's prompt step is one ubatch.
-ENGINE_UBATCH = 512
-
-
-@dataclass(frozen=True)
-class BenchSettings:
-    """What llama-sweep-bench measures: PP (one ubatch of tokens) and TG (`tg` tokens) at each KV
-    depth, in the attention mode generation uses; the first depth is the report's headline."""
-
-    depths: tuple[int, ...] = (0,)
-    tg: int = 128
-    repeats: int = 5
-    mla: int = 3
-    fa: str = "on"
-    threads: int = 2
-    run: RunSettings = field(default_factory=RunSettings)  # run.bench
-
-    @property
-    def pp(self) -> int:
-        return self.run.ubatch or ENGINE_UBATCH
-
-    @property
-    def ctx(self) -> int:
-        """sweep-bench measures at depths 0, pp, 2 pp, ... below the context: up to the deepest asked."""
-        return max(self.depths) + self.pp
-
-    def check(self) -> None:
-        bad = [d for d in self.depths if d < 0 or d % self.pp]
-        if not self.depths or bad or len(set(self.depths)) != len(self.depths):
-            raise ConfigError(f"bench.depths: {list(self.depths)}: each must be a different multiple of the "
-                              f"prompt batch {self.pp} (run.bench.ubatch, else the engine's {ENGINE_UBATCH})")
-
-
-def sweep_bench_cmd(bin_dir: Path, model: Path, b: BenchSettings, engine_log: Path) -> list[str]:
+def sweep_bench_cmd(bin_dir: Path, model: Path, b: BenchSettings, threads: int, engine_log: Path) -> list[str]:
     """One llama-sweep-bench run (JSON lines out, one per depth). --log-disable would silence the
     result lines too, so the tool's own log file goes to `engine_log`.log instead of ./llama.log."""
     return [
@@ -160,9 +124,9 @@ def sweep_bench_cmd(bin_dir: Path, model: Path, b: BenchSettings, engine_log: Pa
         "-m", str(model),
         "-c", str(b.ctx),
         "-n", str(b.tg),
-        *b.run.argv(b.threads),
+        *b.run.argv(threads),
         *(["-ub", str(b.pp)] if not b.run.ubatch else []),
-        "-mla", str(b.mla), "-fa", b.fa,
+        *attention_args(b.mla, b.fa),
         "--output-format", "jsonl",
         "--log-file", str(engine_log),
     ]

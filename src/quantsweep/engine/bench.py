@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..errors import StepError
 from ..gguf.reader import shards
+from ..settings import BenchSettings
 from . import argv, logparse
 from .hardware import describe_host
 from .run import checked, ran_as_asked, run_logged
@@ -30,19 +31,17 @@ def _engine(bin_dir: Path) -> dict:
     return {k: meta[k] for k in ("key", "cuda", "source") if k in meta}
 
 
-def sweep_bench(bin_dir: Path, model: Path, log: Path, b: argv.BenchSettings,
+def sweep_bench(bin_dir: Path, model: Path, log: Path, b: BenchSettings, threads: int,
                 timeout_s: float | None = None) -> dict:
     """`b.repeats` runs of llama-sweep-bench on `model`; returns the bench record (the report's
     speed columns read `speed`, its first element the headline depth). The tool's own log file
     lands beside `log` (<log stem>.engine.log)."""
-    b.check()
-    if b.repeats < 1:
-        raise StepError(f"bench.repeats: {b.repeats} must be at least 1")
+    b.check("bench")  # depths the tool measures (settings built by hand were not checked)
     per_depth: dict[int, dict[str, list[float]]] = {d: {"pp_tps": [], "tg_tps": []} for d in b.depths}
     runs, ran = [], {}
     for i in range(b.repeats):
         what = f"sweep-bench of {model.name} (run {i + 1} of {b.repeats})"
-        res = run_logged(argv.sweep_bench_cmd(bin_dir, model, b, Path(log).with_suffix(".engine")), log,
+        res = run_logged(argv.sweep_bench_cmd(bin_dir, model, b, threads, Path(log).with_suffix(".engine")), log,
                          timeout_s=timeout_s)
         rows = checked(res, logparse.parse_sweep_bench, log, what, timeout_s)
         ran = ran_as_asked(res, what, log)
@@ -57,7 +56,7 @@ def sweep_bench(bin_dir: Path, model: Path, log: Path, b: argv.BenchSettings,
         "model_file": str(model),
         "size_bytes": sum(os.path.getsize(f) for f in shards(model)),
         "bench": {"depths": list(b.depths), "pp": b.pp, "tg": b.tg, "ctx": b.ctx, "repeats": b.repeats,
-                  "mla": b.mla, "fa": b.fa, "threads": b.threads},
+                  "mla": b.mla, "fa": b.fa, "threads": threads},
         "run": b.run.to_dict(),
         "speed": [{"depth": d, "pp_tps": _spread(v["pp_tps"]), "tg_tps": _spread(v["tg_tps"])}
                   for d, v in per_depth.items()],

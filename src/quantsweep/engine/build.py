@@ -21,16 +21,18 @@ from pathlib import Path
 
 from ..errors import EngineError
 from ..fileio import partial_dir, sha256_file
+from ..settings import TOOLS as TOOL_TABLE
+from ..settings import EngineSpec
+from .argv import help_flags
 from .hardware import usable_cpus
 from .run import note, run_logged
-from .settings import HELP_FROM, STEP_TOOLS, help_flags
 from .sources import Log, prepare_source, run_checked, source_identity, toolchain_identity
-from .spec import EngineSpec, installed_meta
+from .spec import cmake_args, installed_meta
 
-# What the sweep runs; llama-gguf-split is built too (split models, tests) but a prebuilt
-# bin dir (engine.source: bin_dir) need not have it.
-REQUIRED_TOOLS = ("llama-imatrix", "llama-quantize", "llama-perplexity")
-TOOLS = (*REQUIRED_TOOLS, "llama-gguf-split", "llama-sweep-bench")
+# Every tool of the table is built, in its order; a prebuilt bin dir (engine.source: bin_dir)
+# must have the required ones (the sweep's config check asks for the rest it runs).
+TOOLS = tuple(t.name for t in TOOL_TABLE)
+REQUIRED_TOOLS = tuple(t.name for t in TOOL_TABLE if t.required)
 # Bump when the build procedure changes in a way that changes the binaries (the tool list is
 # part of the key by itself). 2: -ffile-prefix-map, builds of one key are byte-identical;
 # 3: llama-gguf-split and the tool list joined the key (then llama-sweep-bench joined the list).
@@ -58,11 +60,11 @@ def default_cache_dir() -> Path:
 
 def cache_key(spec: EngineSpec, toolchain: dict) -> str:
     blob = json.dumps({"procedure": BUILD_PROCEDURE, "tools": list(TOOLS), "source": source_identity(spec),
-                       "cmake": spec.cmake_args(), "toolchain": toolchain}, sort_keys=True)
+                       "cmake": cmake_args(spec), "toolchain": toolchain}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def build_into_cache(spec: EngineSpec, cache: Path, log: Log) -> Path:
+def build_into_cache(spec: EngineSpec, cache: Path, log: Log, jobs: int = 0) -> Path:
     """Return the cache entry holding bin/ and engine.json for this spec, building it if needed."""
     toolchain = toolchain_identity(spec)
     key = cache_key(spec, toolchain)
@@ -81,9 +83,8 @@ def build_into_cache(spec: EngineSpec, cache: Path, log: Log) -> Path:
             src, src_meta = prepare_source(spec, cache, work, toolchain, log)
             build = work / "build"
             run_checked(["cmake", "-S", str(src), "-B", str(build), "-G", "Unix Makefiles", *_reproducible_flags(work, spec),
-                  *spec.cmake_args()], log)
-            jobs = spec.jobs or usable_cpus()
-            run_checked(["cmake", "--build", str(build), "-j", str(jobs), "--target", *TOOLS], log)
+                  *cmake_args(spec)], log)
+            run_checked(["cmake", "--build", str(build), "-j", str(jobs or usable_cpus()), "--target", *TOOLS], log)
             staged = work / "entry"
             (staged / "bin").mkdir(parents=True)
             for tool in TOOLS:
@@ -92,7 +93,7 @@ def build_into_cache(spec: EngineSpec, cache: Path, log: Log) -> Path:
                 "key": key,
                 "source": spec.source,
                 **src_meta,
-                "cmake_flags": spec.cmake_args(),
+                "cmake_flags": cmake_args(spec),
                 "cuda": spec.cuda,
                 "toolchain": toolchain,
                 "build_time_s": round(time.monotonic() - t0, 1),
@@ -127,8 +128,8 @@ def tool_flags(bin_dir: Path) -> dict[str, list[str]]:
     """The flags each step's tool lists in its --help, asked once per install: run settings'
     extra arguments are checked against them before a sweep starts (settings.check_engine)."""
     out = {}
-    for tool in STEP_TOOLS.values():
-        helper = (bin_dir / HELP_FROM.get(tool, tool)).resolve()
+    for step_tool in (t for t in TOOL_TABLE if t.step):
+        tool, helper = step_tool.name, (bin_dir / step_tool.help_tool).resolve()
         if os.access(bin_dir / tool, os.X_OK) and os.access(helper, os.X_OK):
             with tempfile.TemporaryDirectory(prefix="quantsweep-help-") as scratch:  # --help writes ./llama.log
                 flags = help_flags(run_logged([str(helper), "--help"], cwd=Path(scratch), timeout_s=120).text)
@@ -152,13 +153,16 @@ def _remove_stale(parent: Path, prefix: str) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def install_engine(spec: EngineSpec, out_dir: Path, cache: Path | None = None, log: Log = None) -> dict:
-    """Build or find the engine and place bin/<tools> + engine.json in out_dir (atomically)."""
-    cache = cache or default_cache_dir()
+def install_engine(spec: EngineSpec, out_dir: Path, cache: Path | None = None, log: Log = None,
+                   jobs: int = 0) -> dict:
+    """Build or find the engine and place bin/<tools> + engine.json in out_dir (atomically);
+    jobs: parallel build jobs (0: every usable CPU). The cache is `cache`, else the spec's
+    cache_dir, else default_cache_dir()."""
+    cache = cache or (Path(spec.cache_dir) if spec.cache_dir else default_cache_dir())
     if spec.source == "bin_dir":
         bin_src, meta = adopt_bin_dir(spec)
     else:
-        entry = build_into_cache(spec, cache, log)
+        entry = build_into_cache(spec, cache, log, jobs)
         bin_src = entry / "bin"
         meta = json.loads((entry / "engine.json").read_text())
         meta["cache_entry"] = str(entry)

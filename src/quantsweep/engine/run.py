@@ -24,9 +24,9 @@ from ..errors import EngineOutputError, QuantsweepError, StepError
 from ..fileio import partial_path
 from ..gguf.reader import read_model, shards, verify_complete
 from ..imatrix.verify import verify_collected
+from ..settings import EvalSettings, ImatrixSettings
 from . import argv, logparse
 from .outputs import kld_base_header, vocab_size
-from .settings import RunSettings
 
 T = TypeVar("T")
 
@@ -171,21 +171,19 @@ def _all_chunks(got: int | None, wanted: int, what: str, text_file: Path, log: P
 
 
 def collect_imatrix(bin_dir: Path, model: Path, text: Path, out: Path, log: Path, mode: str,
-                    ctx: int, chunks: int, threads: int, timeout_s: float | None = None,
-                    run: RunSettings = RunSettings()) -> dict:
+                    s: ImatrixSettings, threads: int, timeout_s: float | None = None) -> dict:
     """One imatrix pass (`mode`: a key of argv.IMATRIX_PASSES); returns its parsed summary.
     The file is read back whole (every entry, value and the chunk count) before it is kept."""
     what = f"imatrix ({mode} pass)"
     with partial_path(out) as tmp:
-        res = run_logged(argv.imatrix_cmd(bin_dir, model, text, tmp, mode, ctx, chunks, threads, run), log,
-                         timeout_s=timeout_s)
+        res = run_logged(argv.imatrix_cmd(bin_dir, model, text, tmp, mode, s, threads), log, timeout_s=timeout_s)
         parsed = checked(res, logparse.parse_imatrix_run, log, what, timeout_s)
         ran = ran_as_asked(res, what, log)
-        _all_chunks(parsed.planned, chunks, what, text, log)
+        _all_chunks(parsed.planned, s.chunks, what, text, log)
         if not tmp.exists():
             raise StepError(f"{what} wrote no file; see {log}")
         _verified(tmp, out, lambda p: verify_collected(p, read_model(model), parsed.chunks), what, log)
-    return {"mode": mode, "chunks": parsed.chunks, "ppl": parsed.ppl, "run": run.to_dict(), "ran": ran,
+    return {"mode": mode, "chunks": parsed.chunks, "ppl": parsed.ppl, "run": s.run.to_dict(), "ran": ran,
             "wall_s": round(res.wall_s, 2), **res.times(), "cmd": res.cmd}
 
 
@@ -233,48 +231,50 @@ def dry_run(bin_dir: Path, model: Path, ftype: str, extra: list[str] | None = No
                   parsed.n_fallback, res.text, res.cmd)
 
 
-def _eval_record(model: Path, res: logparse.PerplexityResult, ev: argv.EvalSettings, run: Completed,
+def _eval_record(model: Path, res: logparse.PerplexityResult, ev: EvalSettings, threads: int, run: Completed,
                  ran: dict[str, int]) -> dict:
+    """The evaluation record: the parsed numbers, what ran, and how it was measured (`eval`: the
+    settings a perplexity run reads, with the job's threads)."""
     return {
         **asdict(res),
         "ran": ran,
         "model_file": str(model),
         "size_bytes": sum(os.path.getsize(f) for f in shards(model)),
-        "eval": {**asdict(ev), "run": ev.run.to_dict()},
+        "eval": {**{k: v for k, v in ev.to_dict().items() if k in ev.MEASURE}, "threads": threads},
         "cmd": run.cmd,
         "wall_s": round(run.wall_s, 2),
         **run.times(),
     }
 
 
-def perplexity_base(bin_dir: Path, model: Path, text: Path, kld_base: Path, log: Path,
-                    ev: argv.EvalSettings, timeout_s: float | None = None) -> dict:
+def perplexity_base(bin_dir: Path, model: Path, text: Path, kld_base: Path, log: Path, ev: EvalSettings,
+                    threads: int, timeout_s: float | None = None) -> dict:
     """PPL of the reference; writes the KLD base logits once for every quant of the model
     (read back: its header must match the run and its size the tokens x vocabulary it holds)."""
     with partial_path(kld_base) as tmp:
-        res = run_logged(argv.perplexity_base_cmd(bin_dir, model, text, tmp, ev), log, timeout_s=timeout_s)
+        res = run_logged(argv.perplexity_base_cmd(bin_dir, model, text, tmp, ev, threads), log, timeout_s=timeout_s)
         parsed = checked(res, logparse.parse_perplexity, log, "baseline perplexity", timeout_s)
         ran = ran_as_asked(res, "baseline perplexity", log)
         _all_chunks(parsed.chunks, ev.chunks, "baseline perplexity", text, log)
         n_vocab = vocab_size(read_model(model))
         _verified(tmp, kld_base, lambda p: kld_base_header(p, ev.ctx, parsed.chunks, n_vocab),
                   "baseline perplexity", log)
-    return _eval_record(model, parsed, ev, res, ran)
+    return _eval_record(model, parsed, ev, threads, res, ran)
 
 
-def perplexity_kld(bin_dir: Path, model: Path, kld_base: Path, log: Path, ev: argv.EvalSettings,
+def perplexity_kld(bin_dir: Path, model: Path, kld_base: Path, log: Path, ev: EvalSettings, threads: int,
                    timeout_s: float | None = None) -> dict:
     """PPL + KLD of a quant against the base logits (checked first: a cut or foreign base file
     is named as such, not left to the engine's exit code 0)."""
     what = f"perplexity/KLD of {model.name}"
     base = kld_base_header(kld_base, ev.ctx, None, vocab_size(read_model(model)))
-    res = run_logged(argv.perplexity_kld_cmd(bin_dir, model, kld_base, ev), log, timeout_s=timeout_s)
+    res = run_logged(argv.perplexity_kld_cmd(bin_dir, model, kld_base, ev, threads), log, timeout_s=timeout_s)
     parsed = checked(res, lambda t: logparse.parse_perplexity(t, expect_kld=True), log, what, timeout_s)
     ran = ran_as_asked(res, what, log)
     if len(parsed.chunk_kld) != min(base.n_chunk, ev.chunks):
         raise StepError(f"{what} scored {len(parsed.chunk_kld)} chunks, the base file {kld_base} holds "
                         f"{base.n_chunk}; see {log}")
-    return _eval_record(model, parsed, ev, res, ran)
+    return _eval_record(model, parsed, ev, threads, res, ran)
 
 
 def gguf_split(bin_dir: Path, model: Path, out_prefix: Path, max_tensors: int, log: Path | None = None) -> list[Path]:

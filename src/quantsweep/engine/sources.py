@@ -15,8 +15,8 @@ from typing import TextIO
 
 from ..errors import EngineError
 from ..fileio import sha256_file
+from ..settings import EngineSpec
 from .run import run_logged
-from .spec import EngineSpec
 
 Log = Path | TextIO | None
 

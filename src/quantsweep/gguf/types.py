@@ -39,9 +39,11 @@ Ftype columns (quantize.cpp QUANT_OPTIONS, default type from src/llama-quantize.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
+from typing import Any
 
-from ..errors import PlanError
+from ..errors import PlanError, RecipeError
 
 # id   name        block bytes meta flags row  fallback  interleave                   zero
 _TYPES = """
@@ -351,3 +353,18 @@ def ftype_names(aliases: bool = True) -> list[str]:
     """Every name llama-quantize accepts as FTYPE (canonical names, then aliases)."""
     names = list(FTYPES)
     return names + [a for f in FTYPES.values() for a in f.aliases] if aliases else names
+
+
+def check_type(value: Any, where: str) -> str:
+    """A ggml type name as the engine spells it, or RecipeError suggesting the right spelling."""
+    row = BY_NAME.get(value) if isinstance(value, str) else None
+    if row is not None:
+        if not row.storage:
+            raise RecipeError(f"{where}: {value!r} is not a weight storage type")
+        return value
+    right = next((n for n in BY_NAME if n.lower() == str(value).lower()), None)
+    if right is not None:
+        raise RecipeError(f"{where}: type names are case-sensitive in llama-quantize: {value!r} is spelled {right!r}")
+    close = difflib.get_close_matches(str(value), [n for n, t in BY_NAME.items() if t.storage], n=3, cutoff=0.6)
+    hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+    raise RecipeError(f"{where}: unknown ggml type {value!r}{hint}")

@@ -25,7 +25,6 @@ Every error is one line naming the file and the key (`rules[2].type`).
 from __future__ import annotations
 
 import difflib
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,8 @@ import jsonschema
 import yaml
 
 from ..errors import PlanError, RecipeError
-from ..gguf.types import BY_NAME, canonical_ftype, ftype_names, quantized
+from ..gguf.types import canonical_ftype, check_type, ftype_names, quantized
+from ..settings.values import check_regex
 from .selection import EngineOptions
 
 SCHEMA: dict = {
@@ -107,55 +107,6 @@ class Recipe:
         """The engine parameters this recipe stands for (what planner.plan.plan() models)."""
         return EngineOptions(ftype=self.base, custom=tuple((r.match, r.type) for r in self.rules), pure=self.pure,
                              token_embd=self.token_embd, output=self.output, ffn_gate_inp=self.ffn_gate_inp)
-
-
-def check_type(value: Any, where: str) -> str:
-    """A ggml type name as the engine spells it, or RecipeError suggesting the right spelling."""
-    row = BY_NAME.get(value) if isinstance(value, str) else None
-    if row is not None:
-        if not row.storage:
-            raise RecipeError(f"{where}: {value!r} is not a weight storage type")
-        return value
-    right = next((n for n in BY_NAME if n.lower() == str(value).lower()), None)
-    if right is not None:
-        raise RecipeError(f"{where}: type names are case-sensitive in llama-quantize: {value!r} is spelled {right!r}")
-    close = difflib.get_close_matches(str(value), [n for n, t in BY_NAME.items() if t.storage], n=3, cutoff=0.6)
-    hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
-    raise RecipeError(f"{where}: unknown ggml type {value!r}{hint}")
-
-
-# Constructs Python's re accepts but std::regex's ECMAScript grammar does not, or reads
-# differently; refused so that the planner's matches are the engine's.
-_UNPORTABLE = [
-    (re.compile(r"\(\?P"), "Python named groups (?P...)"),
-    (re.compile(r"\(\?<"), "lookbehind or named groups (?<...)"),
-    (re.compile(r"\(\?[a-zA-Z#>]"), "inline flags, comments or atomic groups (?...)"),
-    (re.compile(r"\\[AZz]"), "Python-only anchors \\A \\Z"),
-    (re.compile(r"\[\[?[:=.]"), "POSIX classes [[:alpha:]] (Python reads them differently)"),
-    (re.compile(r"(?<!\\)[*+?}]\+"), "possessive quantifiers"),
-]
-
-
-def check_regex(pattern: Any, where: str) -> str:
-    """A --custom-q pattern that the engine and Python read alike, or RecipeError."""
-    if not isinstance(pattern, str) or not pattern:
-        raise RecipeError(f"{where}: must be a non-empty regex")
-    if "," in pattern:
-        raise RecipeError(f"{where}: {pattern!r} contains ',' which llama-quantize uses to split --custom-q "
-                          "rules (write {m,n} quantifiers out as alternations)")
-    if "=" in pattern:
-        raise RecipeError(f"{where}: {pattern!r} contains '=' which llama-quantize uses to split regex from type")
-    if any(c.isspace() for c in pattern):
-        raise RecipeError(f"{where}: {pattern!r} contains whitespace (tensor names have none)")
-    for rx, what in _UNPORTABLE:
-        if rx.search(pattern):
-            raise RecipeError(f"{where}: {pattern!r} uses {what}, which the engine's std::regex (ECMAScript) "
-                              "does not read like Python")
-    try:
-        re.compile(pattern)
-    except re.error as e:
-        raise RecipeError(f"{where}: invalid regex {pattern!r}: {e}") from None
-    return pattern
 
 
 def _schema_error(e: jsonschema.ValidationError) -> str:

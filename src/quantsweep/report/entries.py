@@ -31,7 +31,8 @@ from dataclasses import dataclass
 
 from ..errors import ReportError
 from .speed import BenchRecord, check_same_bench, load_record
-from .table import BASE_REFERENCE, KLD_TOLERANCE, ModelInfo, Record, Row, make_rows
+from ..settings import BASE_REFERENCE, Budget
+from .table import KLD_TOLERANCE, ModelInfo, Record, Row, make_rows
 
 MANIFEST_KINDS = ("quantize", "eval")
 # Required path patterns of sweep_entries; "bench" and "base_bench" are optional (bench step off: none),
@@ -334,15 +335,10 @@ def _is_positive(v) -> bool:
 
 
 def describe_budget(kind: str, value, split: Mapping[str, int] | None = None) -> str:
-    """The budget in words when the record does not say: "the size of IQ2_KS", "12.5 GiB", "4.5 bpw", ..."""
-    if kind == "size_of":
-        text = f"the size of {value}"
-    elif kind == "split":
-        text = f"{value['gpu_gib']:g} GiB GPU + {value['ram_gib']:g} GiB RAM"
-    elif kind in ("gib", "bpw"):
-        text = f"{value:g} {'GiB' if kind == 'gib' else 'bpw'}"
-    else:
-        text = f"{value} bytes"
+    """The budget in words when the record does not say: what the allocator says of it
+    (settings.Budget.describe: "the size of IQ2_KS", "12.5 GiB", ...; a `bytes` budget, which
+    only records name: its bytes), with the split's bytes when the record gives them."""
+    text = f"{value} bytes" if kind == "bytes" else Budget.of_kind(kind, value).describe()
     if split:
         text += " (split: " + ", ".join(f"{k} {v} bytes" for k, v in split.items()) + ")"
     return text

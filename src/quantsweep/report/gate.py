@@ -8,63 +8,12 @@ headline depth (higher tokens/s is better).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..errors import ReportError
+from ..settings import Gate
 from .speed import speed_notes
 from .table import ModelInfo, Row, speed_cell
-
-GATE_KEYS = ("max_dppl_pct", "max_kld", "min_tg_tps", "min_pp_tps")
-
-
-@dataclass(frozen=True)
-class Gate:
-    """Limits a quant must meet against its model's reference; None = not checked."""
-
-    max_dppl_pct: float | None = None
-    max_kld: float | None = None
-    min_tg_tps: float | None = None  # TG tokens/s at the headline depth; no bench record: fails
-    min_pp_tps: float | None = None
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> "Gate":
-        """From the config's `gate` section ({key: number | null} for each of GATE_KEYS)."""
-        d = d or {}
-        if not isinstance(d, dict):
-            raise ReportError(f"gate: {d!r} is not an object")
-        extra = sorted(set(d) - set(GATE_KEYS))
-        if extra:
-            raise ReportError(f"gate: unknown key {extra[0]!r} (known: {', '.join(GATE_KEYS)})")
-        for k in GATE_KEYS:
-            v = d.get(k)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-                raise ReportError(f"gate: key {k!r} is {v!r}, not a number or null")
-        return cls(**{k: d.get(k) for k in GATE_KEYS})
-
-    @property
-    def active(self) -> bool:
-        return any(getattr(self, k) is not None for k in GATE_KEYS)
-
-    @property
-    def max_ln_ppl_ratio(self) -> float | None:
-        """The ΔPPL limit on the ln(PPL(Q)/PPL(ref)) axis."""
-        return None if self.max_dppl_pct is None else math.log1p(self.max_dppl_pct / 100.0)
-
-    def describe(self, only: str | None = None) -> str:
-        """The limits in words; only='lnppl', 'kld', 'tg' or 'pp' names just the one a plot's axis shows."""
-        parts = []
-        if self.max_dppl_pct is not None and only in (None, "lnppl"):
-            parts.append(f"ΔPPL ≤ {self.max_dppl_pct:g} %")
-        if self.max_kld is not None and only in (None, "kld"):
-            parts.append(f"mean KLD ≤ {self.max_kld:g}")
-        if self.min_tg_tps is not None and only in (None, "tg"):
-            parts.append(f"TG ≥ {self.min_tg_tps:g} t/s")
-        if self.min_pp_tps is not None and only in (None, "pp"):
-            parts.append(f"PP ≥ {self.min_pp_tps:g} t/s")
-        return " and ".join(parts) if parts else "none configured"
-
 
 def gate_verdict(row: Row, gate: Gate) -> str:
     """'pass' / 'fail' for a quant; '' for the reference row or when no gate is configured."""

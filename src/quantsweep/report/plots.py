@@ -18,7 +18,8 @@ from pathlib import Path
 from ..fileio import partial_path
 from .gate import METRICS, SPEED_TAG, Gate, Metric, models_of, quant_rows, smallest_passing
 from .speed import brief_host
-from .table import BASE_REFERENCE, ModelInfo, Row, has_speed
+from ..settings import BASE_REFERENCE
+from .table import ModelInfo, Row, has_speed
 
 PNG_POINTS_KEY = "quantsweep-points"
 X_AXES = (("size_gib", "file size (GiB)"), ("bpw", "bits per weight"))

@@ -12,14 +12,16 @@ when the records of one report come from different hosts or settings (not compar
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import QuantsweepError, ReportError
+from ..errors import ConfigError, QuantsweepError, ReportError
 from ..fileio import read_json_object
+from ..settings import RunSettings
 
 # Bench settings that must be the same for every record of a report: the speed columns (one
 # per depth, the headline depth first) and the gate compare like with like.
@@ -42,10 +44,6 @@ def _is_count(v) -> bool:
 
 def _is_rate(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
-
-
-def _is_words(v) -> bool:
-    return isinstance(v, list) and all(isinstance(x, str) for x in v)
 
 
 @dataclass(frozen=True)
@@ -169,18 +167,17 @@ class BenchRecord:
         self._get(engine, "cuda", "engine", lambda v: isinstance(v, bool), "true or false", None)
 
     def _check_run(self) -> None:
-        r = self._object(self.data, "run")
-        for k in ("gpu_layers", "batch", "ubatch", "threads", "threads_batch"):
-            self._get(r, k, "run", _is_count, "a whole number >= 0", 0)
-        for k in ("override_tensors", "extra_args"):
-            self._get(r, k, "run", _is_words, "a list of strings", [])
-        self._get(r, "mmap", "run", lambda v: isinstance(v, bool), "true or false", True)
+        run_settings(self._object(self.data, "run"), f"bench record {self.source}")
 
     # -- what it says ---------------------------------------------------------------------------
 
     @property
     def settings(self) -> dict:
         return self.data["bench"]
+
+    @property
+    def run(self) -> RunSettings:
+        return run_settings(self.data["run"], f"bench record {self.source}")
 
     @property
     def size_bytes(self) -> int | None:
@@ -192,7 +189,7 @@ class BenchRecord:
 
     def threads(self) -> int | None:
         """The threads it ran with: run.threads, else the job's (bench.threads, or -t of its command)."""
-        t = self.data["run"].get("threads") or self.settings.get("threads")
+        t = self.run.threads or self.settings.get("threads")
         cmd = self.data.get("cmd") if isinstance(self.data.get("cmd"), list) else []
         if not t and "-t" in cmd[:-1] and str(cmd[cmd.index("-t") + 1]).isdigit():
             t = int(cmd[cmd.index("-t") + 1])
@@ -210,16 +207,16 @@ class BenchRecord:
 
     def describe_run(self) -> str:
         """The run settings in words, e.g. 'CPU only, 2 threads' or '-ngl 99 -ot exps=CPU -ub 2048, 8 threads'."""
-        r = self.data["run"]
-        flags = run_flags({**r, "gpu_layers": 0})
-        if r.get("gpu_layers") or self.cuda:
-            parts = [" ".join([f"-ngl {r.get('gpu_layers', 0)}", *flags])]
+        r = self.run
+        flags = dataclasses.replace(r, gpu_layers=0).words()
+        if r.gpu_layers or self.cuda:
+            parts = [" ".join([f"-ngl {r.gpu_layers}", *flags])]
         else:
             parts = ["CPU only"] + ([" ".join(flags)] if flags else [])
         if self.threads():
             parts.append(threads_text(self.threads()))
-        if r.get("threads_batch"):
-            parts.append(threads_text(r["threads_batch"], "batch thread"))
+        if r.threads_batch:
+            parts.append(threads_text(r.threads_batch, "batch thread"))
         return ", ".join(parts)
 
     def describe_bench(self) -> str:
@@ -236,14 +233,19 @@ def threads_text(n, what: str = "thread") -> str:
     return f"{n} {what}" + ("" if n == 1 else "s")
 
 
-def run_flags(r: dict) -> list[str]:
-    """A record's run settings (quantsweep.engine.settings.RunSettings.to_dict) as the engine flags
-    they gave, threads aside: what the report's evaluation and speed lines show."""
-    flags = [f"-ngl {r['gpu_layers']}"] if r.get("gpu_layers") else []
-    flags += [f"-ot {ot}" for ot in r.get("override_tensors", [])]
-    flags += [f"{flag} {r[k]}" for flag, k in (("-b", "batch"), ("-ub", "ubatch")) if r.get(k)]
-    flags += [] if r.get("mmap", True) else ["--no-mmap"]
-    return flags + list(r.get("extra_args", []))
+def run_settings(r, source: str) -> RunSettings:
+    """A record's run settings (as the step wrote them: RunSettings.to_dict), read with the class
+    that wrote them; ReportError naming the record and the key."""
+    try:
+        return RunSettings.from_dict(r, "run")
+    except ConfigError as e:
+        raise ReportError(f"{source}: {e}") from None
+
+
+def run_words(r, source: str) -> list[str]:
+    """A record's run settings as the engine flags they gave, threads aside: what the report's
+    evaluation and speed lines show."""
+    return run_settings(r, source).words()
 
 
 def check_same_bench(benches: Sequence[BenchRecord]) -> None:

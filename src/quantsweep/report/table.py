@@ -31,11 +31,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ..errors import ReportError
-from .speed import SPEED_KEYS, BenchRecord, load_record, run_flags, threads_text
+from ..settings import BASE_REFERENCE, BASELINE
+from .speed import SPEED_KEYS, BenchRecord, load_record, run_words, threads_text
 
-BASELINE = "baseline"
-# eval.reference value meaning "the unquantized model writes the KLD base logits" (the one definition)
-BASE_REFERENCE = "base"
 # Evaluation settings that must be identical for the reference and every quant of a model:
 # the KLD base logits are only comparable at the same text, context and chunks.
 # PPL depends on the batch sizes too (run settings: `eval.run` of a record).
@@ -216,11 +214,12 @@ class ModelInfo:
     eval: dict = field(default_factory=dict)
     cmd: list[str] = field(default_factory=list)
     benches: list[BenchRecord] = field(default_factory=list)  # the bench records of its rows
+    record: str = ""  # the reference's evaluation record (for messages)
 
     @classmethod
     def from_record(cls, model: str, reference: str, base: Record,
                     benches: list[BenchRecord] | None = None) -> "ModelInfo":
-        return cls(model, reference, base.model_file, base.eval, base.cmd, list(benches or []))
+        return cls(model, reference, base.model_file, base.eval, base.cmd, list(benches or []), base.source)
 
     @property
     def text(self) -> str:
@@ -241,7 +240,8 @@ class ModelInfo:
         if self.text:
             parts.append(f"text {self.text}")
         if isinstance(e.get("run"), dict):  # the run settings (records before they existed: none)
-            parts.append("run: " + (" ".join(run_flags(e["run"])) or "engine defaults (no -ngl, -ot, -b, -ub)"))
+            words = run_words(e["run"], f"evaluation record {self.record}")
+            parts.append("run: " + (" ".join(words) or "engine defaults (no -ngl, -ot, -b, -ub)"))
         return ", ".join(parts)
 
 

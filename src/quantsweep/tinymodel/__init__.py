@@ -48,7 +48,7 @@ the MLA ``kv_b`` projection: ``TinySpec.layout``).
 from __future__ import annotations
 
 from .forward import forward_logits, mainline_kv_b, split_kv_b
-from .spec import LAYOUTS, TinySpec
+from ..settings.tiny import LAYOUTS, TinySpec
 from .tokenizer import N_VOCAB, tokenize, vocab
 from .write import MODEL_NAME, build_tensors, write_tensors, write_tiny_model
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .draws import normal
-from .spec import TinySpec
+from ..settings.tiny import TinySpec
 from .tokenizer import BOS_ID, N_VOCAB
 
 

@@ -10,7 +10,7 @@ import zlib
 
 import numpy as np
 
-from .spec import TinySpec
+from ..settings.tiny import TinySpec
 
 
 def rng(spec: TinySpec, name: str) -> np.random.Generator:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .spec import TinySpec
+from ..settings.tiny import TinySpec
 
 
 def rmsnorm(x: np.ndarray, g: np.ndarray, eps: float) -> np.ndarray:

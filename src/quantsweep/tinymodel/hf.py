@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..errors import ConvertError
 from ..fileio import partial_dir
-from .spec import TinySpec
+from ..settings.tiny import TinySpec
 
 FLAVOURS = ("bf16", "fp8", "dequantized")
 FP8_BLOCK = 128

@@ -32,7 +32,7 @@ from ..errors import TinyModelError
 from .bigram import BigramMemory, bigram_memory, fit_sequences
 from .draws import bf16_round, norm_gain, normal, rng
 from .forward import attn_heads, ffn, layer_ffn, moe_route, rmsnorm, silu
-from .spec import TinySpec
+from ..settings.tiny import TinySpec
 from .tokenizer import N_VOCAB
 
 MIN_TRAIN_TOKENS = 64
@@ -241,7 +241,7 @@ def _fit_output(st: _Build) -> None:
 
 def build_weights(train_ids: list[int], spec: TinySpec) -> dict[str, np.ndarray]:
     """Construct all tensors (float64 arrays, BF16-representable where stored as BF16)."""
-    spec.validate()
+    spec.validate(N_VOCAB)
     if len(train_ids) < MIN_TRAIN_TOKENS:
         n = len(train_ids)
         raise TinyModelError(f"train_text: {n} tokens is too short (need at least {MIN_TRAIN_TOKENS})")

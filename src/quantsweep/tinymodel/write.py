@@ -10,7 +10,7 @@ import numpy as np
 
 from ..fileio import partial_path
 from .forward import mainline_kv_b, split_kv_b
-from .spec import TinySpec
+from ..settings.tiny import TinySpec
 from .tokenizer import BOS_ID, EOS_ID, N_VOCAB, TOKEN_TYPES, TOKENS, UNK_ID, tokenize
 from .weights import build_weights
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .convert.checkpoint import Checkpoint
+from .hf.checkpoint import Checkpoint
 from .gguf.reader import GGUFTable, read_model, shards
 from .imatrix.fit import expected_size
 from .planner.plan import plan

@@ -1,18 +1,20 @@
-"""`TinySpec`: the geometry and behaviour knobs of the tiny DeepSeek2 model, and the checks
-that reject settings the generator or the engine cannot handle."""
+"""`TinySpec`: the geometry and behaviour knobs of the tiny DeepSeek2 demo model (a model of
+`source: tiny`; the config sets seed, layout and dead_channels), and the checks that reject
+settings the generator or the engine cannot handle."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 
 from ..errors import TinyModelError
-from .tokenizer import N_VOCAB
+from .base import Settings, field
 
 LAYOUTS = ("kv_b", "ik", "mainline")  # TinySpec.layout values
 
 
 @dataclass(frozen=True)
-class TinySpec:
+class TinySpec(Settings):
     """Geometry and behaviour knobs of the tiny DeepSeek2 model.
 
     Geometry (why each value):
@@ -79,6 +81,8 @@ class TinySpec:
     * ``embd_noise``: relative token_embd noise the output fit is made robust to.
     """
 
+    SECTION = "TinySpec"
+
     n_layer: int = 4
     n_dense: int = 1
     n_embd: int = 512
@@ -93,10 +97,10 @@ class TinySpec:
     n_expert_used: int = 2
     n_ff_exp: int = 256
     n_shared: int = 1
-    seed: int = 0
-    layout: str = "kv_b"
-    split_kv_b: bool = field(default=False, repr=False, compare=False)
-    dead_channels: int = 0
+    seed: int = field(0, minimum=0)
+    layout: str = field("kv_b", choices=LAYOUTS)
+    split_kv_b: bool = dataclasses.field(default=False, repr=False, compare=False)
+    dead_channels: int = field(0, minimum=0)
     # behaviour knobs
     bigram_rank: int = 64
     smoothing: float = 2.0
@@ -129,17 +133,17 @@ class TinySpec:
                 raise TinyModelError(f"TinySpec.split_kv_b: means layout 'ik', but layout is {self.layout!r}")
             object.__setattr__(self, "layout", "ik")
 
-    @property
-    def n_vocab(self) -> int:
-        return N_VOCAB
+    # the knobs a model of the sweep sets (models.<name>: seed, layout, dead_channels)
+    CONFIG_KEYS = ("seed", "layout", "split_kv_b", "dead_channels")
 
     @property
     def key_length(self) -> int:
         return self.qk_nope + self.qk_rope
 
-    def validate(self) -> None:
-        """Raise `TinyModelError` (naming the setting) for settings the construction cannot honour."""
-        lim = min(self.n_embd, N_VOCAB)
+    def validate(self, n_vocab: int) -> None:
+        """Raise `TinyModelError` (naming the setting) for settings the construction cannot honour
+        (n_vocab: the tokenizer's vocabulary)."""
+        lim = min(self.n_embd, n_vocab)
         if not 1 <= self.bigram_rank <= lim:
             raise TinyModelError(
                 f"TinySpec.bigram_rank: {self.bigram_rank} must be in [1, min(n_embd, vocab)] = [1, {lim}]"

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ..engine.run import note, run_logged
 from ..engine.sources import Log, fetch_sdist
-from ..engine.spec import EngineSpec
+from ..settings import EngineSpec
 from ..errors import ConvertError, GGUFFormatError
 from ..fileio import partial_dir, sha256_file
 from ..gguf.reader import read_model, shards

@@ -25,8 +25,9 @@ import numpy as np
 from ..errors import PlanError
 from ..gguf.reader import GGUFTable
 from ..gguf.types import needs_imatrix
-from .plan import plan
-from .recipes import Recipe, Rule
+from ..planner.plan import plan
+from ..planner.recipes import Recipe, Rule
+from ..settings import Budget
 
 TOTAL = "total"  # the budget a group counts against when there is one budget
 
@@ -73,7 +74,7 @@ class Allocation:
         return "\n".join(lines) + "\n" + yaml.safe_dump(body, sort_keys=False, width=1000, allow_unicode=True)
 
 
-def solve(groups: Sequence[Group], budgets: dict[str, int], resolution: int = 1 << 16) -> Allocation:
+def solve(groups: Sequence[Group], budgets: dict[str, int], resolution: int) -> Allocation:
     """The choice per group with the lowest total predicted KLD whose bytes fit every budget.
     PlanError when even the smallest options do not fit, or a group names no budget given."""
     _check(groups, budgets)
@@ -175,60 +176,6 @@ SLACK_PER_TENSOR = 32    # a tensor's data is padded to the file's alignment (32
 SLACK_HEADER = 4096      # the assembled file's own KVs (recipe, pools) beside the engine's
 
 
-@dataclass(frozen=True)
-class Budget:
-    """One allocation target: a total in GiB, bits per weight or the size of a quant of the sweep,
-    or split (non-expert tensors within gpu_gib, routed experts within ram_gib)."""
-
-    name: str
-    gib: float | None = None
-    bpw: float | None = None
-    size_of: str | None = None
-    gpu_gib: float | None = None
-    ram_gib: float | None = None
-
-    @property
-    def split(self) -> bool:
-        return self.gpu_gib is not None
-
-    def describe(self) -> str:
-        if self.split:
-            return f"{self.gpu_gib:g} GiB GPU (non-expert tensors) + {self.ram_gib:g} GiB RAM (routed experts)"
-        if self.size_of:
-            return f"the size of {self.size_of}"
-        return f"{self.gib:g} GiB" if self.gib is not None else f"{self.bpw:g} bpw"
-
-    def kind(self) -> tuple[str, object]:
-        if self.split:
-            return "split", {"gpu_gib": self.gpu_gib, "ram_gib": self.ram_gib}
-        if self.size_of:
-            return "size_of", self.size_of
-        return ("gib", self.gib) if self.gib is not None else ("bpw", self.bpw)
-
-    @classmethod
-    def from_dict(cls, d: dict, where: str) -> Budget:
-        kinds = [k for k in ("gib", "bpw", "size_of", "gpu_gib") if d.get(k) is not None]
-        if len(kinds) != 1:
-            raise PlanError(f"{where}: give exactly one of gib, bpw, size_of or gpu_gib+ram_gib (got "
-                            f"{', '.join(kinds) or 'none'})")
-        if (d.get("gpu_gib") is None) != (d.get("ram_gib") is None):
-            raise PlanError(f"{where}: gpu_gib and ram_gib go together (a split budget)")
-        for k in ("gib", "bpw", "gpu_gib", "ram_gib"):
-            v = d.get(k)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
-                raise PlanError(f"{where}.{k}: {v!r} is not a positive number")
-        b = cls(d.get("name") or "", d.get("gib"), d.get("bpw"), d.get("size_of"), d.get("gpu_gib"), d.get("ram_gib"))
-        return b if b.name else cls(b.default_name(), b.gib, b.bpw, b.size_of, b.gpu_gib, b.ram_gib)
-
-    def default_name(self) -> str:
-        kind, v = self.kind()
-        if kind == "split":
-            return f"auto-gpu{self.gpu_gib:g}-ram{self.ram_gib:g}"
-        if kind == "size_of":
-            return f"auto-{re.sub(r'[.](yaml|yml)$', '', str(v).rsplit('/', 1)[-1])}"
-        return f"auto-{v:g}GiB" if kind == "gib" else f"auto-{v:g}bpw"
-
-
 def budget_bytes(b: Budget, sens: dict, size_of_bytes: int | None = None) -> dict[str, int]:
     """The knapsack's capacities in tensor bytes of the groups, from a sensitivity table (its
     fixed bytes, header size, element and tensor counts): the whole file must fit, so the copied
@@ -248,8 +195,8 @@ def budget_bytes(b: Budget, sens: dict, size_of_bytes: int | None = None) -> dic
     return {TOTAL: total - fixed}
 
 
-def allocate_budget(sens: dict, b: Budget, groups: Sequence[Group], size_of_bytes: int | None = None,
-             resolution: int = 1 << 16) -> tuple[Allocation, dict]:
+def allocate_budget(sens: dict, b: Budget, groups: Sequence[Group], size_of_bytes: int | None,
+                    resolution: int) -> tuple[Allocation, dict]:
     """The allocation for one budget, and what the allocator predicts of it (the JSON the report
     reads: budget, predicted mean KLD = top run's KLD + the chosen increases, predicted bytes)."""
     caps = budget_bytes(b, sens, size_of_bytes)

@@ -22,87 +22,15 @@ from dataclasses import dataclass, field
 
 from ..errors import PlanError
 from ..gguf.reader import GGUFTable
-from ..gguf.types import BY_NAME, canonical_ftype
-from .allocate import TOTAL, group_bytes
-from .plan import plan
-from .pool import pool_recipe
-from .recipes import Recipe, Rule, check_regex, check_type
+from ..planner.plan import plan
+from ..planner.pool import pool_recipe
+from ..planner.recipes import Recipe, Rule
+from ..settings import AllocateSettings
+from .solver import TOTAL, group_bytes
 
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)\.weight$")
 _PLAIN = re.compile(r"^(.+)\.weight$")
-PRESETS = ("classes", "layers")
 GPU, RAM, MIXED = "gpu", "ram", "mixed"  # split budgets: non-expert tensors vs routed experts
-DEFAULT_EXPERTS = r"_exps\."
-
-
-@dataclass(frozen=True)
-class GroupItem:
-    """One `groups:` list item: the tensors its regex finds (first item wins), split `per`."""
-
-    match: str
-    per: str | int = "all"  # all | layer | tensor | N (ranges of N layers)
-
-
-@dataclass(frozen=True)
-class Settings:
-    ladder: tuple[str, ...]
-    items: tuple[GroupItem, ...] = ()   # before the preset; tensors they leave get the preset
-    preset: str = "classes"             # classes | layers
-    pin: tuple[tuple[str, str], ...] = ()  # (regex, type), first match wins, before every group
-    experts: str = DEFAULT_EXPERTS
-
-    @property
-    def top(self) -> str:
-        return self.ladder[-1]
-
-    @property
-    def base(self) -> str:
-        """The recipes' base ftype: the top's, else Q8_0 (every quantized tensor has a rule)."""
-        try:
-            return canonical_ftype(self.top)
-        except PlanError:
-            return "Q8_0"
-
-    def types(self) -> list[str]:
-        """Every type an allocated recipe or a sensitivity run may ask for (its pool files)."""
-        return sorted(set(self.ladder) | {t for _, t in self.pin})
-
-    @classmethod
-    def from_config(cls, section: dict, where: str = "allocate") -> Settings:
-        """The `allocate:` config section; ConfigError-worthy problems raise PlanError naming the key."""
-        ladder = section.get("ladder") or []
-        if len(ladder) < 2:
-            raise PlanError(f"{where}.ladder: needs at least two types (the last is the top), got {ladder!r}")
-        for i, t in enumerate(ladder):
-            check_type(t, f"{where}.ladder[{i}]")
-        if len(set(ladder)) != len(ladder):
-            raise PlanError(f"{where}.ladder: lists a type twice ({ladder!r})")
-        bpw = [BY_NAME[t].bpw for t in ladder]
-        if any(b >= c for b, c in zip(bpw, bpw[1:])):
-            raise PlanError(f"{where}.ladder: must go from the fewest bits per weight to the most (the last is the "
-                            f"top); got {', '.join(f'{t} {b:.3g}' for t, b in zip(ladder, bpw))}")
-        groups = section.get("groups", "classes")
-        items: list[GroupItem] = []
-        preset = "classes"
-        if isinstance(groups, str):
-            if groups not in PRESETS:
-                raise PlanError(f"{where}.groups: {groups!r} is not one of {', '.join(PRESETS)} or a list of "
-                                "{match, per} items")
-            preset = groups
-        else:
-            for i, g in enumerate(groups):
-                per = g.get("per", "all")
-                if not (per in ("all", "layer", "tensor") or (isinstance(per, int) and per > 0)):
-                    raise PlanError(f"{where}.groups[{i}].per: {per!r} is not all, layer, tensor or a layer count")
-                check_regex(g.get("match"), f"{where}.groups[{i}].match")
-                items.append(GroupItem(g["match"], per))
-        pin = []
-        for rx, t in (section.get("pin") or {}).items():
-            check_regex(rx, f"{where}.pin")
-            pin.append((rx, check_type(t, f"{where}.pin[{rx!r}]")))
-        experts = section.get("experts", DEFAULT_EXPERTS)
-        check_regex(experts, f"{where}.experts")
-        return cls(tuple(ladder), tuple(items), preset, tuple(pin), experts)
 
 
 @dataclass
@@ -141,7 +69,7 @@ def quantized_tensors(table: GGUFTable, top: str) -> list[str]:
     return [t.name for t in p.tensors if t.quantized]
 
 
-def make_groups(table: GGUFTable, s: Settings, has_imatrix: bool = True) -> list[Group]:
+def make_groups(table: GGUFTable, s: AllocateSettings, has_imatrix: bool = True) -> list[Group]:
     """The groups of `table`, pinned ones first (the rule order of every recipe built from them),
     each with its bytes at every ladder type the planner allows."""
     names = quantized_tensors(table, s.top)
@@ -151,10 +79,10 @@ def make_groups(table: GGUFTable, s: Settings, has_imatrix: bool = True) -> list
     pinned: dict[tuple, str] = {}
     for n in names:
         layer, cls = tensor_class(n)
-        pin = next((i for i, (rx, _) in enumerate(s.pin) if re.search(rx, n)), None)
+        pin = next((i for i, (rx, _) in enumerate(s.pins) if re.search(rx, n)), None)
         if pin is not None:
             key: tuple = ("pin", pin)
-            pinned[key] = s.pin[pin][1]
+            pinned[key] = s.pins[pin][1]
         else:
             item = next((i for i, it in enumerate(s.items) if re.search(it.match, n)), None)
             per = s.items[item].per if item is not None else ("all" if s.preset == "classes" else "layer")
@@ -259,7 +187,8 @@ def _budget(g: Group, experts: str) -> str:
     return MIXED if any(hits) else GPU
 
 
-def sensitivity_recipe(groups: Sequence[Group], s: Settings, group: str | None, typ: str | None) -> Recipe:
+def sensitivity_recipe(groups: Sequence[Group], s: AllocateSettings, group: str | None,
+                       typ: str | None) -> Recipe:
     """What one sensitivity run measures: pins at their type, `group` at `typ`, every other
     quantized tensor at the top (group None: everything at the top, the reference run)."""
     rules = [Rule(g.match, g.pinned) for g in groups if g.pinned]
@@ -275,7 +204,7 @@ def sensitivity_recipe(groups: Sequence[Group], s: Settings, group: str | None, 
     return Recipe(name=re.sub(r"[^A-Za-z0-9_.+-]", "_", name), base=s.base, rules=tuple(rules))
 
 
-def runs(groups: Sequence[Group], s: Settings) -> list[tuple[str, str]]:
+def runs(groups: Sequence[Group], s: AllocateSettings) -> list[tuple[str, str]]:
     """(group, type) of every sensitivity run besides the top one: each unpinned group at each
     of its options below the top."""
     return [(g.name, t) for g in groups if not g.pinned for t in g.bytes if t != s.top]

@@ -19,26 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConvertError
-from ..gguf.types import FTYPES, by_name
+from ..gguf.types import by_name
+from ..settings.model import OUTTYPES
 
 MLA_ARCHITECTURES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")  # Kimi-K2 also says DeepseekV3ForCausalLM
 
-# What the converter may write (--outtype, the type table's flag c) -> bytes per element of a
-# converted 2-D+ weight (q8_0: a 34-byte block per 32 values).
-OUTTYPES: dict[str, float] = {f.default: by_name(f.default).type_size / by_name(f.default).block
-                              for f in FTYPES.values() if f.converter_outtype}
+# Bytes per element of a converted 2-D+ weight at each outtype (q8_0: a 34-byte block per 32 values).
+OUTTYPE_BYTES: dict[str, float] = {t: by_name(t).type_size / by_name(t).block for t in OUTTYPES}
 Q8_0_BLOCK = by_name("q8_0").block
-SPLIT_SIZE_RE = re.compile(r"^(\d+[KMG]?)?$")  # the converter's --split-max-size ("" = no split)
-
-
-def check_outtype(outtype: str) -> None:
-    if outtype not in OUTTYPES:
-        raise ConvertError(f"outtype: {outtype!r} is not one of {', '.join(OUTTYPES)}")
-
-
-def check_split_max_size(size: str) -> None:
-    if not SPLIT_SIZE_RE.match(size):
-        raise ConvertError(f"split_max_size: {size!r} is not a size like 50G, 500M or '' (no split)")
 
 # safetensors dtypes: the bit width is in the name (F8_E4M3, BF16, I64), BOOL is a byte.
 _DTYPE = re.compile(r"^(?:BOOL|[UI](?:8|16|32|64)|F(?:16|32|64)|BF16|F8_E4M3|F8_E5M2|F8_E8M0)$")
@@ -172,7 +160,8 @@ class Checkpoint:
         """The GGUF's tensor data as mainline's converter writes it (alignment padding left out):
         2-D+ weights at `outtype`, the MoE router and every 1-D tensor (norms, the expert score
         bias) F32. A q8_0 row that is not whole 32-value blocks falls back to F16, as there."""
-        check_outtype(outtype)
+        if outtype not in OUTTYPE_BYTES:
+            raise ConvertError(f"outtype: {outtype!r} is not one of {', '.join(OUTTYPES)}")
         total = 0
         for name, t in self.model_tensors().items():
             n = t.n_elements
@@ -181,7 +170,7 @@ class Checkpoint:
             elif outtype == "q8_0" and t.shape[-1] % Q8_0_BLOCK:
                 total += 2 * n  # the converter falls back to f16 for such a row
             else:
-                total += int(OUTTYPES[outtype] * n)
+                total += int(OUTTYPE_BYTES[outtype] * n)
         return total
 
     def largest_output_elements(self) -> int:

@@ -11,29 +11,29 @@ the allocator then treats that type as free, which is what the additive model sa
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import PlanError
 from ..fileio import read_json_object
 from ..gguf.reader import GGUFTable
-from . import allocate
-from .groups import Group, GroupItem, Settings, make_groups, quantized_tensors, runs
+from ..settings import AllocateSettings
+from . import solver
+from .groups import Group, make_groups, quantized_tensors, runs
 
-GROUPS_VERSION = 1
-
-
-def settings_dict(s: Settings) -> dict:
-    return {"ladder": list(s.ladder), "items": [asdict(i) for i in s.items], "preset": s.preset,
-            "pin": [list(p) for p in s.pin], "experts": s.experts, "top": s.top, "base": s.base}
+GROUPS_VERSION = 2  # 2: settings in the config's form (groups, pin as a mapping)
 
 
-def settings_from(d: dict) -> Settings:
-    return Settings(tuple(d["ladder"]), tuple(GroupItem(**i) for i in d.get("items", [])), d.get("preset", "classes"),
-                    tuple(tuple(p) for p in d.get("pin", [])), d.get("experts", r"_exps\."))
+def settings_dict(s: AllocateSettings) -> dict:
+    """What groups.json and the sensitivity table say they were made with: the allocate
+    settings the runs measure, and the top and base they imply."""
+    return {**{k: v for k, v in s.to_dict().items() if k in s.SENSITIVITY}, "top": s.top, "base": s.base}
 
 
-def groups_doc(table: GGUFTable, s: Settings, has_imatrix: bool) -> dict:
+def settings_from(d: dict, where: str) -> AllocateSettings:
+    return AllocateSettings.from_dict({k: v for k, v in d.items() if k in AllocateSettings.SENSITIVITY}, where)
+
+
+def groups_doc(table: GGUFTable, s: AllocateSettings, has_imatrix: bool) -> dict:
     """groups.json: the settings, every group with its bytes per type, the bytes no group holds
     (norms, biases, ffn_gate_inp: copied as they are) and the model's element count (bpw budgets)."""
     groups = make_groups(table, s, has_imatrix)
@@ -46,12 +46,12 @@ def groups_doc(table: GGUFTable, s: Settings, has_imatrix: bool) -> dict:
             "runs": [list(r) for r in runs(groups, s)]}
 
 
-def load_groups(path: str | Path) -> tuple[dict, Settings, list[Group]]:
+def load_groups(path: str | Path) -> tuple[dict, AllocateSettings, list[Group]]:
     doc = read_json_object(path, "sensitivity groups")
     if doc.get("version") != GROUPS_VERSION:
         raise PlanError(f"{path}: version {doc.get('version')!r}, expected {GROUPS_VERSION} (rerun the groups step)")
     try:
-        return doc, settings_from(doc["settings"]), [Group.from_dict(g) for g in doc["groups"]]
+        return doc, settings_from(doc["settings"], f"{path}: settings"), [Group.from_dict(g) for g in doc["groups"]]
     except (KeyError, TypeError, ValueError) as e:
         raise PlanError(f"{path}: malformed groups file ({e})") from None
 
@@ -82,15 +82,15 @@ def table(groups_path: str | Path, top_run: str | Path, run_paths: dict[tuple[st
             "groups": out}
 
 
-def options(sens: dict) -> list[allocate.Group]:
+def options(sens: dict) -> list[solver.Group]:
     """The allocator's groups from a sensitivity table: each type with its bytes and increase
     (a pinned group: its one type, no increase)."""
     out = []
     for g in sens["groups"]:
         if g.get("pinned"):
-            opts = (allocate.Option(g["pinned"], int(g["bytes"][g["pinned"]]), 0.0),)
+            opts = (solver.Option(g["pinned"], int(g["bytes"][g["pinned"]]), 0.0),)
         else:
-            opts = tuple(allocate.Option(t, int(b), float(g["increase"][t])) for t, b in g["bytes"].items()
+            opts = tuple(solver.Option(t, int(b), float(g["increase"][t])) for t, b in g["bytes"].items()
                          if t in g["increase"])
-        out.append(allocate.Group(g["name"], g["match"], opts, g.get("budget", allocate.TOTAL)))
+        out.append(solver.Group(g["name"], g["match"], opts, g.get("budget", solver.TOTAL)))
     return out
