@@ -80,7 +80,8 @@ def _convert(a) -> dict:
     model = s.model.updated({"outtype": a.outtype, "split_max_size": a.split_max_size}, "model")
     if a.threads > 0:
         os.environ["OMP_NUM_THREADS"] = str(a.threads)  # the converter's torch
-    cache = Path(a.cache_dir or s.engine.cache_dir) if (a.cache_dir or s.engine.cache_dir) else default_cache_dir()
+    cache_dir = a.cache_dir or s.engine.cache_dir
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
     rec = convert(Path(a.checkpoint), model, s.engine, cache, Path(a.out_dir), a.name, a.python,
                   Path(a.log) if a.log else None)
     print(f"converted {a.checkpoint} -> {rec['model']} ({len(rec['files'])} file(s))")
