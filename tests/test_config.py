@@ -189,7 +189,7 @@ def test_several_models_fan_out(tmp_path):
 
 # per-setting flags a rule used to pass (the CLI keeps them as hand overrides)
 _SETTING_FLAGS = {"--run", "--spec", "--gate", "--ctx", "--chunks", "--mla", "--fa", "--depths", "--tg", "--repeats",
-                  "--gib", "--bpw", "--gpu-gib", "--ram-gib", "--resolution", "--ladder", "--pin", "--experts", "--groups-spec"}
+                  "--gib", "--bpw", "--gpu-gib", "--ram-gib", "--resolution"}
 
 
 def test_each_rule_gets_its_settings_as_one_json(tmp_path):
