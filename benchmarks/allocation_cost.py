@@ -20,7 +20,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -28,7 +27,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from quantsweep import sizing as R  # noqa: E402
+from quantsweep import capacity, config  # noqa: E402
 from quantsweep.gguf.assemble import tensor_data_diff  # noqa: E402
 from quantsweep.gguf.deepseek2 import deepseek_v3_table  # noqa: E402
 from quantsweep.allocator.groups import Settings, make_groups, runs, sensitivity_recipe  # noqa: E402
@@ -143,8 +142,7 @@ def v3_on_paper(a, wd: Path, ladder: list[str]) -> None:
     n = len(rs) + 1
     kld_h, pool_h = n * a.v3_kld_run_min / 60, len(pool_bytes) * a.v3_quantize_min / 60
     asm_h = sum(run_bytes) / (a.v3_assemble_gbps * 1e9) / 3600
-    ms = R.ModelSize.of_table(t)
-    print(f"== 3. DeepSeek-V3 on paper ({t.path.name}, {ms.bytes / 1e9:.0f} GB, {len(t.tensors)} tensors), "
+    print(f"== 3. DeepSeek-V3 on paper ({t.path.name}, {t.total_bytes / 1e9:.0f} GB, {len(t.tensors)} tensors), "
           f"ladder {', '.join(ladder)}, groups {a.v3_groups}\n")
     table(["assumption (option)", "value"], [
         ["--v3-kld-run-min: one llama-perplexity KLD run, one GPU node, experts in RAM", f"{a.v3_kld_run_min} min"],
@@ -167,38 +165,31 @@ def v3_on_paper(a, wd: Path, ladder: list[str]) -> None:
         ["one recipe quant afterwards (<= top's size)", f"{top / (a.v3_assemble_gbps * 1e9) / 3600:.2f}",
          f"{a.v3_quantize_min / 60:.2f}"],
     ])
-    slurm(wd, ms, top, pool_bytes)
+    slurm(wd, t)
 
 
-def slurm(wd: Path, ms, top: int, pool_bytes: dict[str, int]) -> None:
+def slurm(wd: Path, t) -> None:
+    """What the workflow asks per job (the capacity plan of the work dir's sweep, its model
+    replaced by V3's table), and what the SLURM profile puts over it."""
     prof_path = ROOT / "profiles" / "slurm" / "profile.yaml"
     prof = yaml.safe_load(prof_path.read_text()) if prof_path.exists() else {}
-    cfg = yaml.safe_load((wd / "config" / "config.yaml").read_text())
-    res, ev = cfg.get("resources") or {}, cfg.get("eval") or {}
-    rule_threads = "not set: the rule's threads"
-    gpus = res.get("gpus")
-    gpus = gpus if gpus is not None else (1 if (cfg.get("engine") or {}).get("cuda") else 0)
-    tokens = ev.get("ctx", 0) * ev.get("chunks", 0)
-    pool_disk = {ty: R.disk_mb_quantize(b) for ty, b in pool_bytes.items()}
-    disk = f"{min(pool_disk.values())}..{max(pool_disk.values())}"
-    print(f"What {prof_path.relative_to(ROOT)} asks per job for V3 (first attempt; each retry x1.5, x2 ...; the "
-          f"resource functions of src/quantsweep/resources.py on ModelSize.of_table; eval ctx x chunks = {tokens})\n")
+    sweep = config.load(yaml.safe_load((wd / "config" / "config.yaml").read_text()), ROOT)
+    p = capacity.capacity_plan(sweep, {m: t for m in sweep.models})
+    model = sorted(sweep.models)[0]
+    rates = sweep.machine.throughput
+    print(f"What {prof_path.relative_to(ROOT)} asks per job for V3 (first attempt; each retry x1.5, x2 ...; "
+          f"quantsweep.capacity's plan of this sweep on V3's table, eval ctx x chunks = "
+          f"{sweep.eval.ctx * sweep.eval.chunks})\n")
     rows = []
-    for rule, mem, dsk, rt, gpu in (
-            ("sensitivity_run", R.mem_mb_resident(replace(ms, bytes=top)), R.disk_mb_quantize(top),
-             R.runtime_min(ms, tokens), gpus),
-            ("pool", R.mem_mb_quantize(ms), disk, R.runtime_min(ms, 0), "-")):
-        over = (prof.get("set-resources") or {}).get(rule) or {}
-        rows.append([rule, (prof.get("set-threads") or {}).get(rule, rule_threads), over.get("mem_mb", mem),
-                     over.get("disk_mb", dsk), over.get("runtime", rt), gpu, json.dumps(over) if over else "-"])
-    table(["rule", "set-threads", "mem_mb", "disk_mb", "runtime min", "gpu", "profile set-resources"], rows)
-    print(f"the rule's threads: threads_engine, resources.threads = {res.get('threads', 0)} in the sweep's config"
-          f"{' (0: every core given with --cores, 8 on a cluster)' if not res.get('threads') else ''}; "
-          "gpu: gpu_engine (resources.gpus, else 1 with engine.cuda)")
-    print("mem_mb: mem_mb_sensitivity (the top's size resident) / mem_mb_quantize; "
-          "disk_mb: disk_mb_sensitivity (the top's pool size) / "
-          "disk_mb_pool (per type);\nruntime: runtime_eval / runtime_quantize (runtime_min: 30 + 1 min per GB, "
-          "a rough CPU figure that a site profile may override).")
+    pools = [j for j in p.jobs if j.rule == "pool"]
+    for j in (p.job("sensitivity_run", model), max(pools, key=lambda j: j.written_bytes)):
+        over = (prof.get("set-resources") or {}).get(j.rule) or {}
+        rows.append([f"{j.rule} {j.item}".strip(), (prof.get("set-threads") or {}).get(j.rule, "the rule's"),
+                     over.get("mem_mb", capacity.mem_mb(j)), over.get("disk_mb", capacity.disk_mb(j)),
+                     over.get("runtime", capacity.runtime_min(j, rates)), j.gpus, json.dumps(over) if over else "-"])
+    table(["job", "set-threads", "mem_mb", "disk_mb", "runtime min", "gpu", "profile set-resources"], rows)
+    print("mem_mb: the file the job holds (its CPU-side tensors) + KV cache + buffers; disk_mb: what it writes; "
+          "runtime: the plan's estimate x machine.throughput.slack + 30 min (config/README.md \"Capacity plan\").")
 
 
 def main() -> int:

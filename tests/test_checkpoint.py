@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from quantsweep import sizing as r
+from quantsweep import capacity
 from quantsweep.hf.checkpoint import Checkpoint, TensorEntry
 from quantsweep.errors import ConvertError
+from quantsweep.settings import Throughput
 
 MiB = 2**20
 S1, S2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
@@ -203,7 +204,7 @@ def test_a_dequantized_checkpoint_keeping_its_quantization_config_reads(tmp_path
 
 
 def test_the_package_does_not_import_torch_or_snakemake():
-    code = ("import sys, quantsweep.hf.checkpoint, quantsweep.sizing; "
+    code = ("import sys, quantsweep.hf.checkpoint, quantsweep.capacity; "
             "bad = [m for m in ('torch', 'snakemake', 'transformers', 'safetensors') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
@@ -477,14 +478,21 @@ V3 = {"architectures": ["DeepseekV3ForCausalLM"], "num_hidden_layers": 61, "hidd
       "n_routed_experts": 256, "moe_intermediate_size": 2048}
 
 
+RATES = Throughput()
+
+
+def _convert(ck, outtype="bf16"):
+    return capacity.convert_job("v3", ck, outtype, RATES)
+
+
 def test_convert_memory_is_one_merged_expert_stack():
     ck = _paper_checkpoint(V3, {"lm_head.weight": TensorEntry("model.safetensors", "BF16", (129280, 7168))}, 10**9)
     # 256 x 2048 x 7168 floats x 4 bytes x 3 = 43008 MiB, + 4096
-    assert r.mem_mb_convert(ck) == 43008 + 4096
-    assert r.mem_mb_convert(ck, attempt=2) == int(1.5 * (43008 + 4096))
+    assert capacity.mem_mb(_convert(ck)) == 43008 + 4096
+    assert capacity.mem_mb(_convert(ck), attempt=2) == int(1.5 * (43008 + 4096))
     dense = _paper_checkpoint({**V3, "n_routed_experts": None},
                               {"lm_head.weight": TensorEntry("model.safetensors", "BF16", (129280, 7168))}, 10**9)
-    assert r.mem_mb_convert(dense) == int(12 * 129280 * 7168 / MiB + 4096)
+    assert capacity.mem_mb(_convert(dense)) == int(12 * 129280 * 7168 / MiB + 4096)
 
 
 def test_convert_disk_tracks_the_output_and_runtime_the_bytes_moved():
@@ -493,23 +501,27 @@ def test_convert_disk_tracks_the_output_and_runtime_the_bytes_moved():
     assert ck.output_bytes("bf16") == 600 * 10**9 and ck.output_bytes("f32") == 1200 * 10**9
     assert ck.output_bytes("q8_0") == 3 * 10**11 // 32 * 34
     for t in ("bf16", "f32", "q8_0"):
-        assert r.disk_mb_convert(ck, t) == int(ck.output_bytes(t) * 1.05 / MiB + 1024)
-    assert r.disk_mb_convert(ck, "f32") - 1024 == pytest.approx(2 * (r.disk_mb_convert(ck, "bf16") - 1024), abs=2)
-    # read 600 GB + write 600 / 1200 GB at 100 MB/s (GB / 6 minutes) + 30
-    assert r.runtime_min_convert(ck, "bf16") == 30 + 1200 // 6 == 230
-    assert r.runtime_min_convert(ck, "f32") == 30 + 1800 // 6 == 330
-    assert r.runtime_min_convert(ck, "f32", attempt=2) == 495
+        assert capacity.disk_mb(_convert(ck, t)) == int(ck.output_bytes(t) * 1.05 / MiB + 1024)
+    # read 600 GB + write 600 / 1200 GB at 100 MB/s: 200 / 300 min, x slack 2, + 30
+    assert _convert(ck).seconds == 1200e9 / 100e6
+    assert capacity.runtime_min(_convert(ck), RATES) == 30 + 2 * 200 == 430
+    assert capacity.runtime_min(_convert(ck, "f32"), RATES) == 30 + 2 * 300
+    assert capacity.runtime_min(_convert(ck, "f32"), RATES, attempt=2) == int(1.5 * 630)
+    fast = RATES.updated({"convert_mb_s": 200.0, "slack": 1.0})  # machine.throughput, measured on a machine
+    assert capacity.runtime_min(capacity.convert_job("v3", ck, "bf16", fast), fast) == 30 + 100
 
 
 def test_convert_figures_grow_on_retries(tmp_path):
     ck = _paper_checkpoint(V3, {"w": TensorEntry("model.safetensors", "BF16", (300_000, 1_000_000))}, 600 * 10**9)
-    for f in (r.mem_mb_convert, lambda c, attempt: r.disk_mb_convert(c, "q8_0", attempt),
-              lambda c, attempt: r.runtime_min_convert(c, "bf16", attempt)):
-        one, two, three = f(ck, attempt=1), f(ck, attempt=2), f(ck, attempt=3)
+    j = _convert(ck, "q8_0")
+    for f in (capacity.mem_mb, capacity.disk_mb, lambda job, attempt: capacity.runtime_min(job, RATES, attempt)):
+        one, two, three = f(j, attempt=1), f(j, attempt=2), f(j, attempt=3)
         assert abs(two - 1.5 * one) <= 1 and abs(three - 2 * one) <= 1 and one < two < three
     # a checkpoint read from disk feeds them too (tiny: the constant terms)
     tiny = Checkpoint.read(make_checkpoint(tmp_path / "ck"))
-    assert r.mem_mb_convert(tiny) == 4096 and r.disk_mb_convert(tiny, "bf16") == 1024
-    assert r.runtime_min_convert(tiny, "bf16") == 30
+    assert capacity.mem_mb(_convert(tiny)) == 4096 and capacity.disk_mb(_convert(tiny)) == 1024
+    assert capacity.runtime_min(_convert(tiny), RATES) == 30
     with pytest.raises(ConvertError, match="outtype: 'q4_0' is not one of"):
-        r.disk_mb_convert(tiny, "q4_0")
+        _convert(tiny, "q4_0")
+
+

@@ -578,3 +578,24 @@ def test_refinement_measures_the_recipe_in_context_and_allocates_again(refined):
     info = json.loads((refined / "results" / "allocate" / "tiny" / "auto-IQ2_KS-refined.json").read_text())
     assert info["refined_from"]["measured"] == float(rows["auto-IQ2_KS"]["kld_mean"])
     assert float(rows["auto-IQ2_KS-refined"]["predicted_kld"]) == pytest.approx(info["predicted"]["kld_mean"])
+
+
+def test_imatrix_on_a_quant(tmp_path):
+    """imatrix.model: the passes run on a Q8_0 made first without an imatrix (what a source too
+    big for RAM needs); the imatrix then serves an IQ2_KS of the source, the records name the
+    file the passes ran on and the report says where the imatrix came from."""
+    wd = make_workdir(tmp_path, {
+        "quants": [{"name": "Q8_0", "ftype": "Q8_0", "imatrix": False}, "IQ2_KS"],
+        "imatrix": {"model": "Q8_0", "chunks": 8}, "eval": {"chunks": 4}, "bench": {"enabled": False}})
+    r = smk(wd, "--cores", "2")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
+    for p in ("mla", "std"):
+        rec = json.loads((wd / "results" / "imatrix" / "tiny" / f"{p}.json").read_text())
+        assert rec["model"] == "results/quants/tiny/tiny-Q8_0.gguf"
+        assert rec["cmd"][rec["cmd"].index("-m") + 1] == "results/quants/tiny/tiny-Q8_0.gguf"
+    q = json.loads((wd / "results" / "quants" / "tiny" / "tiny-IQ2_KS.json").read_text())
+    assert "--imatrix" in q["cmd"] and q["cmd"][q["cmd"].index("--imatrix") + 1].endswith("imatrix.dat")
+    md = (wd / "results" / "report" / "summary.md").read_text()
+    assert "- imatrix: computed on Q8_0 (imatrix.model), not the unquantized model" in md
+    plan = json.loads((wd / "results" / "plan" / "plan.json").read_text())
+    assert {j["reads"] for j in plan["jobs"] if j["rule"] == "imatrix_collect"} == {"Q8_0"}

@@ -531,3 +531,16 @@ def test_entries_keep_sweep_order(tmp_path):
     rows, _ = load_rows(make_entries(tmp_path, reference="IQ4_KS"))
     assert [r.quant for r in rows] == ["IQ4_KS"] + [q for q, *_ in QUANTS if q != "IQ4_KS"]
     assert list(itertools.chain.from_iterable([r.reference] for r in rows)) == ["IQ4_KS"] * len(QUANTS)
+
+
+def test_sweep_notes_on_both_pages_and_none_without(tmp_path):
+    """What the settings decided (a budget skipped, the imatrix's model) is listed on both pages;
+    a sweep without notes renders as before."""
+    p = report_paths(tmp_path)
+    note = "imatrix: computed on Q8_0-noimatrix (imatrix.model), not the unquantized model"
+    write_report(make_entries(tmp_path), Gate(5.0, 0.05), p["csv"], p["md"], p["html"], p["plots"], [note, "a < b"])
+    md, html = p["md"].read_text(), p["html"].read_text()
+    assert f"Sweep notes:\n\n- {note}\n- a < b\n" in md
+    assert f"<h2>Sweep notes</h2><ul><li>{note}</li><li>a &lt; b</li></ul>" in html
+    plain = run_report(tmp_path / "plain")
+    assert "Sweep notes" not in plain["md"].read_text() and "Sweep notes" not in plain["html"].read_text()

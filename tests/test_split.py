@@ -13,7 +13,8 @@ import pytest
 
 from conftest import FIXTURES, ROOT, make_workdir, smk
 from quantsweep import imatrix as imx
-from quantsweep import sizing, steps
+from quantsweep import steps
+from quantsweep.capacity.files import of_table
 from quantsweep.engine import run
 from quantsweep.fileio import sha256_file
 from quantsweep.gguf.reader import read_model, read_table
@@ -53,14 +54,12 @@ def test_engine_split_keeps_metadata_in_shard_one(model):
 
 def test_resources_and_plan_of_any_shard_equal_the_whole(model):
     """The disk request of a quantize job used to fall back to the bf16 size for shard 2
-    (its plan raised for lack of metadata); now every shard plans the whole model."""
+    (its plan raised for lack of metadata); now every shard plans the whole model, and the
+    capacity plan's files are the whole model's."""
     whole, shards = model
-    assert sizing.model_size(shards[0]) == sizing.model_size(whole)
-    want = sizing.predicted_bytes(whole, "IQ2_KS", True)
-    assert want < sizing.model_size(whole).bytes / 3
-    assert sizing.predicted_bytes(shards[1], "IQ2_KS", True) == want
-    assert sizing.predicted_bytes(shards[0], RECIPE, True) == \
-        sizing.predicted_bytes(whole, RECIPE, True)
+    assert of_table(read_model(shards[0])) == of_table(read_table(whole))
+    for shard in shards:
+        assert plan(read_model(shard), RECIPE).total_bytes == plan(read_table(whole), RECIPE).total_bytes
     a, b = plan(read_model(shards[0]), "IQ2_KS"), plan(read_table(whole), "IQ2_KS")
     assert a.types() == b.types() and a.total_bytes == b.total_bytes and a.n_fallback == b.n_fallback
 

@@ -223,3 +223,52 @@ class PipeWriter:
         elif self._thread.is_alive():  # the caller failed: stop the thread, keep its exception
             self._todo.put(None)
             self._thread.join()
+
+
+def read_yaml(path: str | Path, error: type[QuantsweepError] = QuantsweepError):
+    """A YAML file a user wrote (a config, a recipe), as data; `error` with one line naming the
+    file and line for what YAML itself lets pass or words badly: not UTF-8, a syntax error, a
+    key given twice in one mapping (YAML keeps the last one silently)."""
+    import yaml
+
+    class UniqueKeys(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for k, _ in node.value:
+                key = self.construct_object(k, deep=deep)
+                if key in seen:
+                    raise error(f"{path}: line {k.start_mark.line + 1}: key {key!r} given twice in one mapping")
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise error(f"{path}: cannot be read ({e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text (byte {e.start})") from None
+    try:
+        return yaml.load(text, Loader=UniqueKeys)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise error(f"{path}: not valid YAML: {where}{problem}") from None
+
+
+def refuse_overwrite(output: str | Path, inputs: dict[str, object]) -> None:
+    """QuantsweepError when `output` is one of the inputs ({option: path or paths}, a split
+    model's every shard counted): no step writes its result over what it reads."""
+    out = Path(output).absolute()
+    for option, value in inputs.items():
+        paths = value if isinstance(value, (list, tuple)) else [value]
+        for p in paths:
+            if p is None:
+                continue
+            p = Path(p)
+            same = p.absolute() == out or (p.exists() and out.exists() and os.path.samefile(p, out))
+            if same:
+                raise QuantsweepError(f"{output}: is also an input ({option} {p}); write the output to another file")

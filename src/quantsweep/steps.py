@@ -25,7 +25,8 @@ from .engine.bench import sweep_bench
 from .engine.build import installed_flags
 from .errors import ImatrixError, PlanError, StepError
 from .gguf.assemble import assemble, pieces
-from .gguf.reader import first_shard, read_model, read_table, verify_complete
+from .fileio import refuse_overwrite
+from .gguf.reader import first_shard, read_model, read_table, shards, verify_complete
 from .gguf.types import FTYPES
 from .hf import converter
 from .hf.checkpoint import Checkpoint
@@ -101,6 +102,7 @@ def collect_imatrix(bin_dir: Path, model: Path, text: Path, output: Path, log: P
 def remap_imatrix(inputs: list[str], model: str | Path, output: str | Path) -> tuple[imx.Imatrix, list[str]]:
     """Merge imatrix files (passes, external ones) and fit them to the model; returns the fitted
     imatrix (written to `output`) and one line per action taken."""
+    refuse_overwrite(output, {"input": list(inputs), "--model": shards(model)})
     merged = imx.merge([imx.read_any(p) for p in inputs], [str(p) for p in inputs])
     fitted, actions = imx.remap(merged, read_model(model))
     imx.write_any(fitted, output, matrices_per_entry(model))
@@ -148,6 +150,8 @@ def quantize(bin_dir: Path, model: Path, output: Path, log: Path, ftype: str | N
     """llama-quantize, with the size the planner predicted kept beside what the engine reports
     and what the written file's header says. With pool files, a recipe is assembled from them
     instead when every tensor can come from one (else llama-quantize, and the record says why)."""
+    refuse_overwrite(output, {"--model": shards(model), "--imatrix": imatrix, "--recipe": recipe,
+                              "--pool": list((pools or {}).values())})
     spec = quant_spec(recipe, ftype)
     ft, extra = quant_args(spec)
     predicted = plan(read_model(model), spec, has_imatrix=bool(imatrix))  # refuses a rule matching nothing
@@ -171,6 +175,7 @@ def pool_quantize(bin_dir: Path, model: Path, typ: str, output: Path, log: Path,
                   imatrix: Path | None = None, timeout_s: float | None = None) -> dict:
     """One pool file: the model with every tensor asked for `typ` (llama-quantize). The engine's
     logged types must equal the plan's, since assembly picks tensors by the plan."""
+    refuse_overwrite(output, {"--model": shards(model), "--imatrix": imatrix})
     spec = pool_recipe(typ)
     ft, extra = quant_args(spec)
     predicted = plan(read_model(model), spec, has_imatrix=bool(imatrix), strict=False)

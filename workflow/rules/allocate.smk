@@ -27,9 +27,10 @@ rule pool:
         get_engine_env()
     threads: threads_engine
     resources:
-        mem_mb=mem_mb_streamed_model,
-        disk_mb=disk_mb_pool_file,
-        runtime=runtime_quantization,
+        mem_mb=mem_mb_planned("pool"),
+        disk_mb=disk_mb_planned("pool"),
+        runtime=runtime_planned("pool"),
+        slurm_partition=partition_cpu_job,
     params:
         bin_dir=get_bin_dir,
         imatrix=get_imatrix_arg,
@@ -50,6 +51,8 @@ checkpoint sensitivity_groups:
         "logs/sensitivity/{model}/groups.log",
     conda:
         "../../envs/quantsweep.yaml"
+    resources:
+        disk_mb=disk_mb_header_only,
     params:
         settings=ALLOC.sensitivity_json(),
         flags=get_sensitivity_group_flags,
@@ -77,10 +80,11 @@ rule sensitivity_run:
         get_engine_env()
     threads: threads_engine
     resources:
-        mem_mb=mem_mb_assembled_model,
-        disk_mb=disk_mb_assembled_model,
-        runtime=runtime_evaluation,
+        mem_mb=mem_mb_planned("sensitivity_run"),
+        disk_mb=disk_mb_planned("sensitivity_run"),
+        runtime=runtime_planned("sensitivity_run"),
         gpu=gpus_engine,
+        slurm_partition=partition_gpu_job,
     params:
         bin_dir=get_bin_dir,
         pools=get_pool_args,
@@ -100,6 +104,12 @@ use rule sensitivity_run as sensitivity_top with:
         manifest="results/sensitivity/{model}/top.manifest.json",
     log:
         "logs/sensitivity/{model}/top.log",
+    resources:
+        mem_mb=mem_mb_planned("sensitivity_top"),
+        disk_mb=disk_mb_planned("sensitivity_top"),
+        runtime=runtime_planned("sensitivity_top"),
+        gpu=gpus_engine,
+        slurm_partition=partition_gpu_job,
 
 
 rule sensitivity_table:
@@ -171,10 +181,11 @@ rule sensitivity_context:
         get_engine_env()
     threads: threads_engine
     resources:
-        mem_mb=mem_mb_assembled_model,
-        disk_mb=disk_mb_assembled_model,
-        runtime=runtime_evaluation,
+        mem_mb=mem_mb_planned("sensitivity_context"),
+        disk_mb=disk_mb_planned("sensitivity_context"),
+        runtime=runtime_planned("sensitivity_context"),
         gpu=gpus_engine,
+        slurm_partition=partition_gpu_job,
     params:
         bin_dir=get_bin_dir,
         pools=get_pool_args,

@@ -15,9 +15,10 @@ rule bench_quant:
         get_engine_env()
     threads: threads_whole_machine
     resources:
-        mem_mb=mem_mb_resident_model,
-        runtime=runtime_benchmark,
+        mem_mb=mem_mb_planned("bench_quant"),
+        runtime=runtime_planned("bench_quant"),
         gpu=gpus_engine,
+        slurm_partition=partition_gpu_job,
     params:
         bin_dir=get_bin_dir,
         threads=threads_engine,
@@ -42,3 +43,8 @@ use rule bench_quant as bench_base with:
         manifest="results/bench/{model}/baseline.manifest.json",
     log:
         "logs/bench/{model}/baseline.log",
+    resources:
+        mem_mb=mem_mb_planned("bench_base"),
+        runtime=runtime_planned("bench_base"),
+        gpu=gpus_engine,
+        slurm_partition=partition_gpu_job,

@@ -4,20 +4,26 @@
 import json
 import os
 import re
+import sys
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
+from quantsweep import capacity as qcapacity
 from quantsweep import config as qconfig
+from quantsweep.errors import QuantsweepError
+from quantsweep.fileio import write_text
 from quantsweep.gguf.reader import shards
 from quantsweep.hf import converter as qconverter
 from quantsweep.hf.checkpoint import Checkpoint
-from quantsweep.planner.pool import named_types
-from quantsweep.planner.recipes import load_recipe
-from quantsweep.settings.measure import PASSES
+from quantsweep.settings.measure import PASSES, SOURCE
 
 try:
     qconfig.check_structure(config)
+    # `tiny: null` in a merged config drops the demo model
+    qconfig.drop_null_models(config)
+    # one line naming the key (snakemake's validate prints the whole schema), then its defaults
+    qconfig.check_schema(config, qconfig.schema_path(workflow.basedir))
     validate(config, schema="../schemas/config.schema.yaml")
     SWEEP = qconfig.load(config, workflow.basedir)
 except qconfig.ConfigError as e:
@@ -39,20 +45,41 @@ def one_of(names):
 
 
 def pool_types_of(q):
-    """The pool files a quant is assembled from (none: llama-quantize makes it). Recipe quants
-    are assembled from the per-type pool (allocate.pool): the types their recipes name.
-    """
-    if not ALLOC.pool:
-        return []
-    if q.auto:
-        return ALLOC.types()
-    return named_types(load_recipe(q.recipe)) if q.recipe else []
+    """The pool files a quant is assembled from (none: llama-quantize makes it)."""
+    return qcapacity.pool_types(SWEEP, q)
 
 
-POOL_TYPES = sorted(
-    {t for q in QUANTS.values() for t in pool_types_of(q)}
-    | set(ALLOC.types() if ALLOC.active else [])
-)
+POOL_TYPES = qcapacity.all_pool_types(SWEEP)
+
+
+def written_model(model):
+    """The GGUF the workflow writes for a model (converted or generated; None: a gguf source)."""
+    m = SWEEP.models[model]
+    if m.source == "hf":
+        out = f"resources/models/{model}"
+        return str(qconverter.model_file(out)) if os.path.isdir(out) else None
+    return f"resources/models/{model}.gguf" if m.source == "tiny" else None
+
+
+# The capacity plan (quantsweep.capacity): what every job reads, holds, writes and takes, from
+# the models' headers (a checkpoint: its predicted conversion). Every job's resources come from
+# it; a sweep that cannot fit `machine` stops here, in one line, before any job starts.
+try:
+    PLAN = qcapacity.plan_sweep(SWEEP, {m: written_model(m) for m in MODELS})
+except QuantsweepError as e:
+    raise WorkflowError(f"capacity plan: {e}")
+if workflow.is_main_process:
+    for note in SWEEP.notes:
+        print(f"quantsweep: {note}", file=sys.stderr)
+    if refused := qcapacity.refusal(PLAN, SWEEP):
+        raise WorkflowError(refused)
+
+
+onstart:
+    # the plan the sweep started with, for people (plan.txt) and tools (plan.json)
+    txt, js = qcapacity.jobs.plan_paths(".")
+    write_text(txt, qcapacity.text(PLAN, SWEEP))
+    write_text(js, qcapacity.to_json(PLAN, SWEEP))
 
 
 wildcard_constraints:

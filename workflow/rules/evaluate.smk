@@ -19,10 +19,11 @@ rule eval_baseline:
         get_engine_env()
     threads: threads_engine
     resources:
-        mem_mb=mem_mb_resident_model,
-        disk_mb=disk_mb_kld_base,
-        runtime=runtime_evaluation,
+        mem_mb=mem_mb_planned("eval_baseline"),
+        disk_mb=disk_mb_planned("eval_baseline"),
+        runtime=runtime_planned("eval_baseline"),
         gpu=gpus_engine,
+        slurm_partition=partition_gpu_job,
     params:
         bin_dir=get_bin_dir,
         settings=EVAL_SETTINGS,
@@ -47,6 +48,12 @@ use rule eval_baseline as eval_reference with:
         "logs/eval_reference/{model}.log",
     wildcard_constraints:
         model=REFERENCE_QUANT_MODELS,
+    resources:
+        mem_mb=mem_mb_planned("eval_reference"),
+        disk_mb=disk_mb_planned("eval_reference"),
+        runtime=runtime_planned("eval_reference"),
+        gpu=gpus_engine,
+        slurm_partition=partition_gpu_job,
 
 
 ruleorder: eval_reference > eval_baseline
@@ -68,10 +75,11 @@ rule eval_quant:
         get_engine_env()
     threads: threads_engine
     resources:
-        mem_mb=mem_mb_resident_model,
-        disk_mb=disk_mb_kld_base,
-        runtime=runtime_evaluation,
+        mem_mb=mem_mb_planned("eval_quant"),
+        disk_mb=disk_mb_planned("eval_quant"),
+        runtime=runtime_planned("eval_quant"),
         gpu=gpus_engine,
+        slurm_partition=partition_gpu_job,
     params:
         bin_dir=get_bin_dir,
         settings=EVAL_SETTINGS,

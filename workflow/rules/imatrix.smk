@@ -3,8 +3,8 @@ include: "imatrix_functions.smk"
 
 rule imatrix_collect:
     input:
-        model=get_model,
-        model_files=get_model_files,
+        model=get_imatrix_model,
+        model_files=get_imatrix_model_files,
         quantize=rules.engine_build.output.quantize,
         imatrix_tool=rules.engine_build.output.imatrix,
         run_settings=ancient(rules.run_settings.output[0]),
@@ -19,10 +19,11 @@ rule imatrix_collect:
         get_engine_env()
     threads: threads_engine
     resources:
-        mem_mb=mem_mb_resident_model,
-        disk_mb=disk_mb_imatrix_file,
-        runtime=runtime_calibration,
+        mem_mb=mem_mb_planned("imatrix_collect"),
+        disk_mb=disk_mb_planned("imatrix_collect"),
+        runtime=runtime_planned("imatrix_collect"),
         gpu=gpus_engine,
+        slurm_partition=partition_gpu_job,
     params:
         bin_dir=get_bin_dir,
         settings=SWEEP.imatrix.to_json(only=SWEEP.imatrix.COLLECT),
@@ -45,6 +46,8 @@ rule imatrix_remap:
         "logs/imatrix_remap/{model}.log",
     conda:
         "../../envs/quantsweep.yaml"
+    resources:
+        disk_mb=disk_mb_header_only,
     shell:
         "quantsweep imatrix remap --model {input.model:q} -o {output.dat:q}"
         " --manifest {output.manifest:q} {input.imatrices:q} > {log:q} 2>&1"
@@ -65,6 +68,8 @@ rule imatrix_check:
         engine="logs/imatrix_check/{model}-{quant}.dry-run.log",
     conda:
         get_engine_env()
+    resources:
+        disk_mb=disk_mb_header_only,
     params:
         bin_dir=get_bin_dir,
         type_args=get_type_args,

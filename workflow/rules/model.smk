@@ -41,9 +41,10 @@ checkpoint convert:
         "../../envs/convert.yaml"
     threads: threads_converter
     resources:
-        mem_mb=mem_mb_converter,
-        disk_mb=disk_mb_converted_model,
-        runtime=runtime_conversion,
+        mem_mb=mem_mb_planned("convert"),
+        disk_mb=disk_mb_planned("convert"),
+        runtime=runtime_planned("convert"),
+        slurm_partition=partition_cpu_job,
     params:
         checkpoint=get_checkpoint_dir,
         settings=get_convert_settings,

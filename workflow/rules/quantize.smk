@@ -4,6 +4,8 @@ include: "quantize_functions.smk"
 rule quantize:
     input:
         unpack(get_quantize_input),
+        model=get_model,
+        model_files=get_model_files,
     output:
         gguf="results/quants/{model}/{model}-{quant}.gguf",
         record="results/quants/{model}/{model}-{quant}.json",
@@ -14,9 +16,10 @@ rule quantize:
         get_engine_env()
     threads: threads_engine
     resources:
-        mem_mb=mem_mb_streamed_model,
-        disk_mb=disk_mb_quant_file,
-        runtime=runtime_quantization,
+        mem_mb=mem_mb_planned("quantize"),
+        disk_mb=disk_mb_planned("quantize"),
+        runtime=runtime_planned("quantize"),
+        slurm_partition=partition_cpu_job,
     params:
         bin_dir=get_bin_dir,
         type_args=get_type_args,

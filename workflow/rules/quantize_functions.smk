@@ -2,12 +2,14 @@
 
 
 def get_quantize_input(wildcards):
+    """What a quantize job reads besides the model (a named input of its own: a Hugging Face
+    model's file is known once it is converted, and until then Snakemake puts the convert
+    checkpoint in the place of that input only, so `snakemake -n` still formats the job).
+    """
     inputs = {
         "quantize": rules.engine_build.output.quantize,
         # no engine job starts before the run settings are checked (rule run_settings)
         "run_settings": ancient(rules.run_settings.output[0]),
-        "model": get_model(wildcards),
-        "model_files": get_model_files(wildcards),
     }
     q = QUANTS[wildcards.quant]
     if q.imatrix:

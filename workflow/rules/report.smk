@@ -41,8 +41,9 @@ rule report:
         entries=get_summary_entries_json,
         settings=SWEEP.gate.to_json(),
         speed=get_speed_plot_arg,
+        notes=get_report_notes(),
     shell:
-        "quantsweep report --entries {params.entries:q} --settings {params.settings:q}"
+        "quantsweep report --entries {params.entries:q} --settings {params.settings:q} {params.notes:q}"
         " --csv {output.csv:q} --md {output.md:q} --html {output.html:q}"
         " --plot-lnppl {output.lnppl:q} --plot-kld {output.kld:q} {params.speed:q}"
         " --manifest {output.manifest:q} > {log:q} 2>&1"

@@ -46,3 +46,14 @@ def get_speed_plot_output():
 
 def get_speed_plot_arg(wildcards, output):
     return ["--plot-speed", output.speed] if BENCH else []
+
+
+def get_report_notes():
+    """--note per line the report shows under "Sweep notes": what the settings decided that no
+    record says (an optional budget skipped, the quant the imatrix was computed on)."""
+    notes = list(SWEEP.notes)
+    if SWEEP.imatrix.enabled and SWEEP.imatrix.model != SOURCE:
+        notes.append(
+            f"imatrix: computed on {SWEEP.imatrix.model} (imatrix.model), not the unquantized model"
+        )
+    return [a for n in notes for a in ("--note", n)]

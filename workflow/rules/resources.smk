@@ -1,13 +1,19 @@
-# What each job asks the scheduler for: one function per thing sized, named after it. Sizes come
-# from the model's GGUF header or the checkpoint's headers (quantsweep.sizing) and grow on each
-# retry (`attempt`); a site profile may override any of them per rule.
+# What each job asks the scheduler for: one function per thing sized, named after it. Every
+# figure is the capacity plan's (quantsweep.capacity, built once in common.smk: from the file
+# each job reads, with its run settings, KV cache and the throughput model) and grows on each
+# retry (`attempt`); a site profile may still override any of them per rule.
 from snakemake.exceptions import WorkflowError
 
-from quantsweep import sizing as qsizing
+from quantsweep import capacity as qcapacity
 
 
-def _model_size(wildcards):
-    return qsizing.model_size(get_model(wildcards))
+def _job(rule, wildcards):
+    """The plan's job behind a rule's wildcards (one per model, quant, pass or pool file)."""
+    if hasattr(wildcards, "pool_imatrix"):
+        item = f"{wildcards.pool_imatrix}/{wildcards.ptype}"
+    else:
+        item = getattr(wildcards, "quant", "") or getattr(wildcards, "imatrix_pass", "")
+    return PLAN.job(rule, wildcards.model, item)
 
 
 def _given_cores():
@@ -41,85 +47,34 @@ def gpus_engine(wildcards):
     return SWEEP.resources.gpus_per_job(SWEEP.engine.cuda)
 
 
-def mem_mb_converter(wildcards, attempt):
-    """One merged expert stack in float32 plus its converted copy (checkpoint's config)."""
-    return qsizing.mem_mb_convert(get_checkpoint(wildcards), attempt)
+def partition_gpu_job(wildcards):
+    """slurm_partition of a GPU job: resources.gpu_partition (named once, for every GPU rule)."""
+    return SWEEP.resources.partition(gpus_engine(wildcards) > 0) or None
 
 
-def disk_mb_converted_model(wildcards, attempt):
-    outtype = SWEEP.models[wildcards.model].outtype
-    return qsizing.disk_mb_convert(get_checkpoint(wildcards), outtype, attempt)
+def partition_cpu_job(wildcards):
+    return SWEEP.resources.partition(False) or None
 
 
-def runtime_conversion(wildcards, attempt):
-    outtype = SWEEP.models[wildcards.model].outtype
-    return qsizing.runtime_min_convert(get_checkpoint(wildcards), outtype, attempt)
+def disk_mb_header_only(wildcards):
+    """A job that reads only the model's header (and small files) writes next to nothing; not
+    Snakemake's default of twice its inputs (2.7 TB for DeepSeek-V3 at bf16)."""
+    return 1024
 
 
-def mem_mb_resident_model(wildcards, attempt):
-    """imatrix / perplexity / sweep-bench hold the whole model: its size plus buffers."""
-    return qsizing.mem_mb_resident(_model_size(wildcards), attempt)
+def mem_mb_planned(rule):
+    """mem_mb of a rule's jobs: the plan's RAM for the file each one reads."""
+    return lambda wildcards, attempt: qcapacity.mem_mb(_job(rule, wildcards), attempt)
 
 
-def mem_mb_streamed_model(wildcards, attempt):
-    """quantize streams the model: the largest tensor as f32 a few times over."""
-    return qsizing.mem_mb_quantize(_model_size(wildcards), attempt)
+def disk_mb_planned(rule):
+    """disk_mb: what the job writes (a quant's predicted size, the KLD base logits, ...)."""
+    return lambda wildcards, attempt: qcapacity.disk_mb(_job(rule, wildcards), attempt)
 
 
-def disk_mb_quant_file(wildcards, attempt):
-    """A quant's file; an auto recipe is not written yet: its top ftype's size bounds it."""
-    q = QUANTS[wildcards.quant]
-    size = qsizing.predicted_bytes(get_model(wildcards), q.spec, q.imatrix)
-    return qsizing.disk_mb_quantize(size, attempt)
-
-
-def disk_mb_pool_file(wildcards, attempt):
-    size = qsizing.predicted_pool_bytes(get_model(wildcards), wildcards.ptype)
-    return qsizing.disk_mb_quantize(size, attempt)
-
-
-def mem_mb_assembled_model(wildcards, attempt):
-    """A sensitivity run holds its assembled model: at most the ladder's top everywhere."""
-    m = _model_size(wildcards)
-    top = qsizing.predicted_pool_bytes(get_model(wildcards), ALLOC.top)
-    return qsizing.mem_mb_resident(
-        qsizing.ModelSize(top, m.largest_elements, m.imatrix_values, m.n_vocab), attempt
+def runtime_planned(rule):
+    """runtime (minutes): the plan's estimate x machine.throughput.slack + 30 min."""
+    rates = SWEEP.machine.throughput
+    return lambda wildcards, attempt: qcapacity.runtime_min(
+        _job(rule, wildcards), rates, attempt
     )
-
-
-def disk_mb_assembled_model(wildcards, attempt):
-    """A sensitivity run's assembled model (removed after it is measured): at most the top's size."""
-    size = qsizing.predicted_pool_bytes(get_model(wildcards), ALLOC.top)
-    return qsizing.disk_mb_quantize(size, attempt)
-
-
-def disk_mb_imatrix_file(wildcards, attempt):
-    return qsizing.disk_mb_imatrix(_model_size(wildcards), attempt)
-
-
-def disk_mb_kld_base(wildcards, attempt):
-    """The KLD base logits (written by the reference's run, read by every quant's)."""
-    ev = SWEEP.eval
-    return qsizing.disk_mb_kld_base(_model_size(wildcards), ev.ctx, ev.chunks, attempt)
-
-
-def runtime_calibration(wildcards, attempt):
-    """An imatrix pass: its calibration tokens through the model."""
-    tokens = SWEEP.imatrix.ctx * SWEEP.imatrix.chunks
-    return qsizing.runtime_min(_model_size(wildcards), tokens, attempt)
-
-
-def runtime_evaluation(wildcards, attempt):
-    """A perplexity/KLD run: its evaluation tokens through the model."""
-    tokens = SWEEP.eval.ctx * SWEEP.eval.chunks
-    return qsizing.runtime_min(_model_size(wildcards), tokens, attempt)
-
-
-def runtime_benchmark(wildcards, attempt):
-    """Each run fills the context twice over (PP windows, then TG at each depth), `repeats` times."""
-    b = SWEEP.bench
-    return qsizing.runtime_min(_model_size(wildcards), b.ctx * 2 * b.repeats, attempt)
-
-
-def runtime_quantization(wildcards, attempt):
-    return qsizing.runtime_min(_model_size(wildcards), 0, attempt)

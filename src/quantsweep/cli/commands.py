@@ -111,6 +111,19 @@ def _tiny_checkpoint(a) -> None:
     print(f"wrote {write_checkpoint(a.output, a.flavour, spec)} ({a.flavour})")
 
 
+def _sparse_model(a) -> None:
+    from ..gguf.deepseek2 import V2_LITE, V3, deepseek2_table
+    from ..gguf.writer import write_shape_gguf
+    from ..hf.sparse import SHAPES, write_sparse_checkpoint
+
+    if a.format == "hf":
+        out = write_sparse_checkpoint(a.output, SHAPES[a.shape])
+    else:
+        out = Path(a.output)
+        write_shape_gguf(deepseek2_table(layout="mainline", **(V3 if a.shape == "v3" else V2_LITE)), out)
+    print(f"wrote {out} ({a.shape}, {a.format}, header only)")
+
+
 def _text(a) -> None:
     from ..fileio import write_text
 
@@ -122,6 +135,51 @@ def _config_check(a) -> None:
 
     sweep = config.check_files(a.files)
     print(f"OK: {' + '.join(a.files)}: {len(sweep.models)} model(s), {len(sweep.quants)} quant(s)")
+
+
+def _plan(a) -> None:
+    from .. import capacity, config
+    from ..fileio import write_text
+    from ..settings import MachineSettings
+
+    sweep = config.check_files(a.files)
+    machine = sweep.machine
+    for kv in a.machine:
+        if kv == "detect":
+            machine = machine.updated({"detect": True})
+            continue
+        key, sep, value = kv.partition("=")
+        if not sep:
+            raise QuantsweepError(f"--machine {kv}: not KEY=VALUE (keys: {', '.join(MachineSettings().to_dict())})")
+        machine = machine.updated({key: json.loads(value) if value.replace(".", "", 1).isdigit() else value},
+                                  "--machine")
+    p = capacity.plan_sweep(sweep, machine=machine)
+    sys.stdout.write(capacity.text(p, sweep))
+    if a.json:
+        write_text(a.json, capacity.to_json(p, sweep))
+    if refused := capacity.refusal(p, sweep):
+        raise QuantsweepError(refused)
+
+
+def _init(a) -> None:
+    from .. import capacity, config
+    from ..capacity.init import init_config, write_workdir
+    from ..settings import MachineSettings
+
+    given = {"ram_gib": a.ram_gib, "gpus": a.gpus, "vram_gib": a.vram_gib, "disk_gib": a.disk_gib}
+    machine = MachineSettings().updated(given, "init")
+    if a.machine == "workstation":
+        machine = capacity.detected(machine.updated({"detect": True}), a.dir)
+    source = {"source": "gguf", "path": a.model} if a.model else {"source": "hf", "path": a.hf, "outtype": "bf16",
+                                                                  "split_max_size": "50G"}
+    root = config.workflow_dir()
+    base = config.load_yaml(root / "config" / "config.yaml")
+    cfg = init_config(base, source, machine, a.machine, str(root))
+    path = write_workdir(a.dir, cfg, f"--machine {a.machine}: {machine.describe()}")
+    sweep = config.load(cfg, root)
+    sys.stdout.write(capacity.text(capacity.plan_sweep(sweep, machine=sweep.machine), sweep))
+    run = "--workflow-profile profiles/slurm" if a.machine == "slurm" else "--cores all"
+    print(f"wrote {path}; run (in the quantsweep checkout): snakemake --directory {a.dir} {run}")
 
 
 def _imatrix_collect(a) -> dict:
@@ -167,6 +225,9 @@ def _imatrix_merge(a) -> None:
     from .. import imatrix as imx
     from ..steps import matrices_per_entry
 
+    from ..fileio import refuse_overwrite
+
+    refuse_overwrite(a.output, {"input": a.inputs})
     merged = imx.merge([imx.read_any(p) for p in a.inputs], a.inputs)
     imx.write_any(merged, a.output, matrices_per_entry(a.model))
     print(f"wrote {a.output}: {len(merged.entries)} entries")
@@ -388,7 +449,7 @@ def _report(a) -> dict:
     gate = Gate.from_json(a.settings, "gate")
     entries = parse_entries(read_json_arg(a.entries, "--entries"))
     plots = {"lnppl": a.plot_lnppl, "kld": a.plot_kld, **({"speed": a.plot_speed} if a.plot_speed else {})}
-    rows = write_report(entries, gate, a.csv, a.md, a.html, plots)
+    rows = write_report(entries, gate, a.csv, a.md, a.html, plots, a.note)
     print(f"wrote {a.csv}, {a.md}, {a.html}, {', '.join(plots.values())}: {len(rows)} rows; gate: {gate.describe()}")
     for model in dict.fromkeys(r.model for r in rows):
         best = smallest_passing(rows, model)

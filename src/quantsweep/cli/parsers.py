@@ -115,6 +115,13 @@ def _add_inputs(sub) -> None:
                         f"{_default(TinySpec, 'dead_channels')})")
     p.add_argument("--train-text", default="", help="text for the bigram statistics (default: bundled)")
     p.set_defaults(func=c._tiny_model)
+    p = sub.add_parser("sparse-model", help="write a header-only (sparse) model of a real shape: a GGUF (bf16) or "
+                       "a Hugging Face checkpoint (V3: FP8 as shipped; V2-Lite: bf16), its data a hole, to plan a "
+                       "sweep (quantsweep plan, snakemake -n) without the files")
+    p.add_argument("--shape", choices=["v3", "v2-lite"], required=True)
+    p.add_argument("--format", choices=["gguf", "hf"], required=True)
+    p.add_argument("-o", "--output", required=True, help="the GGUF file or the checkpoint directory")
+    p.set_defaults(func=c._sparse_model)
     p = sub.add_parser("tiny-checkpoint", help="write a tiny DeepSeek-V3 Hugging Face checkpoint (bf16, FP8 or "
                        "FP8 dequantized to bf16) made with transformers: a source: hf demo (needs the convert extra)")
     p.add_argument("-o", "--output", required=True, help="the checkpoint directory")
@@ -127,6 +134,30 @@ def _add_inputs(sub) -> None:
                      "with YAML errors named by line")
     p.add_argument("files", nargs="+", help="e.g. config/config.yaml my-sweep.yaml")
     p.set_defaults(func=c._config_check)
+    p = sub.add_parser("plan", help="the capacity plan of a sweep: every job's file, RAM, GPU memory, disk and "
+                       "time, peak disk, engine-hours, and whether it fits the machine",
+                       description="Config files are merged in order (as --configfile merges over "
+                       "config/config.yaml). Exit 1 with one line per shortfall when the sweep does not fit.")
+    p.add_argument("files", nargs="+", help="e.g. config/config.yaml my-sweep.yaml")
+    p.add_argument("--machine", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the config's machine: ram_gib, gpus, vram_gib, disk_gib, jobs (repeatable), or "
+                   "'detect' for this host")
+    p.add_argument("--json", default="", help="also write the plan as JSON to this file")
+    p.set_defaults(func=c._plan)
+    p = sub.add_parser("init", help="write a work dir with its own config for one model, sized from its header "
+                       "and the machine (run it with snakemake --directory DIR)")
+    p.add_argument("dir", help="the work dir (its config/config.yaml is written; an existing one is refused)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="an unquantized GGUF (shard 1 of a split one)")
+    src.add_argument("--hf", help="a Hugging Face checkpoint directory (bf16 or FP8)")
+    p.add_argument("--machine", choices=["workstation", "slurm"], default="workstation",
+                   help="workstation: this host's RAM, GPUs and free disk unless given; slurm: one compute node as "
+                   "given, many jobs at once")
+    p.add_argument("--ram-gib", type=float, default=None)
+    p.add_argument("--gpus", type=int, default=None)
+    p.add_argument("--vram-gib", type=float, default=None, help="memory of each GPU")
+    p.add_argument("--disk-gib", type=float, default=None, help="free disk for the work dir")
+    p.set_defaults(func=c._init)
     p = sub.add_parser("text", help="write a bundled text (train, calibration, evaluation)")
     p.add_argument("name", choices=["train", "calibration", "evaluation"])
     p.add_argument("-o", "--output", required=True)
@@ -410,6 +441,8 @@ def _add_report(sub) -> None:
     p.add_argument("--plot-lnppl", required=True, help="PNG: size vs ln(PPL(Q)/PPL(ref))")
     p.add_argument("--plot-kld", required=True, help="PNG: size vs mean KLD")
     p.add_argument("--plot-speed", default="", help="PNG: mean KLD vs generation speed (needs bench records)")
+    p.add_argument("--note", action="append", default=[],
+                   help="a line under 'Sweep notes' on both pages (a budget skipped, the imatrix's model); repeatable")
     _manifested(p, inputs=(), outputs=("csv", "md", "html", "plot_lnppl", "plot_kld", "plot_speed"))
     p.set_defaults(func=c._report)
     gg = sub.add_parser("gguf", help="GGUF tensor tables").add_subparsers(dest="sub", required=True)

@@ -183,8 +183,9 @@ def collect_imatrix(bin_dir: Path, model: Path, text: Path, out: Path, log: Path
         if not tmp.exists():
             raise StepError(f"{what} wrote no file; see {log}")
         _verified(tmp, out, lambda p: verify_collected(p, read_model(model), parsed.chunks), what, log)
-    return {"mode": mode, "chunks": parsed.chunks, "ppl": parsed.ppl, "run": s.run.to_dict(), "ran": ran,
-            "wall_s": round(res.wall_s, 2), **res.times(), "cmd": res.cmd}
+    # model: the file the pass ran on (imatrix.model: the source, or a quant of it)
+    return {"mode": mode, "model": str(model), "chunks": parsed.chunks, "ppl": parsed.ppl, "run": s.run.to_dict(),
+            "ran": ran, "wall_s": round(res.wall_s, 2), **res.times(), "cmd": res.cmd}
 
 
 def quantize(bin_dir: Path, model: Path, out: Path, log: Path, ftype: str, threads: int,

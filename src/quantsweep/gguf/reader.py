@@ -138,6 +138,8 @@ def read_table(path: str | Path, keep_arrays: bool = False, shard: int = 0) -> G
     """Read one file's header and tensor infos. Arrays in KVs (the vocabulary) are skipped
     unless asked."""
     path = Path(path)
+    if path.is_dir():
+        raise GGUFFormatError(f"{path}: is a directory, not a GGUF file")
     with open(path, "rb") as f:
         r = _Reader(f, path)
         if r.read(4) != GGUF_MAGIC:
@@ -215,6 +217,10 @@ def read_model(path: str | Path, keep_arrays: bool = False) -> GGUFTable:
     """A model's table: one file, or all shards of a split model joined (metadata from shard 1,
     tensors in shard order), given any shard's path."""
     files = shards(path)
+    if Path(path).is_dir():
+        raise GGUFFormatError(f"{path}: is a directory, not a GGUF file")
+    if not Path(path).exists():
+        raise GGUFFormatError(f"{path}: does not exist")
     missing = [str(f) for f in files if not f.exists()]
     if missing:
         raise GGUFFormatError(f"{path}: split model lacks shard(s) {', '.join(missing)}")

@@ -301,6 +301,13 @@ FTYPES: dict[str, Ftype] = _parse_ftypes(_FTYPES)
 ZERO_FLOOR_GROUP: int = min(t.zero_group for t in TYPES.values() if t.zero_group)
 
 
+# The ladders quantsweep proposes (quantsweep init, the capacity plan's fixes): ik's types from
+# 8.5 down to ~2.2 bpw that need no imatrix, most bits first, as ftypes; and the allocator's
+# ladder of ggml types, fewest bits first (its top is what every sensitivity run holds).
+SWEEP_LADDER = ("Q8_0", "IQ6_K", "IQ5_KS", "IQ4_KS", "IQ3_K", "IQ2_KS")
+ALLOCATION_LADDER = ("iq2_ks", "iq3_ks", "iq4_ks", "iq5_ks", "q8_0")
+
+
 def get(type_id: int) -> GGMLType:
     """The row of a type id; PlanError for an id the table lacks."""
     try:
@@ -347,6 +354,17 @@ def canonical_ftype(name: str) -> str:
         if up == f.name or up in f.aliases:
             return f.name
     raise PlanError(f"unknown ftype {name!r} (llama-quantize accepts e.g. IQ4_KS, Q4_K_M, IQ2_K_R4)")
+
+
+def close_ftype(name: str) -> str | None:
+    """The ftype a misspelt name most likely means (iq4ks -> IQ4_KS), or None."""
+    names = ftype_names()
+    squashed = {n.replace("_", ""): n for n in names}
+    key = str(name).upper().replace("_", "").replace("-", "")
+    if key in squashed:
+        return canonical_ftype(squashed[key])
+    close = difflib.get_close_matches(str(name).upper(), names, n=1, cutoff=0.6)
+    return canonical_ftype(close[0]) if close else None
 
 
 def ftype_names(aliases: bool = True) -> list[str]:

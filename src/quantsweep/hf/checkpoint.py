@@ -10,6 +10,8 @@ an architecture it does not convert) is refused here, in one line that names the
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import os
@@ -172,6 +174,17 @@ class Checkpoint:
             else:
                 total += int(OUTTYPE_BYTES[outtype] * n)
         return total
+
+    def predicted_table(self, outtype: str):
+        """The tensor table of the GGUF converting this checkpoint gives, before it exists (the
+        capacity plan of a sweep that starts from the download): mainline's converter's layout
+        (3-D attn_k_b/attn_v_b, no attn_kv_b), matrices at `outtype`, from config.json's
+        dimensions (gguf.deepseek2.dims_from_hf_config)."""
+        from ..gguf.deepseek2 import deepseek2_table, dims_from_hf_config
+
+        self.output_bytes(outtype)  # the outtype checked, as for the conversion itself
+        table = deepseek2_table(layout="mainline", source_type=outtype, **dims_from_hf_config(self.config))
+        return dataclasses.replace(table, path=self.path)
 
     def largest_output_elements(self) -> int:
         """The largest tensor the converter holds at once: one layer's routed experts, merged into

@@ -30,9 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
-import yaml
-
 from ..errors import PlanError, RecipeError
+from ..fileio import read_yaml
 from ..gguf.types import canonical_ftype, check_type, ftype_names, quantized
 from ..settings.values import check_regex
 from .selection import EngineOptions
@@ -147,17 +146,7 @@ def recipe_from_dict(d: Any, source: str = "<recipe>") -> Recipe:
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file; RecipeError (one line, naming file and key) when invalid."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise RecipeError(f"{path}: cannot read recipe: {e.strerror or e}") from None
-    try:
-        d = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise RecipeError(f"{path}: not valid YAML{where}: {problem}") from None
+    d = read_yaml(path, RecipeError)
     return recipe_from_dict(d, str(path))
 
 

@@ -127,11 +127,14 @@ def _exact_table(csv_text: str) -> list[str]:
 
 
 def to_html(rows: list[Row], infos: list[ModelInfo], gate: Gate, pngs: dict[str, bytes],
-            csv_text: str = "", link_dir: str | Path | None = None) -> str:
+            csv_text: str = "", link_dir: str | Path | None = None, sweep_notes: list[str] = ()) -> str:
     """A self-contained page: settings and verdict, the rounded table, the plots ({title: PNG
     bytes}, embedded as base64) and every column of summary.csv (`csv_text`) with its exact
     values; with `link_dir` (the page's directory) a Provenance column links each row's manifests."""
-    out = _head(rows, infos, gate) + _summary_table(rows, link_dir)
+    out = _head(rows, infos, gate)
+    if sweep_notes:
+        out.append("<h2>Sweep notes</h2><ul>" + "".join(f"<li>{_e(n)}</li>" for n in sweep_notes) + "</ul>")
+    out += _summary_table(rows, link_dir)
     out.append(_EXPLAIN)
     if has_speed(rows):
         out.append(_EXPLAIN_SPEED)

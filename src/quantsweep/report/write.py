@@ -21,21 +21,23 @@ PLOT_TITLES = {"lnppl": "Size vs ln(PPL(Q)/PPL(ref))", "kld": "Size vs mean KLD"
 
 
 def write_report(entries: list[ModelEntry] | list[dict], gate: Gate, csv_path: str | Path, md_path: str | Path,
-                 html_path: str | Path, plots: dict[str, str | Path]) -> list[Row]:
+                 html_path: str | Path, plots: dict[str, str | Path], sweep_notes: list[str] = ()) -> list[Row]:
     """summary.csv, then from it (re-read) summary.md, the plots ({"lnppl": png, "kld": png,
     "speed": png}, any of them) and summary.html with the plots embedded; returns the rows as
     written. entries: ModelEntry objects or their JSON form (validated; a bad entry or record
-    raises ReportError)."""
+    raises ReportError). sweep_notes: what the sweep's settings decided that the records do not
+    say (a budget skipped, the model the imatrix was computed on), listed on both pages."""
     rows, infos = load_rows(entries)
     annotate(rows, gate)
     csv_text = to_csv(rows)
     write_text(csv_path, csv_text)
     table = read_rows(csv_path)
-    write_text(md_path, to_markdown(table, notes(table, infos, gate), Path(md_path).parent))
+    extra = ["", "Sweep notes:", "", *(f"- {n}" for n in sweep_notes)] if sweep_notes else []
+    write_text(md_path, to_markdown(table, notes(table, infos, gate) + extra, Path(md_path).parent))
     pngs = {}
     for key, path in plots.items():
         save_figure(plot_speed(table, gate, infos) if key == "speed" else plot_metric(table, key, gate, infos), path)
         if key != "speed" or has_speed(table):
             pngs[PLOT_TITLES[key]] = Path(path).read_bytes()
-    write_text(html_path, to_html(table, infos, gate, pngs, csv_text, Path(html_path).parent))
+    write_text(html_path, to_html(table, infos, gate, pngs, csv_text, Path(html_path).parent, list(sweep_notes)))
     return table

@@ -73,6 +73,9 @@ class Budget(Settings):
     size_of: str | None = field(None, nonempty=True)  # a quant of `quants`: its planned size
     gpu_gib: float | None = field(None, positive=True)
     ram_gib: float | None = field(None, positive=True)
+    # skipped (with a note in the log and the report) when its size_of quant is not in the
+    # sweep: what the shipped config's budgets say, so a user's own `quants` still runs
+    optional: bool = False
 
     @classmethod
     def from_dict(cls, d, where: str = "") -> Budget:
@@ -207,4 +210,5 @@ class AllocateSettings(Settings):
     def budget_json(self, budget: Budget) -> str:
         """What one allocate job reads: its budget and the solver's resolution (the sensitivity
         settings come with the table)."""
-        return dataclasses.replace(self, budgets=(budget,)).to_json(only=("budgets", "resolution"))
+        b = dataclasses.replace(budget, optional=False)  # whether it was optional changes no recipe
+        return dataclasses.replace(self, budgets=(b,)).to_json(only=("budgets", "resolution"))

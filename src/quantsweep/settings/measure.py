@@ -18,6 +18,8 @@ MLA_MODES = (0, 1, 2, 3)
 # name of the reference's evaluation record and summary row.
 BASE_REFERENCE = "base"
 BASELINE = "baseline"
+# imatrix.model value meaning "the passes run on the model the sweep quantizes".
+SOURCE = "source"
 # The engine's physical batch when -ub is not given: sweep-bench's prompt step is one ubatch.
 ENGINE_UBATCH = 512
 
@@ -39,6 +41,9 @@ class ImatrixSettings(Settings):
     external: tuple[str, ...] = ()
     ctx: int = field(512, minimum=64)
     chunks: int = field(32, minimum=1)
+    # what the passes run on: "source", or a quant of `quants` made without an imatrix (e.g. a
+    # Q8_0, half the source's size, when the source does not fit in memory)
+    model: str = field(SOURCE, nonempty=True)
     run: RunSettings = field(factory=RunSettings)  # run.imatrix
 
     # what a pass job reads (the others change which jobs there are, not what one computes)

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import ConfigError
 from ..gguf.types import FTYPES
 from .allocate import AllocateSettings, Budget
 from .base import Settings, field
 from .engine import EngineSpec
+from .machine import MachineSettings
 from .measure import BASE_REFERENCE, BenchSettings, EvalSettings, ImatrixSettings
 from .model import ModelSettings, TextSettings
 from .report import Gate
@@ -47,6 +49,13 @@ class ResourceSettings(Settings):
 
     threads: int = field(0, minimum=0)       # engine jobs' threads; 0 = the cores Snakemake was given
     gpus: int | None = field(None, minimum=0)  # per imatrix/perplexity job; None = 1 with engine.cuda, else 0
+    # SLURM partitions (slurm_partition of each job): GPU jobs' and the others'; "" = the profile's
+    # or the cluster's default. Named once here instead of per rule in a profile.
+    gpu_partition: str = ""
+    cpu_partition: str = ""
+
+    def partition(self, gpu_job: bool) -> str:
+        return self.gpu_partition if gpu_job else self.cpu_partition
 
     def gpus_per_job(self, cuda: bool) -> int:
         return self.gpus if self.gpus is not None else int(cuda)
@@ -64,9 +73,14 @@ class Sweep:
     allocate: AllocateSettings
     resources: ResourceSettings
     gate: Gate
+    machine: MachineSettings = MachineSettings()
+    notes: tuple[str, ...] = ()  # what the config's defaults left out, and why (budgets skipped)
 
     def quant(self, name: str) -> Quant:
-        return next(q for q in self.quants if q.name == name)
+        for q in self.quants:
+            if q.name == name:
+                return q
+        raise ConfigError(f"quants: {name!r} is not a quant of the sweep")
 
     def reference_of(self, model: str) -> str:
         """What a model's KLD base logits come from: 'base' (the unquantized model) or a quant's
