@@ -57,7 +57,7 @@ CASES = [
     ("quants: 8", "config quants: is 8, not a list"),
     ("- a\n- b\n", "c.yaml: the top level is list, not a mapping of sections"),
     ("quants: [Q8_0]\nquants: [IQ4_KS]\n", "c.yaml: line 2: key 'quants' given twice in one mapping"),
-    ("eval: {ctx: 512\n", "c.yaml: not valid YAML: line 2, column 1: expected ',' or '}'"),
+    ("eval: {ctx: 512\n", "c.yaml: line 2, column 1: not valid YAML: expected ',' or '}'"),
     (b"eval: {ctx: 512}\n# \xff\n", "c.yaml: not UTF-8 text (byte 19)"),
     ("machine: big", "config machine: 'big' is neither 'detect' nor a mapping"),
     ("imatrix: {model: Q4_0}", "config imatrix.model: 'Q4_0' is neither 'source' nor a quant name of the sweep"),

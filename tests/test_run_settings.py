@@ -213,7 +213,7 @@ def test_engine_steps_follow_the_config():
     assert [t.name for t in sweep.tools()] == ["llama-imatrix", "llama-quantize", "llama-perplexity",
                                                "llama-sweep-bench"]
     cfg = _config(bench={"enabled": False})
-    cfg["imatrix"] = {**cfg["imatrix"], "passes": [], "external": ["x.dat"]}
+    cfg["imatrix"] = {**cfg["imatrix"], "passes": [], "external": [str(FIXTURES / "tiny-mla.dat")]}
     sweep = qconfig.load(cfg)
     assert sweep.engine_steps() == ["eval"] and list(sweep.step_runs()) == ["eval"]
     assert "llama-sweep-bench" not in [t.name for t in sweep.tools()]

@@ -19,6 +19,7 @@ from quantsweep.engine import run
 from quantsweep.fileio import sha256_file
 from quantsweep.gguf.reader import read_model, read_table
 from quantsweep.planner.plan import plan
+from quantsweep.planner.recipes import load_recipe
 
 pytestmark = pytest.mark.e2e
 RECIPE = str(ROOT / "config" / "recipes" / "tiny-mix-iq2.yaml")
@@ -57,9 +58,14 @@ def test_resources_and_plan_of_any_shard_equal_the_whole(model):
     (its plan raised for lack of metadata); now every shard plans the whole model, and the
     capacity plan's files are the whole model's."""
     whole, shards = model
-    assert of_table(read_model(shards[0])) == of_table(read_table(whole))
+    source = of_table(read_table(whole))
+    assert of_table(read_model(shards[0])) == source
+    want = plan(read_table(whole), "IQ2_KS").total_bytes
+    assert want < source.nbytes / 3
+    recipe = load_recipe(RECIPE)
     for shard in shards:
-        assert plan(read_model(shard), RECIPE).total_bytes == plan(read_table(whole), RECIPE).total_bytes
+        assert plan(read_model(shard), "IQ2_KS").total_bytes == want
+        assert plan(read_model(shard), recipe).total_bytes == plan(read_table(whole), recipe).total_bytes
     a, b = plan(read_model(shards[0]), "IQ2_KS"), plan(read_table(whole), "IQ2_KS")
     assert a.types() == b.types() and a.total_bytes == b.total_bytes and a.n_fallback == b.n_fallback
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from .errors import ConfigError, PlanError, QuantsweepError, RecipeError
 from .fileio import read_yaml
 from .gguf.reader import first_shard, read_model
-from .gguf.types import canonical_ftype, close_ftype
+from .gguf.types import canonical_ftype, close_ftype, quantized
 from .planner.recipes import load_recipe
 from .settings import (BASE_REFERENCE, BASELINE, SOURCE, AllocateSettings, BenchSettings, EngineSpec, EvalSettings,
                        Gate, ImatrixSettings, MachineSettings, ModelSettings, Quant, ResourceSettings, Sweep,
@@ -261,7 +261,7 @@ def _check(s: Sweep) -> None:
     for name, m in s.models.items():
         if m.source == "hf":
             check_hf_model(name, m)
-        if m.source == "gguf":
+        elif m.source == "gguf":
             first = first_shard(m.path)
             if str(first) != str(m.path):
                 raise ConfigError(f"config models.{name}.path: {m.path} is not the first shard of a split "
@@ -303,9 +303,6 @@ def _check(s: Sweep) -> None:
                               f"({', '.join(names)})")
 
 
-UNQUANTIZED = ("f32", "f16", "bf16")  # what llama-quantize takes without --allow-requantize
-
-
 def check_gguf_model(name: str, path: str, external: tuple[str, ...] = ()) -> None:
     """A GGUF source is opened when the workflow starts (every shard's header, no tensor data):
     a missing, empty, truncated or non-GGUF file, another architecture, an already quantized
@@ -321,10 +318,10 @@ def check_gguf_model(name: str, path: str, external: tuple[str, ...] = ()) -> No
     if arch != "deepseek2":
         raise ConfigError(f"{key}: {path} is a {arch!r} model; quantsweep sweeps DeepSeek-family (deepseek2: MLA + "
                           "MoE) models")
-    done = next((t for t in table.tensors if len(t.shape) >= 2 and t.type not in UNQUANTIZED), None)
+    done = next((t for t in table.tensors if len(t.shape) >= 2 and quantized(t.type)), None)
     if done is not None:
         raise ConfigError(f"{key}: {path} is already quantized ({done.name} is {done.type}); give the unquantized "
-                          f"model ({', '.join(t.upper() for t in UNQUANTIZED)}): llama-quantize refuses to requantize")
+                          "model (F32, F16 or BF16): llama-quantize refuses to requantize")
     check_external(external, table)
 
 

@@ -256,7 +256,7 @@ def read_yaml(path: str | Path, error: type[QuantsweepError] = QuantsweepError):
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise error(f"{path}: not valid YAML: {where}{problem}") from None
+        raise error(f"{path}: {where}not valid YAML: {problem}") from None
 
 
 def refuse_overwrite(output: str | Path, inputs: dict[str, object]) -> None:
