@@ -82,6 +82,17 @@ def tiny_gguf(tmp_path_factory):
     return make
 
 
+@pytest.fixture(scope="session")
+def v3_gguf(tmp_path_factory) -> Path:
+    """DeepSeek-V3 at bf16 (ik layout), header only: 1.34 TB that take a few MB of disk."""
+    from quantsweep.gguf.deepseek2 import deepseek_v3_table
+    from quantsweep.gguf.writer import write_shape_gguf
+
+    out = tmp_path_factory.mktemp("v3") / "DeepSeek-V3-BF16.gguf"
+    write_shape_gguf(deepseek_v3_table(), out)
+    return out
+
+
 @pytest.fixture
 def workdir(tmp_path):
     return make_workdir(tmp_path / "wd")

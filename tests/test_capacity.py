@@ -1,8 +1,9 @@
 """The capacity plan at the scale users run, without the hardware: header-only (sparse) GGUFs of
-DeepSeek-V3 and of DeepSeek-V2-Lite (another shape: 27 layers, 64 experts, 16 heads, no q_lora)
-planned from their own headers; the README's example configs (files under config/examples/, read
-here so they cannot drift) planned and refused on machines too small, each job's figures checked
-against what it reads rather than the source's size."""
+DeepSeek-V3, of DeepSeek-V2-Lite (another shape: 27 layers, 64 experts, 16 heads, no q_lora) and
+of Kimi-K2 (1T: 384 experts, 64 heads, one dense layer, 163840 tokens) planned from their own
+headers; the README's example configs (files under config/examples/, read here so they cannot
+drift) planned and refused on machines too small, each job's figures checked against what it
+reads rather than the source's size."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import yaml
 from quantsweep import capacity, config
 from quantsweep.capacity.files import Placement, kv_bytes_per_token, of_table
 from quantsweep.errors import ConfigError
-from quantsweep.gguf.deepseek2 import deepseek2_table, deepseek_v3_table
+from quantsweep.gguf.deepseek2 import KIMI_K2, deepseek2_table, deepseek_v3_table
 from quantsweep.gguf.writer import write_shape_gguf
 from quantsweep.settings import MachineSettings, RunSettings
 
@@ -46,16 +47,16 @@ def default_config() -> dict:
 
 
 @pytest.fixture(scope="module")
-def v3_gguf(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("v3") / "DeepSeek-V3-BF16.gguf"
-    write_shape_gguf(deepseek_v3_table(), out)
+def v2_lite_gguf(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("v2lite") / "DeepSeek-V2-Lite-BF16.gguf"
+    write_shape_gguf(deepseek2_table(**V2_LITE), out)
     return out
 
 
 @pytest.fixture(scope="module")
-def v2_lite_gguf(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("v2lite") / "DeepSeek-V2-Lite-BF16.gguf"
-    write_shape_gguf(deepseek2_table(**V2_LITE), out)
+def kimi_k2_gguf(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("k2") / "Kimi-K2-Instruct-BF16.gguf"
+    write_shape_gguf(deepseek2_table(layout="mainline", **KIMI_K2), out)
     return out
 
 
@@ -120,6 +121,45 @@ def test_v2_lite_plans_from_its_own_header(tmp_path, v2_lite_gguf):
     # MLA's KV cache: (512 + 64) f16 per layer per token; mla 0 caches every head
     assert kv_bytes_per_token(d, 1) == 2 * 576 * 27
     assert kv_bytes_per_token(d, 0) == 2 * 16 * (128 + 64 + 128) * 27
+
+
+def test_kimi_k2_plans_from_its_own_header_and_its_fixes_apply(tmp_path, kimi_k2_gguf):
+    """A 1T model of V3's class with other counts: every figure follows its header (384 experts,
+    64 heads, 163840 tokens), and on the 512 GiB workstation the fixes the plan names are ones that,
+    applied, clear the job."""
+    cfg = example("v3-workstation.yaml", tmp_path, kimi_k2_gguf)
+    cfg["models"]["dsv3"] = {"source": "gguf", "path": str(kimi_k2_gguf)}
+    cfg["eval"] = {**cfg["eval"], "chunks": 580}
+    sweep, p = plan_of(cfg)
+    names = {t.name for t in p.tables["dsv3"].tensors}
+    d = of_table(p.tables["dsv3"]).dims
+    assert (d["n_layer"], d["n_expert"], d["n_head"], d["n_vocab"]) == (61, 384, 64, 163840)
+    # one dense layer
+    assert "blk.0.ffn_gate_inp.weight" not in names and "blk.1.ffn_gate_inp.weight" in names
+    src = kimi_k2_gguf.stat().st_size
+    assert 2.0e12 < src < 2.1e12  # 1.03T parameters at bf16
+    # the KLD base from Kimi's own vocabulary
+    assert job(p, "eval_reference").written_bytes == 580 * (512 - 1 - 256) * (163840 + 4) * 2
+    # MLA's cache per token, from the header: (512 + 64) f16 per layer
+    assert kv_bytes_per_token(d, sweep.eval.mla) == 2 * 576 * 61
+    iq2 = job(p, "quantize", "IQ2_KS").written_bytes
+    assert 0.10 < iq2 / src < 0.16
+    ev = job(p, "eval_quant", "IQ2_KS")
+    assert iq2 < ev.ram_bytes + ev.vram_bytes < iq2 * 1.05 + 8 * GiB
+    # 629 GiB of IQ5_KS does not fit 512 GiB: one line, and each named fix, applied, fits its job
+    line = capacity.refusal(p, sweep)
+    assert line.startswith("machine: imatrix_collect dsv3/mla needs ") and "\n" not in line
+    by = {(s.job.rule, s.job.item): s for s in capacity.shortfalls(p, sweep) if s.job}
+    im, ref = by[("imatrix_collect", "mla")], by[("eval_reference", "")]
+    name = im.fix.split()[1]
+    assert im.fix.startswith("imatrix.model: ") and name.endswith("-noimatrix")
+    assert ref.fix.startswith("eval.reference: ")
+    fixed = {**cfg, "quants": [{"name": name, "ftype": name.removesuffix("-noimatrix"), "imatrix": False},
+                               *cfg["quants"]],
+             "imatrix": {"model": name}, "eval": {**cfg["eval"], "reference": ref.fix.split()[1]}}
+    sweep2, p2 = plan_of(fixed)
+    left = {s.job.rule for s in capacity.shortfalls(p2, sweep2, fixes=False) if s.job is not None}
+    assert not left & {"imatrix_collect", "eval_reference"}, left
 
 
 def test_placement_follows_ngl_and_override_tensors():

@@ -80,7 +80,15 @@ class GrowBuffer:
         return self.array[:n]
 
 
-def write_text(path: str | Path, text: str) -> None:
+def write_text(path: str | Path, text: str, *, keep_same: bool = False) -> None:
+    """Write whole or not at all. keep_same: leave a file that already holds `text` untouched
+    (its mtime too), so a file rewritten at every start (the plan) does not look recomputed."""
+    if keep_same:
+        try:
+            if Path(path).read_text(encoding="utf-8") == text:
+                return
+        except (OSError, UnicodeDecodeError):
+            pass
     with partial_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
 

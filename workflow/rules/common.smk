@@ -78,8 +78,9 @@ if workflow.is_main_process:
 onstart:
     # the plan the sweep started with, for people (plan.txt) and tools (plan.json)
     txt, js = qcapacity.jobs.plan_paths(".")
-    write_text(txt, qcapacity.text(PLAN, SWEEP))
-    write_text(js, qcapacity.to_json(PLAN, SWEEP))
+    # unchanged plan, untouched files: a rerun after a crash recomputes nothing that had finished
+    write_text(txt, qcapacity.text(PLAN, SWEEP), keep_same=True)
+    write_text(js, qcapacity.to_json(PLAN, SWEEP), keep_same=True)
 
 
 wildcard_constraints:

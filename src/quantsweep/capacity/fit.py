@@ -18,7 +18,9 @@ from ..settings import MachineSettings, Quant, RunSettings, Sweep
 from .jobs import GiB, CapacityPlan, Job
 
 EXPERTS_IN_RAM = RunSettings(gpu_layers=99, override_tensors=("exps=CPU",))
-IMATRIX_MODELS = SWEEP_LADDER[:4]  # tried for imatrix.model (made without one), most bits first
+# tried for imatrix.model (made without an imatrix), most bits first: the whole ladder, since a
+# 256 GiB machine holds V3 only at ~2-3 bpw (a coarser imatrix beats none; the plan says which)
+IMATRIX_MODELS = SWEEP_LADDER
 
 
 @dataclass(frozen=True)
@@ -93,10 +95,12 @@ def _candidates(p: CapacityPlan, sweep: Sweep, s: Shortfall) -> list[tuple[str, 
         if a.pool and any(q.recipe or q.auto for q in sweep.quants):
             out.append(("allocate.pool: false (recipes quantized one by one, no pool files)",
                         rep(sweep, allocate=a.updated({"pool": False})), None))
+        dropped: list[str] = []  # the largest first, then the next with it, ...
         for q in _ordered_quants(p, sweep, next(iter(sweep.models))):
             if q.name != sweep.eval.reference and q.name != sweep.imatrix.model:
-                out.append((f"{q.name} dropped from quants", rep(sweep, quants=tuple(x for x in sweep.quants
-                                                                                     if x.name != q.name)), None))
+                dropped.append(q.name)
+                out.append((f"{' and '.join(dropped)} dropped from quants",
+                            rep(sweep, quants=tuple(x for x in sweep.quants if x.name not in dropped)), None))
         return out
     step = _step(j.rule)
     if s.what in ("RAM", "GPU memory") and sweep.machine.gpus:

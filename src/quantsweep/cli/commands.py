@@ -112,15 +112,16 @@ def _tiny_checkpoint(a) -> None:
 
 
 def _sparse_model(a) -> None:
-    from ..gguf.deepseek2 import V2_LITE, V3, deepseek2_table
+    from ..gguf.deepseek2 import SHAPES, deepseek2_table
     from ..gguf.writer import write_shape_gguf
-    from ..hf.sparse import SHAPES, write_sparse_checkpoint
+    from ..hf.sparse import SHAPES as CONFIGS
+    from ..hf.sparse import write_sparse_checkpoint
 
     if a.format == "hf":
-        out = write_sparse_checkpoint(a.output, SHAPES[a.shape])
+        out = write_sparse_checkpoint(a.output, CONFIGS[a.shape])
     else:
         out = Path(a.output)
-        write_shape_gguf(deepseek2_table(layout="mainline", **(V3 if a.shape == "v3" else V2_LITE)), out)
+        write_shape_gguf(deepseek2_table(layout="mainline", **SHAPES[a.shape]), out)
     print(f"wrote {out} ({a.shape}, {a.format}, header only)")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from .. import __version__
+from ..gguf.deepseek2 import SHAPES
 from ..settings import (AllocateSettings, BenchSettings, EngineSpec, EvalSettings, Gate, ImatrixSettings, ModelSettings,
                         RunSettings, TinySpec)
 from ..settings.measure import ATTENTION, MLA_MODES, PASSES
@@ -116,9 +117,9 @@ def _add_inputs(sub) -> None:
     p.add_argument("--train-text", default="", help="text for the bigram statistics (default: bundled)")
     p.set_defaults(func=c._tiny_model)
     p = sub.add_parser("sparse-model", help="write a header-only (sparse) model of a real shape: a GGUF (bf16) or "
-                       "a Hugging Face checkpoint (V3: FP8 as shipped; V2-Lite: bf16), its data a hole, to plan a "
-                       "sweep (quantsweep plan, snakemake -n) without the files")
-    p.add_argument("--shape", choices=["v3", "v2-lite"], required=True)
+                       "a Hugging Face checkpoint (V3, Kimi-K2: FP8 as shipped; V2-Lite: bf16), its data a hole, to "
+                       "plan a sweep (quantsweep plan, snakemake -n) without the files")
+    p.add_argument("--shape", choices=list(SHAPES), required=True)
     p.add_argument("--format", choices=["gguf", "hf"], required=True)
     p.add_argument("-o", "--output", required=True, help="the GGUF file or the checkpoint directory")
     p.set_defaults(func=c._sparse_model)

@@ -23,6 +23,15 @@ V2_LITE = {
     "q_lora": 0, "kv_lora": 512, "qk_nope": 128, "qk_rope": 64, "v_head": 128, "n_ff": 10944,
     "n_ff_exp": 1408, "n_vocab": 102400, "n_shared": 2,
 }
+# Kimi-K2 (moonshotai/Kimi-K2-Instruct config.json, DeepseekV3ForCausalLM): 1.03T, V3's layers
+# and MLA with 384 routed experts, 64 heads, one dense layer and a 163840-token vocabulary.
+KIMI_K2 = {
+    "n_layer": 61, "n_dense": 1, "n_expert": 384, "n_expert_used": 8, "n_embd": 7168, "n_head": 64,
+    "q_lora": 1536, "kv_lora": 512, "qk_nope": 128, "qk_rope": 64, "v_head": 128, "n_ff": 18432,
+    "n_ff_exp": 2048, "n_vocab": 163840, "n_shared": 1,
+}
+# the real shapes, by the name `quantsweep sparse-model --shape` takes (hf.sparse has their config.json)
+SHAPES = {"v3": V3, "v2-lite": V2_LITE, "kimi-k2": KIMI_K2}
 LAYOUTS = ("ik", "kv_b", "mainline")
 
 

@@ -1,7 +1,7 @@
-"""Header-only (sparse) Hugging Face checkpoints of the real shapes: DeepSeek-V3's FP8 release,
-DeepSeek-V2-Lite in bf16, or any DeepSeek-V2/V3 config.json. Every safetensors header is real
-(names, dtypes, shapes, offsets as deepseek-ai ships them, FP8 weights with their 128x128
-`weight_scale_inv`), the data a hole (the file is truncated to its full size), so a 690 GB
+"""Header-only (sparse) Hugging Face checkpoints of the real shapes: DeepSeek-V3's and Kimi-K2's
+FP8 releases, DeepSeek-V2-Lite in bf16, or any DeepSeek-V2/V3 config.json. Every safetensors
+header is real (names, dtypes, shapes, offsets as deepseek-ai ships them, FP8 weights with their
+128x128 `weight_scale_inv`), the data a hole (the file is truncated to its full size), so a 690 GB
 checkpoint takes a few MB of disk and the workflow plans it as it would the download.
 """
 
@@ -32,7 +32,13 @@ V2_LITE_CONFIG = {
     "intermediate_size": 10944, "moe_intermediate_size": 1408, "n_routed_experts": 64, "n_shared_experts": 2,
     "num_experts_per_tok": 6, "vocab_size": 102400,
 }
-SHAPES = {"v3": V3_CONFIG, "v2-lite": V2_LITE_CONFIG}
+# moonshotai/Kimi-K2-Instruct's: V3's class and FP8 release with 384 experts, 64 heads, one dense
+# layer, a 163840-token vocabulary and no MTP layer
+KIMI_K2_CONFIG = {
+    **V3_CONFIG, "model_type": "kimi_k2", "first_k_dense_replace": 1, "num_attention_heads": 64,
+    "n_routed_experts": 384, "vocab_size": 163840, "num_nextn_predict_layers": 0,
+}
+SHAPES = {"v3": V3_CONFIG, "v2-lite": V2_LITE_CONFIG, "kimi-k2": KIMI_K2_CONFIG}
 
 
 def checkpoint_tensors(c: dict) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -82,7 +88,7 @@ def checkpoint_tensors(c: dict) -> dict[str, tuple[str, tuple[int, ...]]]:
             mlp(f"{p}.mlp", ff)
         else:
             out[f"{p}.mlp.gate.weight"] = ("BF16", (ne, h))
-            if c.get("model_type") == "deepseek_v3":
+            if "DeepseekV3ForCausalLM" in c["architectures"]:  # noaux_tc routing (V3, Kimi-K2)
                 out[f"{p}.mlp.gate.e_score_correction_bias"] = ("F32", (ne,))
             for e in range(ne):
                 mlp(f"{p}.mlp.experts.{e}", ffe)
