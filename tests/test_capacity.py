@@ -265,6 +265,23 @@ def test_demo_plan_is_small_and_fits_this_machine():
                                          "bench_quant", "bench_base", "sensitivity_run", "sensitivity_top"}
 
 
+def test_the_demo_is_planned_as_its_writer_writes_it(tiny_gguf):
+    """The plan a sweep starts with (the demo not generated yet) is the plan of the file it then
+    reads, so the rerun after a crash finds results/plan/ unchanged (test_resume)."""
+    from quantsweep.capacity.files import tiny_table
+    from quantsweep.gguf.reader import read_table
+    from quantsweep.settings.tiny import TinySpec
+
+    made = read_table(tiny_gguf())
+    planned = tiny_table(TinySpec())
+    assert sorted((t.name, t.shape, t.type) for t in planned.tensors) == \
+        sorted((t.name, t.shape, t.type) for t in made.tensors)
+    sweep = config.load(default_config(), ROOT)
+    before = capacity.plan_sweep(sweep, {"tiny": tiny_gguf().parent / "not-yet.gguf"})
+    after = capacity.plan_sweep(sweep, {"tiny": tiny_gguf()})
+    assert capacity.to_json(before, sweep) == capacity.to_json(after, sweep)
+
+
 def test_retries_grow_every_request(tmp_path, v3_gguf):
     sweep, p = plan_of(example("own-gguf.yaml", tmp_path, v3_gguf))
     rates = sweep.machine.throughput

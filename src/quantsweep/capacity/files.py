@@ -12,13 +12,15 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..gguf.deepseek2 import deepseek2_table, dims_from_gguf_kv
 from ..gguf.reader import GGUFTable, read_model, shards
+from ..gguf.types import by_name
 from ..settings import MachineSettings, ModelSettings, RunSettings
 from ..settings.tiny import TinySpec
+from ..tinymodel.write import stored_type
 
 EXPERTS = re.compile(r"_exps\.")
 _LAYER = re.compile(r"^blk\.(\d+)\.")
@@ -74,12 +76,15 @@ def of_plan(source: ModelFile, plan, label: str) -> ModelFile:
 
 
 def tiny_table(spec: TinySpec) -> GGUFTable:
-    """The demo model's table before it is generated (its shapes; the file itself is a few MB)."""
-    return deepseek2_table(layout=spec.layout, source_type="bf16", n_layer=spec.n_layer, n_dense=spec.n_dense,
-                           n_embd=spec.n_embd, n_head=spec.n_head, q_lora=spec.q_lora_rank, kv_lora=spec.kv_lora_rank,
-                           qk_nope=spec.qk_nope, qk_rope=spec.qk_rope, v_head=spec.v_head, n_ff=spec.n_ff,
-                           n_expert=spec.n_expert, n_expert_used=spec.n_expert_used, n_ff_exp=spec.n_ff_exp,
-                           n_shared=spec.n_shared, n_vocab=354)
+    """The demo model's table before it is generated, as its writer will write it (so the plan a
+    sweep starts with is the plan of the file, and a rerun finds it unchanged)."""
+    t = deepseek2_table(layout=spec.layout, source_type="bf16", n_layer=spec.n_layer, n_dense=spec.n_dense,
+                        n_embd=spec.n_embd, n_head=spec.n_head, q_lora=spec.q_lora_rank, kv_lora=spec.kv_lora_rank,
+                        qk_nope=spec.qk_nope, qk_rope=spec.qk_rope, v_head=spec.v_head, n_ff=spec.n_ff,
+                        n_expert=spec.n_expert, n_expert_used=spec.n_expert_used, n_ff_exp=spec.n_ff_exp,
+                        n_shared=spec.n_shared, n_vocab=354)
+    t.tensors = [replace(x, type_id=by_name(stored_type(x.name)).id) for x in t.tensors]
+    return t
 
 
 def source_table(m: ModelSettings, written: str | Path | None = None) -> GGUFTable:

@@ -117,6 +117,12 @@ def _add_kv(w: gguf.GGUFWriter, spec: TinySpec) -> None:
     w.add_bool("tokenizer.ggml.add_space_prefix", False)
 
 
+def stored_type(name: str) -> str:
+    """The type a tensor of the demo model is written in: norm gains and biases F32, every
+    matrix (the router too) BF16 (capacity.files.tiny_table plans the file before it exists)."""
+    return "f32" if name.endswith(_F32_SUFFIXES) else "bf16"
+
+
 def _add_tensors(w: gguf.GGUFWriter, W: dict[str, np.ndarray], spec: TinySpec) -> None:
     """Norm gains and biases as F32, every matrix as BF16, in `_tensor_order`."""
     import gguf
@@ -124,7 +130,7 @@ def _add_tensors(w: gguf.GGUFWriter, W: dict[str, np.ndarray], spec: TinySpec) -
     bf16 = gguf.GGMLQuantizationType.BF16
     for name in _tensor_order(spec):
         arr = W[name]
-        if name.endswith(_F32_SUFFIXES):
+        if stored_type(name) == "f32":
             w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
         else:
             q = gguf.quants.quantize(np.ascontiguousarray(arr, dtype=np.float32), bf16)
