@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from quantsweep.config import load
 from quantsweep.gguf.assemble import tensor_data_diff
 from quantsweep.gguf.reader import read_table
 from quantsweep.report import read_csv
+from quantsweep.status import read_plan, sweep_status, text
 
 import yaml
 
@@ -601,3 +603,48 @@ def test_imatrix_on_a_quant(tmp_path):
     assert "- imatrix: computed on Q8_0 (imatrix.model), not the unquantized model" in md
     plan = json.loads((wd / "results" / "plan" / "plan.json").read_text())
     assert {j["reads"] for j in plan["jobs"] if j["rule"] == "imatrix_collect"} == {"Q8_0"}
+
+
+# ---- watching a sweep: status and the partial report ----------------------------------------------
+
+def test_status_of_the_finished_demo(demo):
+    """Every job of the plan the sweep started with is found done in Snakemake's records, each
+    engine job with its first estimate and its measured time; nothing is left."""
+    plan, parallel = read_plan(demo)
+    st = sweep_status(demo)
+    assert not st.snakemake_running and not st.running and not st.failed
+    assert (st.done, st.left) == (sum(j.count for j in plan), 0)
+    engine = {j.rule for j in plan if j.engine}
+    assert {f.rule for f in st.finished if f.engine} == engine
+    assert {f.rule for f in st.finished} == {j.rule for j in plan}
+    assert all(f.measured_s > 0 and f.planned_s > 0 for f in st.finished)
+    assert engine <= set(st.factors) and st.eta_s == 0
+    assert f"jobs: {st.done} done, 0 running, 0 failed, 0 left" in text(st)
+
+
+def test_partial_report_with_two_quants_missing(demo, tmp_path):
+    """The Snakemake target and `quantsweep report --partial` on a sweep two of whose quants
+    have no evaluation yet: the report of the rest, the two listed as pending, the final
+    report untouched."""
+    wd = tmp_path / "wd"
+    shutil.copytree(demo, wd, symlinks=True)
+    missing = ["IQ3_K", "auto-IQ4_KS"]
+    for q in missing:
+        (wd / "results" / "eval" / "tiny" / f"{q}.json").unlink()
+    final = {f.name: f.read_bytes() for f in (wd / "results" / "report").glob("summary.*")}
+    r = smk(wd, "--nolock", "--cores", "1", "partial_report")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    out = wd / "results" / "report" / "partial"
+    rows = {row["quant"]: row for row in read_csv(out / "summary.csv")}
+    assert set(rows) == {"baseline", *(q.name for q in QUANTS)} - set(missing)
+    for q, row in rows.items():  # the measured rows are the final report's, gate and Pareto included
+        full = next(x for x in read_csv(demo / "results" / "report" / "summary.csv") if x["quant"] == q)
+        for col in ("size_bytes", "ppl", "kld_mean", "gate"):
+            assert row[col] == full[col], (q, col)
+    md = (out / "summary.md").read_text()
+    for q in missing:
+        assert f"- pending: tiny {q} (not running)" in md
+        assert f"pending: tiny {q}" in (out / "summary.html").read_text()
+    assert all((out / f).stat().st_size > 0 for f in ("size_vs_kld.png", "size_vs_lnppl.png", "kld_vs_speed.png"))
+    assert final == {f.name: f.read_bytes() for f in (wd / "results" / "report").glob("summary.*")}
+    assert "2 pending" in (wd / "logs" / "partial_report.log").read_text()

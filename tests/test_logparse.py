@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from conftest import FIXTURES
@@ -145,8 +147,8 @@ def test_offloaded_layers_are_read():
 
 def _bench_run(n: int) -> str:
     """The n-th run (0-based) of the two in sweep_bench.log (quantsweep's "+ cmd" line starts each)."""
-    runs = _read("sweep_bench.log").split("\n+ ")
-    return runs[n] if n == 0 else "+ " + runs[n]
+    runs = [r for r in re.split(r"^(?=\+ )", _read("sweep_bench.log"), flags=re.M) if r.startswith("+ ")]
+    return runs[n]
 
 
 def test_sweep_bench_rows():
@@ -172,3 +174,43 @@ def test_sweep_bench_incomplete_or_bad(edit, said):
 
     with pytest.raises(EngineOutputError, match=said):
         logparse.parse_sweep_bench(edit(_bench_run(0)))
+
+
+def _cut(name: str, marker: str) -> str:
+    """The log as it stood when the engine had just written `marker` (what a running job's log
+    holds: the engine writes its progress as it goes)."""
+    text = _read(name)
+    return text[:text.index(marker) + len(marker)]
+
+
+@pytest.mark.parametrize("name, marker, want", [
+    # llama-imatrix: before its first chunk, then mid-line (it prints chunk after chunk on one line)
+    ("imatrix_mla.log", "computing over 8 chunks", ("llama-imatrix", 0, 8, "chunks")),
+    ("imatrix_mla.log", "[4]11.3403,", ("llama-imatrix", 4, 8, "chunks")),
+    ("imatrix_mla.log", "[8]11.7609,", ("llama-imatrix", 8, 8, "chunks")),
+    # llama-perplexity: the baseline announces its chunks; a KLD run does not (its --chunks counts)
+    ("ppl_base.log", "calculating perplexity over 16 chunks", ("llama-perplexity", 0, 16, "chunks")),
+    ("ppl_base.log", "[3]13.7258,", ("llama-perplexity", 3, 16, "chunks")),
+    ("ppl_kld.log", "--kl-divergence", ("llama-perplexity", 0, 16, "chunks")),
+    ("ppl_kld.log", "    69.882 ±  1.285 %", ("llama-perplexity", 5, 16, "chunks")),
+    # llama-quantize: the tensor it is on
+    ("quantize_ok.log", "IQ2_KS 2", ("llama-quantize", 0, None, "tensors")),
+    ("quantize_ok.log", "[  10/  66]", ("llama-quantize", 10, 66, "tensors")),
+    # sweep-bench: the runs the step has finished, from the line it writes before each
+    ("sweep_bench.log", "quantsweep: sweep-bench run 1 of 2\n+ bin/llama-sweep-bench", ("llama-sweep-bench", 0, 2, "runs")),
+    ("sweep_bench.log", "quantsweep: sweep-bench run 2 of 2\n+ bin/llama-sweep-bench", ("llama-sweep-bench", 1, 2, "runs")),
+])
+def test_progress_at_points_of_a_real_run(name, marker, want):
+    p = logparse.parse_progress(_cut(name, marker))
+    assert (p.tool, p.done, p.total, p.unit) == want
+
+
+def test_progress_of_whole_logs_and_before_the_engine():
+    for name, total in (("imatrix_mla.log", 8), ("ppl_base.log", 16), ("ppl_kld.log", 16), ("quantize_ok.log", 66)):
+        p = logparse.parse_progress(_read(name))
+        assert p.done == p.total == total, name
+    # a sensitivity run's log before its engine started: quantsweep's own line only
+    assert logparse.parse_progress("quantsweep: assembled .x.gguf from pools iq2_ks, q8_0\n") is None
+    # a log holding an earlier (failed) run and a rerun: the last run counts
+    rerun = _read("quantize_size_mismatch.log") + _cut("quantize_ok.log", "[  10/  66]")
+    assert logparse.parse_progress(rerun).done == 10

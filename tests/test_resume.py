@@ -38,6 +38,7 @@ import yaml
 
 from conftest import ROOT, SMK_ENV, make_workdir, smk
 from quantsweep.gguf.reader import read_model, read_table
+from quantsweep.status import sweep_status
 
 pytestmark = pytest.mark.e2e
 
@@ -181,6 +182,7 @@ def kill_during(wd: Path, point: str, timeout: float = 900) -> dict:
                     break
                 os.killpg(pgid, signal.SIGCONT)  # it exited just before the stop: catch a later one
                 gone.add((argv, log))
+            status = sweep_status(wd)  # what `quantsweep status` shows of the frozen sweep
             escaped = {p for p in _descendants(pgid) if p not in _group(pgid) and _state(p) not in "ZX"}
             assert not escaped, f"processes outside the sweep's process group: {escaped}"
             os.killpg(pgid, signal.SIGKILL)
@@ -197,7 +199,7 @@ def kill_during(wd: Path, point: str, timeout: float = 900) -> dict:
                     pass
                 proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
-    return {"engine_argv": list(argv), "log": log}
+    return {"engine_argv": list(argv), "log": log, "status": status}
 
 
 def marked_incomplete(wd: Path) -> set[str]:
@@ -284,6 +286,15 @@ def test_kill_9_then_rerun_resumes_and_matches_uninterrupted_run(reference, tmp_
     finished = {p: m for p, m in final_files(wd).items() if p not in incomplete}
     assert any(f in finished for f in KILL_POINTS[point].kept), sorted(finished)  # the kill came mid-sweep
     assert list((wd / ".snakemake" / "locks").iterdir()), "no stale lock left by kill -9?"
+    # the status of the sweep as it stood: that job running, at the progress its log showed
+    st = killed["status"]
+    (running,) = [r for r in st.running if r.log == str(killed["log"].relative_to(wd))]
+    assert st.snakemake_running
+    p = running.progress
+    assert p["tool"] == KILL_POINTS[point].tool and KILL_POINTS[point].min_hits <= p["done"] <= p["total"]
+    assert p["total"] == {"imatrix": OVERRIDES["imatrix"]["chunks"], "quantize": len(read_table(
+        wd / "resources" / "models" / "tiny.gguf").tensors)}[point]
+    assert st.done >= 1 and st.left >= 1 and st.eta_s > 0 and not running.stalled
 
     # -- the rerun ----------------------------------------------------------------------------------
     if point == "imatrix":  # what the user sees first (checked once: each snakemake start costs)

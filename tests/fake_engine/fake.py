@@ -73,7 +73,10 @@ def main() -> int:
             if mode == "fewer":
                 log = log.replace("over 16 chunks", "over 5 chunks")
     elif tool == "llama-sweep-bench":
-        log = "\n+ ".join((LOGS / "sweep_bench.log").read_text().split("\n+ ")[:1])
+        # the first run: from its "+ argv" line to the step's note before the second
+        text = (LOGS / "sweep_bench.log").read_text()
+        first = text[text.index("+ "):]
+        log = first[:first.index("\nquantsweep: sweep-bench run 2 of 2")]
         if opt(argv, "-ot") != "exps=CPU":  # the real log's override lines are for that pattern
             log = "\n".join(ln for ln in log.splitlines() if "buffer type overriden" not in ln)
         if mode == "cut":

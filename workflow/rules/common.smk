@@ -16,6 +16,7 @@ from quantsweep.fileio import write_text
 from quantsweep.gguf.reader import shards
 from quantsweep.hf import converter as qconverter
 from quantsweep.hf.checkpoint import Checkpoint
+from quantsweep.report.entries import REQUEST as REPORT_REQUEST
 from quantsweep.settings.measure import PASSES, SOURCE
 
 try:
@@ -81,6 +82,8 @@ onstart:
     # unchanged plan, untouched files: a rerun after a crash recomputes nothing that had finished
     write_text(txt, qcapacity.text(PLAN, SWEEP), keep_same=True)
     write_text(js, qcapacity.to_json(PLAN, SWEEP), keep_same=True)
+    # what the report reads, for `quantsweep report --partial` while the sweep runs
+    write_text(REPORT_REQUEST, report_request(), keep_same=True)
 
 
 wildcard_constraints:

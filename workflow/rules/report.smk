@@ -47,3 +47,19 @@ rule report:
         " --csv {output.csv:q} --md {output.md:q} --html {output.html:q}"
         " --plot-lnppl {output.lnppl:q} --plot-kld {output.kld:q} {params.speed:q}"
         " --manifest {output.manifest:q} > {log:q} 2>&1"
+
+
+# The report of what is measured so far (quantsweep report --partial), beside the final one:
+#   snakemake --nolock partial_report      (beside a running sweep; it reads finished records only)
+rule partial_report:
+    input:
+        get_partial_report_input,
+    output:
+        get_partial_report_output(),
+    log:
+        "logs/partial_report.log",
+    localrule: True
+    conda:
+        "../../envs/quantsweep.yaml"
+    shell:
+        "quantsweep report --partial . > {log:q} 2>&1"

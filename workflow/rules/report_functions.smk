@@ -1,5 +1,6 @@
 # Inputs, outputs and params of the rule in report.smk.
-from quantsweep.report import record_paths, sweep_entries, to_json_data
+from quantsweep.report import measured_so_far, record_paths, sweep_entries, to_json_data
+from quantsweep.report.entries import PARTIAL_DIR
 
 
 def get_summary_entries(wildcards):
@@ -48,12 +49,42 @@ def get_speed_plot_arg(wildcards, output):
     return ["--plot-speed", output.speed] if BENCH else []
 
 
-def get_report_notes():
-    """--note per line the report shows under "Sweep notes": what the settings decided that no
-    record says (an optional budget skipped, the quant the imatrix was computed on)."""
+def report_notes():
+    """The lines the report shows under "Sweep notes": what the settings decided that no record
+    says (an optional budget skipped, the quant the imatrix was computed on)."""
     notes = list(SWEEP.notes)
     if SWEEP.imatrix.enabled and SWEEP.imatrix.model != SOURCE:
         notes.append(
             f"imatrix: computed on {SWEEP.imatrix.model} (imatrix.model), not the unquantized model"
         )
-    return [a for n in notes for a in ("--note", n)]
+    return notes
+
+
+def get_report_notes():
+    """--note per line of report_notes()."""
+    return [a for n in report_notes() for a in ("--note", n)]
+
+
+def report_request():
+    """What the report reads, written when the sweep starts (quantsweep.report.entries.REQUEST):
+    `quantsweep report --partial` makes the report of what is measured so far from it.
+    """
+    doc = {
+        "entries": to_json_data(get_summary_entries(None)),
+        "settings": json.loads(SWEEP.gate.to_json()),
+        "notes": report_notes(),
+        "bench": BENCH,
+    }
+    return json.dumps(doc, indent=1, sort_keys=True) + "\n"
+
+
+def get_partial_report_input(wildcards):
+    """Only the records that exist: the partial report never makes the sweep run."""
+    entries, _ = measured_so_far(get_summary_entries(wildcards))
+    return record_paths(entries)
+
+
+def get_partial_report_output():
+    """The final report's files (its manifest aside), under PARTIAL_DIR."""
+    final = [f for f in get_final_output() if not f.endswith(".manifest.json")]
+    return [str(PARTIAL_DIR / os.path.basename(f)) for f in final]

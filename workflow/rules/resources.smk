@@ -9,11 +9,7 @@ from quantsweep import capacity as qcapacity
 
 def _job(rule, wildcards):
     """The plan's job behind a rule's wildcards (one per model, quant, pass or pool file)."""
-    if hasattr(wildcards, "pool_imatrix"):
-        item = f"{wildcards.pool_imatrix}/{wildcards.ptype}"
-    else:
-        item = getattr(wildcards, "quant", "") or getattr(wildcards, "imatrix_pass", "")
-    return PLAN.job(rule, wildcards.model, item)
+    return PLAN.job(rule, wildcards.model, qcapacity.item_of(dict(wildcards.items())))
 
 
 def _given_cores():

@@ -12,7 +12,7 @@ resident): the largest tensor as f32 a few times over. Runtimes are the throughp
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ..allocator.groups import make_groups, runs
@@ -78,6 +78,12 @@ class CapacityPlan:
         """The same models (and machine) with other settings: how a suggested fix is tried."""
         return capacity_plan(sweep, self.tables, self.checkpoints, machine or self.machine)
 
+    def scaled(self, factors: dict[str, float]) -> CapacityPlan:
+        """The plan with each job's time x its rule's factor, as a status learns them from the
+        jobs a sweep has finished (status.sweep.factor_of: "*" stands in for engine rules only)."""
+        jobs = [replace(j, seconds=j.seconds * factor_of(factors, j.rule, j.engine)) for j in self.jobs]
+        return replace(self, jobs=jobs)
+
     def job(self, rule: str, model: str, item: str = "") -> Job:
         """The job a rule's resource function sizes (sensitivity runs: any of them, all alike)."""
         for j in self.jobs:
@@ -111,6 +117,22 @@ class CapacityPlan:
             if js:
                 total += max(max(j.seconds for j in js), sum(j.seconds * j.count for j in js) / self.parallel)
         return total / 3600
+
+
+def factor_of(factors: dict[str, float], rule: str, engine: bool) -> float:
+    """measured / planned of a rule's jobs (quantsweep status learns them from the finished
+    ones); an engine rule with none finished yet takes "*", the median of all engine jobs (the
+    machine is that much faster or slower than the throughput model); other jobs (the engine
+    build, the conversion) keep their estimate until measured."""
+    return factors.get(rule, factors.get("*", 1.0) if engine else 1.0)
+
+
+def item_of(wildcards: dict) -> str:
+    """The plan's item of a job from its rule's wildcards (a quant, an imatrix pass, a pool
+    file): how a scheduler request (resources.smk) and the status find their plan job."""
+    if "pool_imatrix" in wildcards:
+        return f"{wildcards['pool_imatrix']}/{wildcards['ptype']}"
+    return wildcards.get("quant") or wildcards.get("imatrix_pass") or ""
 
 
 def growth(attempt: int) -> float:

@@ -155,6 +155,12 @@ def _plan(a) -> None:
         machine = machine.updated({key: json.loads(value) if value.replace(".", "", 1).isdigit() else value},
                                   "--machine")
     p = capacity.plan_sweep(sweep, machine=machine)
+    if a.learned:
+        from ..status import sweep_status
+
+        st = sweep_status(a.learned)
+        p = p.scaled(st.factors)
+        print(f"times: the estimates x measured/planned of {len(st.finished)} finished job(s) in {a.learned}")
     sys.stdout.write(capacity.text(p, sweep))
     if a.json:
         write_text(a.json, capacity.to_json(p, sweep))
@@ -447,6 +453,10 @@ def _report(a) -> dict:
     from ..report.entries import bench_paths, evaluation_paths
     from ..settings import Gate
 
+    given = {"--entries": a.entries, "--csv": a.csv, "--md": a.md, "--html": a.html, "--plot-lnppl": a.plot_lnppl,
+             "--plot-kld": a.plot_kld}
+    if missing := [k for k, v in given.items() if not v]:
+        raise QuantsweepError(f"report: {', '.join(missing)} required (or --partial DIR)")
     gate = Gate.from_json(a.settings, "gate")
     entries = parse_entries(read_json_arg(a.entries, "--entries"))
     plots = {"lnppl": a.plot_lnppl, "kld": a.plot_kld, **({"speed": a.plot_speed} if a.plot_speed else {})}

@@ -13,6 +13,7 @@ from ..settings.measure import ATTENTION, MLA_MODES, PASSES
 from ..settings.model import OUTTYPES
 from ..settings.tiny import LAYOUTS
 from . import commands as c
+from . import watching
 
 DESCRIPTION = ("quantsweep: imatrix-guided ik_llama.cpp quantization sweeps of DeepSeek-family models. "
                "Each subcommand is one pipeline step, as the workflow's rules run it: the config's settings "
@@ -144,7 +145,20 @@ def _add_inputs(sub) -> None:
                    help="override the config's machine: ram_gib, gpus, vram_gib, disk_gib, jobs (repeatable), or "
                    "'detect' for this host")
     p.add_argument("--json", default="", help="also write the plan as JSON to this file")
+    p.add_argument("--learned", default="", metavar="DIR",
+                   help="a work dir whose sweep has run (some of) its jobs: every time is the plan's estimate x what "
+                   "that rule's finished jobs measured against theirs (quantsweep status)")
     p.set_defaults(func=c._plan)
+    p = sub.add_parser("status", help="where a sweep stands: jobs done, running (with their progress, rate and ETA "
+                       "from their logs) and left, engine-hours, the sweep's ETA",
+                       description="Reads Snakemake's records of the work dir (.snakemake/), the capacity plan the "
+                       "sweep started with (results/plan/plan.json) and each running engine job's log; it needs no "
+                       "lock, so it runs beside the sweep (on a SLURM sweep: on the submit host).")
+    p.add_argument("dir", nargs="?", default=".", help="the work dir (default: here)")
+    p.add_argument("--watch", type=float, nargs="?", const=5.0, default=0.0, metavar="SECONDS",
+                   help="redraw every SECONDS (default 5) until interrupted")
+    p.add_argument("--json", action="store_true", help="the status as JSON")
+    p.set_defaults(func=watching.status)
     p = sub.add_parser("init", help="write a work dir with its own config for one model, sized from its header "
                        "and the machine (run it with snakemake --directory DIR)")
     p.add_argument("dir", help="the work dir (its config/config.yaml is written; an existing one is refused)")
@@ -433,19 +447,24 @@ def _add_allocate(sub) -> None:
 
 def _add_report(sub) -> None:
     p = sub.add_parser("report", help="summary.csv/.md, size-vs-quality plots (PNG) and a self-contained HTML page")
-    p.add_argument("--entries", required=True, help="JSON (or a .json file) listing models, references and quants")
+    p.add_argument("--partial", nargs="?", const=".", default="", metavar="DIR",
+                   help="the report of what a sweep has measured so far, from the sweep's own request "
+                   "(DIR/results/plan/report.json, written when it starts) into DIR/results/report/partial/ (the "
+                   "final report is never touched); the quants not measured yet are listed as pending with their ETA "
+                   "(quantsweep status). Runs beside the sweep; the options below are then not given")
+    p.add_argument("--entries", help="JSON (or a .json file) listing models, references and quants")
     p.add_argument("--settings", "--gate", default="{}", metavar="JSON",
                    help="JSON (or a .json file) of the config's gate section (" + ", ".join(Gate().to_dict())
                         + "; null or missing: not checked)")
     for flag in ("--csv", "--md", "--html"):
-        p.add_argument(flag, required=True)
-    p.add_argument("--plot-lnppl", required=True, help="PNG: size vs ln(PPL(Q)/PPL(ref))")
-    p.add_argument("--plot-kld", required=True, help="PNG: size vs mean KLD")
+        p.add_argument(flag)
+    p.add_argument("--plot-lnppl", help="PNG: size vs ln(PPL(Q)/PPL(ref))")
+    p.add_argument("--plot-kld", help="PNG: size vs mean KLD")
     p.add_argument("--plot-speed", default="", help="PNG: mean KLD vs generation speed (needs bench records)")
     p.add_argument("--note", action="append", default=[],
                    help="a line under 'Sweep notes' on both pages (a budget skipped, the imatrix's model); repeatable")
     _manifested(p, inputs=(), outputs=("csv", "md", "html", "plot_lnppl", "plot_kld", "plot_speed"))
-    p.set_defaults(func=c._report)
+    p.set_defaults(func=watching.report)
     gg = sub.add_parser("gguf", help="GGUF tensor tables").add_subparsers(dest="sub", required=True)
     p = gg.add_parser("info", help="every tensor's name, shape, type and bytes (ik types, split models included)")
     p.add_argument("model")

@@ -17,7 +17,7 @@ from ..gguf.reader import shards
 from ..settings import BenchSettings
 from . import argv, logparse
 from .hardware import describe_host
-from .run import checked, ran_as_asked, run_logged
+from .run import checked, note, ran_as_asked, run_logged
 from .spec import installed_meta
 
 
@@ -41,6 +41,7 @@ def sweep_bench(bin_dir: Path, model: Path, log: Path, b: BenchSettings, threads
     runs, ran = [], {}
     for i in range(b.repeats):
         what = f"sweep-bench of {model.name} (run {i + 1} of {b.repeats})"
+        note(log, logparse.BENCH_RUN_NOTE.format(k=i + 1, n=b.repeats))  # the status reads it
         res = run_logged(argv.sweep_bench_cmd(bin_dir, model, b, threads, Path(log).with_suffix(".engine")), log,
                          timeout_s=timeout_s)
         rows = checked(res, logparse.parse_sweep_bench, log, what, timeout_s)

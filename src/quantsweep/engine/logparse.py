@@ -271,3 +271,49 @@ def parse_imatrix_run(text: str) -> ImatrixRunResult:
     planned = _IMATRIX_CHUNKS.search(text)
     return ImatrixRunResult(chunks=int(stored[-1][0]), ppl=_f(final.group(3)),
                             planned=int(planned.group(1)) if planned else None)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far a running engine tool is, read from its log so far (the last `+ argv` run in it)."""
+
+    tool: str            # llama-imatrix, llama-perplexity, llama-quantize, llama-sweep-bench
+    done: int
+    total: int | None    # None: the tool has not said yet
+    unit: str            # chunks, tensors, runs
+
+
+_RUN_LINE = re.compile(r"^\+ (\S+)", re.M)
+_PERPLEXITY_CHUNKS = re.compile(r"calculating perplexity over (\d+) chunks")
+_ASKED_CHUNKS = re.compile(r" --chunks (\d+)\b")
+_CHUNK_DONE = re.compile(r"\[(\d+)\]" + _NUM + ",")
+_QUANT_DONE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]", re.M)
+BENCH_RUN_NOTE = "quantsweep: sweep-bench run {k} of {n}"
+_BENCH_RUN = re.compile(r"^quantsweep: sweep-bench run (\d+) of (\d+)$", re.M)
+
+
+def parse_progress(text: str) -> Progress | None:
+    """Progress of the engine run a step's log ends with (None before the engine started): the
+    chunks llama-imatrix and llama-perplexity have finished out of the ones they announced, the
+    tensors llama-quantize has written, the sweep-bench runs a bench step has finished (the
+    step notes each run as it starts). Read from the log while the run is still writing it."""
+    runs = list(_RUN_LINE.finditer(text))
+    if not runs:
+        return None
+    tool = runs[-1].group(1).rsplit("/", 1)[-1]
+    tail = text[runs[-1].start():]
+    if tool == "llama-sweep-bench":
+        notes = _BENCH_RUN.findall(text)
+        k, n = (int(notes[-1][0]), int(notes[-1][1])) if notes else (1, None)
+        return Progress(tool, k - 1, n, "runs")
+    if tool == "llama-quantize":
+        rows = _QUANT_DONE.findall(tail)
+        return Progress(tool, int(rows[-1][0]) if rows else 0, int(rows[-1][1]) if rows else None, "tensors")
+    if tool in ("llama-imatrix", "llama-perplexity"):
+        # the tool's own count, else the --chunks asked (KLD runs announce none)
+        said = (_IMATRIX_CHUNKS if tool == "llama-imatrix" else _PERPLEXITY_CHUNKS).search(tail)
+        asked = _ASKED_CHUNKS.search(tail.split("\n", 1)[0])
+        total = int(said.group(1)) if said else int(asked.group(1)) if asked else None
+        done = [int(m.group(1)) for m in _CHUNK_KLD.finditer(tail)] or [int(k) for k in _CHUNK_DONE.findall(tail)]
+        return Progress(tool, max(done, default=0), total, "chunks")
+    return Progress(tool, 0, None, "")

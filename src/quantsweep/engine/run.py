@@ -97,6 +97,7 @@ def _wait(proc: subprocess.Popen, timeout_s: float | None) -> bool:
 def note(log: Path | TextIO | None, line: str) -> None:
     """A line of quantsweep's own in a run's log (stderr when there is none)."""
     if isinstance(log, (str, Path)):
+        Path(log).parent.mkdir(parents=True, exist_ok=True)
         with open(log, "a", encoding="utf-8") as f:
             f.write(line + "\n")
     else:
@@ -185,7 +186,14 @@ def collect_imatrix(bin_dir: Path, model: Path, text: Path, out: Path, log: Path
         _verified(tmp, out, lambda p: verify_collected(p, read_model(model), parsed.chunks), what, log)
     # model: the file the pass ran on (imatrix.model: the source, or a quant of it)
     return {"mode": mode, "model": str(model), "chunks": parsed.chunks, "ppl": parsed.ppl, "run": s.run.to_dict(),
-            "ran": ran, "wall_s": round(res.wall_s, 2), **res.times(), "cmd": res.cmd}
+            "ran": ran, "wall_s": round(res.wall_s, 2), **res.times(), "cmd": res.cmd,
+            "rate": measured_rate(parsed.chunks * s.ctx, "tokens", res)}
+
+
+def measured_rate(amount: float, unit: str, res: Completed) -> dict:
+    """What a run got through per second (tokens for imatrix and perplexity, source bytes for
+    quantize): the measured side of the plan's throughput model (quantsweep status)."""
+    return {f"{unit}_per_s": round(amount / res.wall_s, 1) if res.wall_s > 0 else None}
 
 
 def quantize(bin_dir: Path, model: Path, out: Path, log: Path, ftype: str, threads: int,
@@ -202,7 +210,9 @@ def quantize(bin_dir: Path, model: Path, out: Path, log: Path, ftype: str, threa
         if check_types is not None:
             check_types(logparse.parse_quantize_tensors(res.text))
         _verified(tmp, out, verify_complete, what, log)
-    return {**asdict(parsed), "wall_s": round(res.wall_s, 2), **res.times(), "cmd": res.cmd}
+    source = sum(os.path.getsize(f) for f in shards(model))
+    return {**asdict(parsed), "wall_s": round(res.wall_s, 2), **res.times(), "cmd": res.cmd,
+            "rate": measured_rate(source, "bytes", res)}
 
 
 @dataclass
@@ -245,6 +255,7 @@ def _eval_record(model: Path, res: logparse.PerplexityResult, ev: EvalSettings, 
         "cmd": run.cmd,
         "wall_s": round(run.wall_s, 2),
         **run.times(),
+        "rate": measured_rate((res.chunks or ev.chunks) * ev.ctx, "tokens", run),
     }
 
 

@@ -18,7 +18,7 @@ Modules, each importing only those listed before it (and quantsweep.fileio / qua
 """
 
 from .entries import (AllocationRecord, ModelEntry, QuantEntry, allocation_paths, bench_paths, evaluation_paths,
-                      load_rows, parse_entries, record_paths, sweep_entries, to_json_data)
+                      load_rows, measured_so_far, parse_entries, record_paths, sweep_entries, to_json_data)
 from .gate import METRICS, annotate, gate_verdict, pareto_front, smallest_passing, speed_front
 from .plots import plot_metric, plot_speed, plotted_fronts, plotted_points, png_points, save_figure
 from .speed import BenchRecord
@@ -28,7 +28,7 @@ from .write import write_report
 __all__ = [
     "AllocationRecord", "METRICS", "BenchRecord", "ModelEntry", "ModelInfo",
     "QuantEntry", "Record", "Row", "allocation_paths", "annotate", "bench_paths", "csv_columns", "evaluation_paths",
-    "gate_verdict", "load_rows", "make_rows", "pareto_front", "parse_entries", "plot_metric", "plot_speed",
+    "gate_verdict", "load_rows", "make_rows", "measured_so_far", "pareto_front", "parse_entries", "plot_metric", "plot_speed",
     "plotted_fronts", "plotted_points", "png_points", "read_csv", "read_rows", "record_paths", "save_figure",
     "smallest_passing", "speed_front", "sweep_entries", "to_csv", "to_json_data", "to_markdown", "write_report",
 ]

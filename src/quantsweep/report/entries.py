@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 from ..errors import ReportError
 from .speed import BenchRecord, check_same_bench, load_record
@@ -35,6 +36,10 @@ from ..settings import BASE_REFERENCE, Budget
 from .table import KLD_TOLERANCE, ModelInfo, Record, Row, make_rows
 
 MANIFEST_KINDS = ("quantize", "eval")
+# What a sweep's report reads, written when the sweep starts, so `quantsweep report --partial`
+# can make the report of what is measured so far (into PARTIAL_DIR, beside the final one).
+REQUEST = Path("results/plan/report.json")
+PARTIAL_DIR = Path("results/report/partial")
 # Required path patterns of sweep_entries; "bench" and "base_bench" are optional (bench step off: none),
 # "allocation" is needed only when a quant is an auto recipe.
 PATH_KEYS = ("eval", "eval_manifest", "quant_manifest", "base", "base_manifest")
@@ -175,6 +180,30 @@ def parse_entries(data) -> list[ModelEntry]:
             raise ReportError(f"report entries: model {e.model!r} is listed twice")
         seen.add(e.model)
     return entries
+
+
+def measured_so_far(entries: Sequence[ModelEntry]) -> tuple[list[ModelEntry], list[tuple[str, str]]]:
+    """The entries of what has been measured: a quant whose evaluation record is missing, a
+    model whose reference has not been evaluated, is left out (the bench record, missing, only
+    leaves its speed out); and (model, quant) of each left out."""
+
+    def have(path: str) -> bool:
+        return bool(path) and Path(path).is_file()
+
+    kept, pending = [], []
+    for e in entries:
+        if not have(e.base):
+            pending += [(e.model, e.reference_name)] + [(e.model, q.name) for q in e.quants]
+            continue
+        quants = []
+        for q in e.quants:
+            if not have(q.result) or (q.allocation and not have(q.allocation)):
+                pending.append((e.model, q.name))
+            else:
+                quants.append(replace(q, bench=q.bench if have(q.bench) else ""))
+        ref = e.reference and replace(e.reference, bench=e.reference.bench if have(e.reference.bench) else "")
+        kept.append(replace(e, reference=ref, quants=quants, base_bench=e.base_bench if have(e.base_bench) else ""))
+    return kept, pending
 
 
 def to_json_data(entries: Sequence[ModelEntry]) -> list[dict]:
