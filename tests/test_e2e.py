@@ -452,11 +452,11 @@ def test_an_unknown_engine_flag_stops_the_sweep_before_any_engine_step(tmp_path)
     assert r.returncode != 0
     log = (wd / "logs" / "run_settings.log").read_text()
     assert "run.eval.extra_args: llama-perplexity does not know --no-such-flag (not in its --help)" in log
-    # no imatrix, pool, quantize or eval job started (the planner's groups of the model may have,
-    # and the capacity plan is written when the sweep starts)
+    # no imatrix, pool, quantize or eval job started (the planner's groups of the model may have;
+    # the capacity plan and what the report will read are written when the sweep starts)
     made = [p.relative_to(wd / "results") for p in (wd / "results").rglob("*") if p.is_file()]
     assert all((p.parts[0] == "sensitivity" and p.name == "groups.json") or p.parts[0] == "plan" for p in made), made
-    assert {p.name for p in made if p.parts[0] == "plan"} == {"plan.txt", "plan.json"}
+    assert {p.name for p in made if p.parts[0] == "plan"} == {"plan.txt", "plan.json", "report.json"}
 
 
 AUTO = [q for q in QUANTS if q.auto]

@@ -48,8 +48,9 @@ OVERRIDES = {"quants": ["Q8_0", "IQ4_KS"], "imatrix": {"chunks": 8}, "eval": {"c
 CORES = "2"
 # Where the sweep writes; the hidden `.name.partial.ext` temp files are not final outputs.
 TREES = ("results", "resources")
-# Fields that differ between two uninterrupted runs: timings, start times, the work dir.
-VOLATILE = {"wall_s", "started_utc", "started_at", "ended_at", "cwd"}
+# Fields that differ between two uninterrupted runs: timings (and the rates measured from them),
+# start times, the work dir.
+VOLATILE = {"wall_s", "started_utc", "started_at", "ended_at", "cwd", "rate"}
 
 
 

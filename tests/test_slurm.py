@@ -34,6 +34,7 @@ import yaml
 from conftest import DEFAULT_RULES, ROOT, make_workdir
 from quantsweep.config import load
 from quantsweep.report import read_csv
+from quantsweep.status import parse_run_log, read_plan, sweep_status
 
 pytestmark = [pytest.mark.slurm, pytest.mark.e2e]
 
@@ -198,6 +199,14 @@ def test_sweep_runs_through_slurm(slurm, tmp_path):
     assert len(bench_jobs) == len(quants) + 1
     assert {j.get("OverSubscribe") for j in bench_jobs} == {"NO"}, [j.get("OverSubscribe") for j in bench_jobs]
     assert "NO" not in {j.get("OverSubscribe") for j in jobs if j not in bench_jobs}
+
+    # `quantsweep status` of the SLURM work dir (Snakemake's records on the shared filesystem):
+    # every job the plugin submitted is found with its SLURM id, and the sweep is done
+    run_log = sorted((wd / ".snakemake" / "log").glob("*.snakemake.log"))[-1].read_text()
+    assert {j.external_id for j in parse_run_log(run_log) if j.external_id} == {j["JobId"] for j in jobs}
+    st = sweep_status(wd)
+    assert not st.running and not st.failed and st.left == 0
+    assert st.done == sum(j.count for j in read_plan(wd)[0])
 
     n_gpu = len(gpu_jobs)
     print(f"\nSLURM sweep: {wall:.0f} s wall, {len(jobs)} SLURM jobs ({n_gpu} with the fake GPU), "

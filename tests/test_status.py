@@ -15,7 +15,7 @@ from conftest import FIXTURES, ROOT
 from quantsweep import capacity, config
 from quantsweep.cli import main
 from quantsweep.status import parse_run_log, sweep_status, text
-from quantsweep.status.records import _record
+from quantsweep.status.records import record_path
 
 RUN_LOG = (FIXTURES / "snakemake" / "demo-run.log").read_text()
 NOW = 1_800_000_000.0
@@ -54,12 +54,12 @@ def make_workdir(tmp_path, *, log_age: float = 1.0, locked: bool = True, slurm: 
     for j in parse_run_log(RUN_LOG):
         for out in j.outputs:
             if j.state == "finished":
-                f = _record(smk / "metadata", out)
+                f = record_path(smk / "metadata", out)
                 f.parent.mkdir(parents=True, exist_ok=True)
                 f.write_text(json.dumps({"rule": j.rule, "log": j.logs, "starttime": NOW - 100,
                                          "endtime": NOW - 100 + MEASURED_S, "incomplete": False}))
             elif j.rule == "imatrix_collect":
-                f = _record(smk / "incomplete", out)
+                f = record_path(smk / "incomplete", out)
                 f.parent.mkdir(parents=True, exist_ok=True)
                 f.write_text(json.dumps({"external_jobid": "4242" if slurm else None}))
                 os.utime(f, (NOW - 20, NOW - 20))

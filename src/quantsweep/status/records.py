@@ -73,7 +73,7 @@ def parse_run_log(text: str, run: str = "") -> list[SmkJob]:
     return list(jobs.values())
 
 
-def _record(base: Path, path: str, max_len: int = 255) -> Path:
+def record_path(base: Path, path: str, max_len: int = 255) -> Path:
     """Where Snakemake keeps a record of `path` under `base`: its urlsafe base64, cut into
     '@'-prefixed directory levels when longer than a file name may be."""
     b64 = base64.urlsafe_b64encode(path.encode()).decode()
@@ -105,12 +105,12 @@ class WorkDir:
         return wd
 
     def marker(self, output: str) -> Path:
-        return _record(self.root / ".snakemake" / "incomplete", output)
+        return record_path(self.root / ".snakemake" / "incomplete", output)
 
     def record(self, output: str) -> dict:
         """Snakemake's metadata record of a finished output ({} when there is none)."""
         try:
-            return json.loads(_record(self.root / ".snakemake" / "metadata", output).read_text())
+            return json.loads(record_path(self.root / ".snakemake" / "metadata", output).read_text())
         except (OSError, ValueError):
             return {}
 

@@ -1,7 +1,8 @@
 """Where a running (or stopped) sweep stands: every job of its capacity plan done, running or
 left, each running engine job's progress from its own log, and estimates that learn the
 machine: a finished job's measured time against the plan's first estimate gives a factor per
-rule (all rules' when a rule has none yet), and the jobs left are the plan's estimate times it.
+rule (an engine rule with none yet takes all engine jobs'), and the jobs left are the plan's
+estimate times it (capacity.jobs.factor_of).
 """
 
 from __future__ import annotations
