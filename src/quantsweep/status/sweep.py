@@ -33,10 +33,6 @@ class PlanJob:
     count: int
     engine: bool
 
-    @property
-    def name(self) -> str:
-        return "/".join(p for p in (self.rule, self.model, self.item) if p)
-
 
 @dataclass
 class Running:
@@ -161,37 +157,30 @@ def sweep_status(workdir: str | Path, now: float | None = None) -> SweepStatus:
     finished: list[Finished] = []
     running_jobs: list[tuple[PlanJob, SmkJob]] = []
     failed: list[str] = []
-    done = left = 0
+    done = 0
     left_jobs: list[PlanJob] = []
     for pj in plan:
-        seen = by_key.get((pj.rule, pj.model, pj.item), [])
-        states = [(wd.state(j), j) for j in seen]
-        n_done = 0
-        for st, j in states:
-            name = job_name(j)
-            if st == "finished":
-                n_done += 1
-                times = wd.times(j)
-                if times is not None:
-                    finished.append(Finished(pj.rule, name, pj.seconds, times[1] - times[0],
+        seen = 0  # done, running or failed: the plan's jobs not left
+        for j in by_key.get((pj.rule, pj.model, pj.item), []):
+            state = wd.state(j)
+            seen += state in ("finished", "running", "failed")
+            if state == "finished":
+                done += 1
+                if (times := wd.times(j)) is not None:
+                    finished.append(Finished(pj.rule, job_name(j), pj.seconds, times[1] - times[0],
                                              _recorded_rate(wd.root, j.outputs), times[1], pj.engine))
-            elif st == "running":
+            elif state == "running":
                 running_jobs.append((pj, j))
-            elif st == "failed":
-                failed.append(name)
-        n_run = sum(1 for st, _ in states if st == "running")
-        n_failed = sum(1 for st, _ in states if st == "failed")
-        done += n_done
-        n_left = max(0, pj.count - n_done - n_run - n_failed)
-        left += n_left
-        left_jobs += [pj] * n_left
+            elif state == "failed":
+                failed.append(job_name(j))
+        left_jobs += [pj] * max(0, pj.count - seen)
     factors = learned_factors(finished)
     running = [_running(wd, pj, j, now, factor_of(factors, pj.rule, pj.engine)) for pj, j in running_jobs]
     left_s = sum(pj.seconds * factor_of(factors, pj.rule, pj.engine) for pj in left_jobs)
     run_s = sum(r.eta_s for r in running)
     spent = sum(f.measured_s for f in finished if f.engine) + sum(r.elapsed_s for r in running if r.engine)
     eta = max(max((r.eta_s for r in running), default=0.0), (left_s + run_s) / max(parallel, 1))
-    return SweepStatus(str(root), wd.locked, done, running, failed, left, finished, factors, spent / 3600,
+    return SweepStatus(str(root), wd.locked, done, running, failed, len(left_jobs), finished, factors, spent / 3600,
                        (left_s + run_s) / 3600, eta, parallel, now)
 
 
