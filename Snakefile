@@ -13,6 +13,7 @@
 # results/report/              summary.{csv,md,html}: one row per (model, quant) plus each
 #                              reference, gate and Pareto marks; size_vs_{lnppl,kld}.png,
 #                              kld_vs_speed.png
+# results/publish/{model}/     snakemake publish: the ready-to-upload model repository
 from snakemake.utils import min_version
 
 min_version("9.19")
@@ -40,6 +41,7 @@ if BENCH:
 
 
 include: "workflow/rules/report.smk"
+include: "workflow/rules/publish.smk"
 
 
 rule all:

@@ -21,11 +21,13 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SMK_ENV = {**os.environ, "PATH": f"{Path(__file__).resolve().parent / 'noslurm'}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
-def smk(workdir: Path, *args: str, timeout: int = 3600) -> subprocess.CompletedProcess:
-    """Snakemake on ROOT/Snakefile with `workdir` as working directory (its config/ is used)."""
+def smk(workdir: Path, *args: str, timeout: int = 3600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Snakemake on ROOT/Snakefile with `workdir` as working directory (its config/ is used);
+    env: variables set (None: removed) over the tests' environment."""
+    run_env = {k: v for k, v in {**SMK_ENV, **(env or {})}.items() if v is not None}
     return subprocess.run(
         [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir), *args],
-        cwd=workdir, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, env=SMK_ENV,
+        cwd=workdir, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, env=run_env,
     )
 
 

@@ -6,7 +6,9 @@ reused by later runs; the sweep itself runs once per session in a scratch work d
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -648,3 +650,160 @@ def test_partial_report_with_two_quants_missing(demo, tmp_path):
     assert all((out / f).stat().st_size > 0 for f in ("size_vs_kld.png", "size_vs_lnppl.png", "kld_vs_speed.png"))
     assert final == {f.name: f.read_bytes() for f in (wd / "results" / "report").glob("summary.*")}
     assert "2 pending" in (wd / "logs" / "partial_report.log").read_text()
+
+
+# ---- publish: the ready-to-upload repository of the demo's chosen quants ------------------------
+
+PUBLISH = {"split_max_size": "3M", "quantized_by": "quantsweep-ci", "base_model": "example-org/tiny-deepseek",
+           "include": ["imatrix", "imatrix_gguf", "recipes", "records", "plots"], "tags": ["demo"]}
+PUBLISHED_NAME = "quantsweep-tiny-deepseek"  # the demo GGUF's general.name
+
+
+@pytest.fixture(scope="session")
+def published(demo) -> Path:
+    """`snakemake publish` on the finished demo with a split size that gives every quant >= 2 shards."""
+    cf = demo / "publish.yaml"
+    cf.write_text(yaml.safe_dump({"publish": PUBLISH}))
+    r = smk(demo, "publish", "--cores", "all", "--configfile", str(cf))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
+    return demo / "results" / "publish" / "tiny"
+
+
+def _gate_choice(rows: dict[str, dict]) -> list[str]:
+    return [q for q, r in rows.items() if q != "baseline" and r["pareto"] and r["gate"] != "fail"]
+
+
+def test_publish_splits_each_chosen_quant_and_checks_it_with_the_engine(demo, rows, published):
+    from quantsweep.gguf.reader import read_model
+
+    chosen = _gate_choice(rows)
+    assert len(chosen) >= 3 and sorted(p.name for p in published.iterdir() if p.is_dir() and p.name != "images") \
+        == sorted(chosen)
+    log = (demo / "logs" / "publish" / "tiny.log").read_text()
+    for q in chosen:
+        files = sorted((published / q).glob("*.gguf"))
+        n = len(files)
+        assert n >= 2 and [f.name for f in files] == [f"{PUBLISHED_NAME}-{q}-{i:05d}-of-{n:05d}.gguf"
+                                                      for i in range(1, n + 1)]
+        assert all(f.stat().st_size <= 3_000_000 for f in files)
+        unsplit = demo / "results" / "quants" / "tiny" / f"tiny-{q}.gguf"
+        assert tensor_data_diff(files[0], unsplit) == []  # our reader joins the shards: the same tensors
+        assert f"{files[0].name}: {n} shards" in log and f"joined = tiny-{q}.gguf's" in log
+        kv = read_model(files[0]).kv
+        assert (kv["general.name"], kv["general.quantized_by"], kv["general.license"]) == (
+            PUBLISHED_NAME, "quantsweep-ci", "mit")
+        # gguf-py's label: 8 experts x (the shared parameters + one expert's share), as convert_hf_to_gguf writes it
+        assert kv["general.size_label"] == "8x10M" and kv["split.count"] == n
+        assert kv["general.base_model.0.repo_url"] == "https://huggingface.co/example-org/tiny-deepseek"
+        assert kv["quantize.imatrix.file"] == f"{PUBLISHED_NAME}-imatrix.dat"
+        assert kv["quantize.imatrix.dataset"] == "quantsweep's bundled calibration text"
+    # the load check: shard 1 and the unsplit file each scored 4 chunks, to the same numbers
+    finals = re.findall(r"Final estimate: PPL over 4 chunks for n_ctx=512 = ([\d.]+ \+/- [\d.]+)", log)
+    assert len(finals) == 2 * len(chosen) and finals[0::2] == finals[1::2]
+    r = subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=published, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    again = smk(demo, "publish", "--cores", "all", "--configfile", str(demo / "publish.yaml"))
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_published_card_is_the_summarys_numbers_and_reads_as_the_hub_reads_it(demo, rows, published):
+    from huggingface_hub import ModelCard
+
+    from quantsweep.imatrix.formats import read_dat, read_gguf
+    from quantsweep.publish.card import check_numbers, table_numbers
+    from quantsweep.report.table import read_rows
+
+    text = (published / "README.md").read_text()
+    card = ModelCard(text)
+    front = yaml.safe_load(text.split("---\n")[1])
+    assert card.data.to_dict() == front and ModelCard(str(card)).data.to_dict() == front
+    assert front["base_model"] == "example-org/tiny-deepseek" and front["base_model_relation"] == "quantized"
+    assert front["quantized_by"] == "quantsweep-ci" and front["license"] == "mit"
+    assert {"gguf", "imatrix", "ik_llama.cpp", "demo"} <= set(front["tags"])
+    chosen = _gate_choice(rows)
+    summary = {r.quant: r for r in read_rows(demo / "results" / "report" / "summary.csv") if r.quant in chosen}
+    assert check_numbers(text, summary) == []
+    ppl = {m["name"]: m["value"] for m in front["model-index"][0]["results"][0]["metrics"]}
+    assert ppl == {f"PPL ({q})": round(float(rows[q]["ppl"]), 4) for q in chosen}
+    for q in chosen:
+        n = table_numbers(text)[q]["files"]
+        assert n == len(list((published / q).glob("*.gguf")))
+        assert (f"hf download quantsweep-ci/{PUBLISHED_NAME}-GGUF --include '{q}/*' "
+                f"--local-dir {PUBLISHED_NAME}-GGUF") in text
+        assert f"llama-server -m {PUBLISHED_NAME}-GGUF/{q}/{PUBLISHED_NAME}-{q}-00001-of-{n:05d}.gguf -mla 3 -fa on" \
+            in text
+        if q.startswith("auto-"):
+            assert (published / q / "recipe.yaml").read_text() == \
+                (demo / "results" / "allocate" / "tiny" / f"{q}.yaml").read_text()
+            assert "--custom-q" in (published / q / "custom-q.txt").read_text()
+        for rec in ("quantize.json", "quantize.manifest.json", "eval.json", "eval.manifest.json"):
+            assert (published / q / "records" / rec).is_file()
+    assert [p.name for p in sorted((published / "images").iterdir())] == ["kld_vs_speed.png", "size_vs_kld.png",
+                                                                          "size_vs_lnppl.png"]
+    dat, gg = published / f"{PUBLISHED_NAME}-imatrix.dat", published / f"{PUBLISHED_NAME}-imatrix.gguf"
+    im, orig = read_dat(dat), read_dat(demo / "results" / "imatrix" / "tiny" / "imatrix.dat")
+    assert im.dataset == "quantsweep's bundled calibration text" and sorted(im.entries) == sorted(orig.entries)
+    assert all((im.entries[k].values == orig.entries[k].values).all() for k in orig.entries)
+    assert sorted(read_gguf(gg).entries) == sorted(orig.entries)
+    prov = json.loads((published / "provenance.json").read_text())
+    qm = json.loads((demo / "results" / "quants" / "tiny" / f"tiny-{chosen[0]}.manifest.json").read_text())
+    assert prov["source"]["sha256"] == [qm["inputs"]["model"][0]["sha256"]] and prov["engine"] == qm["engine"]
+    assert prov["imatrix"]["sha256"] == hashlib.sha256(dat.read_bytes()).hexdigest()
+    for q in chosen:
+        p = prov["quants"][q]
+        assert p["sweep_commands"][0].startswith("quantsweep quantize ") and p["check"]["chunks"] == 4
+        assert p["unsplit"]["sha256"] == [hashlib.sha256((demo / "results" / "quants" / "tiny" /
+                                                          f"tiny-{q}.gguf").read_bytes()).hexdigest()]
+    assert "hf upload-large-folder quantsweep-ci/quantsweep-tiny-deepseek-GGUF . --repo-type model" in text
+    assert "upload it with: hf upload-large-folder quantsweep-ci/quantsweep-tiny-deepseek-GGUF results/publish/tiny" \
+        in (demo / "logs" / "publish" / "tiny.log").read_text()
+
+
+def test_published_folder_names_no_machine_path_and_passes_its_check(demo, published):
+    from quantsweep.gguf.reader import read_model
+    from quantsweep.publish import check_folder
+
+    for p in published.rglob("*"):
+        if p.suffix in (".md", ".json", ".yaml", ".txt", ".sh", ".csv") or p.name == "SHA256SUMS":
+            text = p.read_text()
+            assert str(demo) not in text and str(Path.home()) + "/" not in text, p
+        if "-00001-of-" in p.name:
+            kv = read_model(p).kv
+            assert not [v for v in kv.values() if isinstance(v, str) and v.startswith("/")], p
+    assert check_folder(published, max_bytes=3_000_000) == []
+    r = subprocess.run(["quantsweep", "publish", "--check", str(published), "--split-max-size", "3M",
+                        "--summary", str(demo / "results" / "report" / "summary.csv")], capture_output=True, text=True)
+    assert r.returncode == 0 and "publishable" in r.stdout, r.stderr
+
+
+def test_publish_refuses_a_shard_cut_short_and_leaves_nothing(demo, published, tmp_path, monkeypatch, capsys):
+    from quantsweep import cli
+    from quantsweep.publish import folder
+
+    # a copy with its last shard cut short fails the folder check, naming the shard
+    copy = tmp_path / "copy"
+    shutil.copytree(published, copy)
+    last = sorted((copy / "Q8_0").glob("*.gguf"))[-1]
+    os.truncate(last, last.stat().st_size - 4096)
+    r = subprocess.run(["quantsweep", "publish", "--check", str(copy)], capture_output=True, text=True)
+    assert r.returncode == 1 and f"Q8_0/{last.name}: sha256 differs from SHA256SUMS (changed or cut short)" in r.stderr
+    # a publish whose split leaves a shard cut short is refused, and nothing is at the output path
+    real = folder.split
+
+    def cut(*args, **kw):
+        files = real(*args, **kw)
+        os.truncate(files[-1], files[-1].stat().st_size - 4096)
+        return files
+
+    monkeypatch.setattr(folder, "split", cut)
+    monkeypatch.chdir(demo)
+    out = tmp_path / "out" / "tiny"
+    argv = ["publish", "--model", "tiny", "--summary", "results/report/summary.csv", "--settings",
+            json.dumps(PUBLISH), "--bin-dir", "resources/engine/bin", "--source", "resources/models/tiny.gguf",
+            "--text", "resources/text/evaluation.txt", "--imatrix", "results/imatrix/tiny/imatrix.dat",
+            "--calibration", "resources/text/calibration.txt", "--model-license", "mit",
+            "--log", str(tmp_path / "publish.log"), "-o", str(out)]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "truncated" in err and "Q8_0-000" in err, err
+    assert not out.exists() and list(out.parent.iterdir()) == []  # no temp folder left either

@@ -22,15 +22,16 @@ from .gguf.reader import first_shard, read_model
 from .gguf.types import canonical_ftype, close_ftype, quantized
 from .planner.recipes import load_recipe
 from .settings import (BASE_REFERENCE, BASELINE, SOURCE, AllocateSettings, BenchSettings, EngineSpec, EvalSettings,
-                       Gate, ImatrixSettings, MachineSettings, ModelSettings, Quant, ResourceSettings, Sweep,
-                       TextSettings, resolve_run)
+                       Gate, ImatrixSettings, MachineSettings, ModelSettings, PublishSettings, Quant, ResourceSettings,
+                       Sweep, TextSettings, resolve_run)
+from .settings.publish import SELECTORS as PUBLISH_SELECTORS
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 # The settings class of each mapping section (`models` maps names to ModelSettings; `run` is
 # resolved into each engine step's settings).
 SECTIONS = {"engine": EngineSpec, "texts": TextSettings, "imatrix": ImatrixSettings, "eval": EvalSettings,
             "bench": BenchSettings, "allocate": AllocateSettings, "resources": ResourceSettings, "gate": Gate,
-            "machine": MachineSettings}
+            "machine": MachineSettings, "publish": PublishSettings}
 REQUIRED = ("models", "quants")  # no default: a sweep names its models and quants
 # Lists whose items must have one of these types (checked before the schema, whose validator
 # would otherwise fail with an AttributeError on `quants: [8]`).
@@ -282,6 +283,9 @@ def _check(s: Sweep) -> None:
                 fix = "" if tool.required else f", or set {tool.step}.enabled: false"
                 raise ConfigError(f"config engine.bin_dir: {s.engine.bin_dir} has no {tool.name} ({why}); add "
                                   f"it{fix}")
+    if unknown := [n for n in s.publish.names() if n not in {q.name for q in s.quants}]:
+        raise ConfigError(f"config publish.quants: {unknown[0]!r} is not a quant of the sweep "
+                          f"({', '.join(q.name for q in s.quants)}), nor one of {', '.join(PUBLISH_SELECTORS)}")
     for key in Gate.SPEED_KEYS:
         if getattr(s.gate, key) is not None and not s.bench.enabled:
             raise ConfigError(f"config gate.{key}: a speed limit needs bench.enabled: true")

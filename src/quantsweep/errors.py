@@ -59,3 +59,7 @@ class TinyModelError(QuantsweepError):
 
 class ConvertError(QuantsweepError):
     """A Hugging Face checkpoint that cannot be converted, or a converter that failed."""
+
+
+class PublishError(QuantsweepError):
+    """A published folder that fails a check, or a sweep that cannot be published (names the file)."""

@@ -74,3 +74,44 @@ def runtime_planned(rule):
     return lambda wildcards, attempt: qcapacity.runtime_min(
         _job(rule, wildcards), rates, attempt
     )
+
+
+def _eval_job(model, quant):
+    """A quant's evaluation job in the plan (the reference quant's is eval_reference)."""
+    if SWEEP.reference_of(model) == quant:
+        return PLAN.job("eval_reference", model)
+    return PLAN.job("eval_quant", model, quant)
+
+
+def _publish_jobs(wildcards):
+    """The plan's quantize and eval jobs of the quants a publish may read."""
+    quants = get_publish_quant_names(wildcards)
+    return [PLAN.job("quantize", wildcards.model, q) for q in quants], [
+        _eval_job(wildcards.model, q) for q in quants
+    ]
+
+
+def mem_mb_publish(wildcards, attempt):
+    """The load check runs the engine on the largest quant: its evaluation's RAM."""
+    _, evals = _publish_jobs(wildcards)
+    return max(qcapacity.mem_mb(j, attempt) for j in evals)
+
+
+def disk_mb_publish(wildcards, attempt):
+    """Every quant it may publish, split, plus one joined copy for the merge check."""
+    quants, _ = _publish_jobs(wildcards)
+    sizes = [j.kept_bytes for j in quants]
+    return (
+        int((sum(sizes) + max(sizes)) * 1.05 / 2**20 * qcapacity.growth(attempt)) + 1024
+    )
+
+
+def runtime_publish(wildcards, attempt):
+    """Splitting, joining and hashing each quant a few times, and two short PPL runs each."""
+    quants, evals = _publish_jobs(wildcards)
+    rates = SWEEP.machine.throughput
+    seconds = sum(4 * j.kept_bytes / (rates.disk_mb_s * 1e6) for j in quants)
+    seconds += sum(
+        2 * j.seconds * PUBLISH.check_chunks / SWEEP.eval.chunks for j in evals
+    )
+    return int((30 + seconds * rates.slack / 60) * qcapacity.growth(attempt))

@@ -13,7 +13,7 @@ from ..settings.measure import ATTENTION, MLA_MODES, PASSES
 from ..settings.model import OUTTYPES
 from ..settings.tiny import LAYOUTS
 from . import commands as c
-from . import watching
+from . import publishing, watching
 
 DESCRIPTION = ("quantsweep: imatrix-guided ik_llama.cpp quantization sweeps of DeepSeek-family models. "
                "Each subcommand is one pipeline step, as the workflow's rules run it: the config's settings "
@@ -472,11 +472,19 @@ def _add_report(sub) -> None:
     p.set_defaults(func=c._gguf_info)
 
 
+def _add_publish(sub) -> None:
+    p = sub.add_parser("publish", help="a ready-to-upload Hugging Face repository of a model's chosen quants",
+                       description=publishing.DESCRIPTION)
+    publishing.add_arguments(p)
+    _manifested(p, inputs=("summary", "source", "text", "imatrix", "calibration", "plot"), outputs=())
+    p.set_defaults(func=publishing.publish)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="quantsweep", description=DESCRIPTION)
     ap.add_argument("--version", action="version", version=f"quantsweep {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
     for add in (_add_engine, _add_convert, _add_inputs, _add_imatrix, _add_quantize, _add_eval, _add_bench,
-                _add_sensitivity, _add_allocate, _add_report):
+                _add_sensitivity, _add_allocate, _add_report, _add_publish):
         add(sub)
     return ap

@@ -83,9 +83,10 @@ def quantize_cmd(
     return cmd + [str(model), str(out), ftype, str(threads)]
 
 
-def perplexity_base_cmd(bin_dir: Path, model: Path, text: Path, kld_base: Path, ev: EvalSettings,
+def perplexity_base_cmd(bin_dir: Path, model: Path, text: Path, kld_base: Path | None, ev: EvalSettings,
                         threads: int) -> list[str]:
-    """PPL of the reference model; also writes the base logits every quant is compared with."""
+    """PPL of the reference model; also writes the base logits every quant is compared with
+    (kld_base None: PPL over the text only)."""
     cmd = [
         str(Path(bin_dir) / "llama-perplexity"),
         "-m", str(model),
@@ -94,7 +95,7 @@ def perplexity_base_cmd(bin_dir: Path, model: Path, text: Path, kld_base: Path, 
         "--chunks", str(ev.chunks),
         *ev.run.argv(threads),
         *attention_args(ev.mla, ev.fa),
-        "--kl-divergence-base", str(kld_base),
+        *(["--kl-divergence-base", str(kld_base)] if kld_base is not None else []),
         *NO_LOG_FILE,
     ]
     return cmd
@@ -132,7 +133,13 @@ def sweep_bench_cmd(bin_dir: Path, model: Path, b: BenchSettings, threads: int, 
     ]
 
 
-def gguf_split_cmd(bin_dir: Path, model: Path, out_prefix: Path, max_tensors: int) -> list[str]:
-    """Split `model` into out_prefix-0000i-of-0000n.gguf, `max_tensors` tensors per shard."""
-    return [str(Path(bin_dir) / "llama-gguf-split"), "--split", "--split-max-tensors", str(max_tensors),
-            str(model), str(out_prefix)]
+def gguf_split_cmd(bin_dir: Path, model: Path, out_prefix: Path, max_tensors: int = 0, max_mb: int = 0) -> list[str]:
+    """Split `model` into out_prefix-0000i-of-0000n.gguf: `max_tensors` tensors per shard, or
+    shards of at most `max_mb` x 10^6 bytes of tensor data (the engine counts no header)."""
+    limit = ["--split-max-size", f"{max_mb}M"] if max_mb else ["--split-max-tensors", str(max_tensors)]
+    return [str(Path(bin_dir) / "llama-gguf-split"), "--split", *limit, str(model), str(out_prefix)]
+
+
+def gguf_merge_cmd(bin_dir: Path, first_shard: Path, out: Path) -> list[str]:
+    """Join a split model (given shard 1) into one file."""
+    return [str(Path(bin_dir) / "llama-gguf-split"), "--merge", str(first_shard), str(out)]

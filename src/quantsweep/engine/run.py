@@ -274,6 +274,17 @@ def perplexity_base(bin_dir: Path, model: Path, text: Path, kld_base: Path, log:
     return _eval_record(model, parsed, ev, threads, res, ran)
 
 
+def perplexity(bin_dir: Path, model: Path, text: Path, log: Path, ev: EvalSettings, threads: int) -> dict:
+    """PPL of a model over ev.chunks chunks of a text (no logits written or read): what the
+    engine scores, chunk by chunk, for a check that two files are the same model."""
+    what = f"perplexity of {model.name}"
+    res = run_logged(argv.perplexity_base_cmd(bin_dir, model, text, None, ev, threads), log)
+    parsed = checked(res, logparse.parse_perplexity, log, what)
+    ran_as_asked(res, what, log)
+    _all_chunks(parsed.chunks, ev.chunks, what, text, log)
+    return asdict(parsed)
+
+
 def perplexity_kld(bin_dir: Path, model: Path, kld_base: Path, log: Path, ev: EvalSettings, threads: int,
                    timeout_s: float | None = None) -> dict:
     """PPL + KLD of a quant against the base logits (checked first: a cut or foreign base file
@@ -289,11 +300,27 @@ def perplexity_kld(bin_dir: Path, model: Path, kld_base: Path, log: Path, ev: Ev
     return _eval_record(model, parsed, ev, threads, res, ran)
 
 
-def gguf_split(bin_dir: Path, model: Path, out_prefix: Path, max_tensors: int, log: Path | None = None) -> list[Path]:
+def gguf_split(bin_dir: Path, model: Path, out_prefix: Path, max_tensors: int = 0, log: Path | None = None,
+               max_mb: int = 0) -> list[Path]:
     """Split a GGUF with the engine's llama-gguf-split (metadata in shard 1 only, as real split
-    models are); returns the shards."""
-    res = run_logged(argv.gguf_split_cmd(bin_dir, model, out_prefix, max_tensors), log)
+    models are): `max_tensors` per shard or `max_mb` x 10^6 bytes of tensor data; returns the
+    shards, each read back complete."""
+    res = run_logged(argv.gguf_split_cmd(bin_dir, model, out_prefix, max_tensors, max_mb), log)
     made = sorted(out_prefix.parent.glob(f"{out_prefix.name}-*-of-*.gguf"))
-    if res.rc != 0 or not made:
-        raise StepError(f"llama-gguf-split of {model} failed (exit code {res.rc})" + (f"; see {log}" if log else ""))
+    if res.rc != 0 or not made or made != shards(made[0]):
+        raise StepError(f"llama-gguf-split of {model} failed (exit code {res.rc}, {len(made)} shards written)"
+                        + (f"; see {log}" if log else ""))
+    for f in made:
+        verify_complete(f)
     return made
+
+
+def gguf_merge(bin_dir: Path, first_shard: Path, out: Path, log: Path | None = None) -> Path:
+    """Join a split model into `out` with llama-gguf-split --merge (read back complete)."""
+    res = run_logged(argv.gguf_merge_cmd(bin_dir, first_shard, out), log)
+    if res.rc != 0 or not out.is_file():
+        raise StepError(f"llama-gguf-split --merge of {first_shard} failed (exit code {res.rc})"
+                        + (f"; see {log}" if log else ""))
+    verify_complete(out)
+    return out
+

@@ -2,7 +2,8 @@
 
 Each config section has its class (`EngineSpec`, `ModelSettings` with the tiny model's
 `TinySpec`, `TextSettings`, `ImatrixSettings`, `EvalSettings`, `BenchSettings` with each engine
-step's `RunSettings`, `AllocateSettings` with its `Budget`s, `ResourceSettings`, `Gate`, `MachineSettings` with its `Throughput`);
+step's `RunSettings`, `AllocateSettings` with its `Budget`s, `ResourceSettings`, `Gate`, `MachineSettings` with its `Throughput`,
+`PublishSettings`);
 `Sweep` holds them all, built once from the validated config by `quantsweep.config.load`. A
 rule passes the object its step reads as one JSON (`to_json`: what differs from the defaults),
 which the CLI reads back with `from_json`; records written by a step are read with the same
@@ -17,6 +18,7 @@ from .engine import EngineSpec
 from .machine import MachineSettings, Throughput
 from .measure import BASE_REFERENCE, BASELINE, SOURCE, BenchSettings, EvalSettings, ImatrixSettings
 from .model import ConvertSettings, ModelSettings, TextSettings
+from .publish import PublishSettings
 from .report import Gate
 from .run import RunSettings
 from .sweep import Quant, ResourceSettings, Sweep
@@ -25,6 +27,6 @@ from .tools import STEP_TOOLS, STEPS, TOOLS, Tool, check_steps, resolve_run
 
 __all__ = [
     "AllocateSettings", "BASELINE", "BASE_REFERENCE", "BenchSettings", "Budget", "ConvertSettings", "EngineSpec", "EvalSettings", "Gate",
-    "GroupItem", "ImatrixSettings", "MachineSettings", "ModelSettings", "Quant", "ResourceSettings", "RunSettings", "STEPS", "STEP_TOOLS",
+    "GroupItem", "ImatrixSettings", "MachineSettings", "ModelSettings", "PublishSettings", "Quant", "ResourceSettings", "RunSettings", "STEPS", "STEP_TOOLS",
     "SOURCE", "Settings", "Sweep", "TOOLS", "TextSettings", "Throughput", "TinySpec", "Tool", "check_steps", "read_json_arg", "resolve_run",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -75,6 +76,12 @@ class TextSettings(Settings):
     evaluation: str = field("builtin", nonempty=True)
 
     BUILTIN = "builtin"
+
+    def name_of(self, kind: str) -> str:
+        """How a published card names the text: the bundled one in words, else its file name
+        (never the sweep's path)."""
+        path = getattr(self, kind)
+        return f"quantsweep's bundled {kind} text" if path == self.BUILTIN else os.path.basename(path)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from .engine import EngineSpec
 from .machine import MachineSettings
 from .measure import BASE_REFERENCE, BenchSettings, EvalSettings, ImatrixSettings
 from .model import ModelSettings, TextSettings
+from .publish import PublishSettings
 from .report import Gate
 from .run import RunSettings
 from .tools import TOOLS, Tool
@@ -74,6 +75,7 @@ class Sweep:
     resources: ResourceSettings
     gate: Gate
     machine: MachineSettings = MachineSettings()
+    publish: PublishSettings = PublishSettings()
     notes: tuple[str, ...] = ()  # what the config's defaults left out, and why (budgets skipped)
 
     def quant(self, name: str) -> Quant:

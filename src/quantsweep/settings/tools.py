@@ -48,7 +48,7 @@ TOOLS = (
     Tool("llama-imatrix", step="imatrix", settings=ImatrixSettings, required=True),
     Tool("llama-quantize", required=True),
     Tool("llama-perplexity", step="eval", settings=EvalSettings, required=True, record_run="eval.run"),
-    Tool("llama-gguf-split"),  # split models (tests, by hand); no sweep step runs it
+    Tool("llama-gguf-split"),  # publish splits each quant with it (and tests, by hand)
     # its --help prints only an example; it parses its arguments with llama-perplexity's common parser
     Tool("llama-sweep-bench", step="bench", settings=BenchSettings, help_from="llama-perplexity"),
 )  # the build's target order (part of its cache key)
