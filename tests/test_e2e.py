@@ -14,6 +14,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import DEFAULT_RULES, ROOT, make_workdir, smk
@@ -807,3 +808,72 @@ def test_publish_refuses_a_shard_cut_short_and_leaves_nothing(demo, published, t
     err = capsys.readouterr().err
     assert "truncated" in err and "Q8_0-000" in err, err
     assert not out.exists() and list(out.parent.iterdir()) == []  # no temp folder left either
+
+
+# ---- per-layer sensitivity: the engine's own dequantizer and the proxy on the demo's pool -------
+
+
+def test_dequant_tool_gives_the_rows_the_engine_stored(demo):
+    """quantsweep-dequant (built with the engine) against gguf-py's dequantizer where it knows the
+    type (q8_0, bf16), and the ik-only types' rows close to the source in proportion to their bits."""
+    from gguf.quants import dequantize
+
+    from quantsweep.engine import run
+    from quantsweep.gguf.reader import read_table
+
+    bin_dir = demo / "resources" / "engine" / "bin"
+    src, pool = demo / "resources" / "models" / "tiny.gguf", demo / "results" / "pool" / "tiny" / "imatrix"
+    name, spans = "blk.1.ffn_down_exps.weight", [(0, 3), (700, 5)]  # 512 rows per expert: experts 0 and 1
+    got = run.dequant_rows(bin_dir, pool / "q8_0.gguf", [(name, spans)])[name]
+    t = read_table(pool / "q8_0.gguf").by_name()[name]
+    raw = (pool / "q8_0.gguf").read_bytes()[read_table(pool / "q8_0.gguf").data_offset + t.offset:][:t.nbytes]
+    rows = dequantize(np.frombuffer(raw, np.uint8).reshape(-1, t.nbytes // (t.shape[1] * t.shape[2])), 8)
+    assert np.array_equal(got, np.concatenate([rows[f:f + n] for f, n in spans]))
+    x = run.dequant_rows(bin_dir, src, [(name, spans)])[name]
+    errs = []
+    for typ in ("iq2_ks", "iq3_ks", "iq4_ks", "iq5_ks", "q8_0"):
+        q = run.dequant_rows(bin_dir, pool / f"{typ}.gguf", [(name, spans)])[name]
+        errs.append(float(np.sum((x - q) ** 2) / np.sum(x**2)))
+    assert errs == sorted(errs, reverse=True) and 0.01 < errs[0] < 0.5 and errs[-1] < 1e-4, errs
+    r = subprocess.run([str(bin_dir / "quantsweep-dequant"), str(src)], input=f"{name} 4090 20\n", text=True,
+                       capture_output=True)
+    assert r.returncode == 1 and f"{name} has 4096 rows, asked for rows 4090..4110" in r.stderr
+
+
+def test_layer_table_predicted_from_the_class_runs_and_the_proxy(demo, tmp_path):
+    """quantsweep sensitivity proxy on the demo's pool, then predict: every layer group of a class
+    gets a share of what its class run measured (the class total kept), and the allocator fits a
+    budget with it."""
+    wd = demo
+    ladder = ["iq2_ks", "iq3_ks", "iq4_ks", "iq5_ks", "q8_0"]
+    pool = [f"--pool={t}=results/pool/tiny/imatrix/{t}.gguf" for t in ladder]
+    errors, groups, pred = tmp_path / "errors.json", tmp_path / "groups.json", tmp_path / "pred.json"
+
+    def qs(*args):
+        r = subprocess.run(["quantsweep", *args], cwd=wd, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    qs("sensitivity", "proxy", "--bin-dir", "resources/engine/bin", "--model", "resources/models/tiny.gguf",
+       "--imatrix", "results/imatrix/tiny/imatrix.dat", *pool, "-o", str(errors))
+    e = json.loads(errors.read_text())["tensors"]
+    classes = json.loads((wd / "results" / "sensitivity" / "tiny.json").read_text())
+    assert sorted(e) == sorted(t for g in classes["groups"] if not g.get("pinned") for t in g["tensors"])
+    for t in e.values():  # fewer bits, more error: the engine's own dequantization of each pool file
+        rel = [t[x]["rel"] for x in ladder]
+        assert rel == sorted(rel, reverse=True) and rel[0] > 0.01 and rel[-1] < 1e-3, rel
+    qs("sensitivity", "groups", "--model", "resources/models/tiny.gguf", "--settings",
+       json.dumps({"groups": "layers", "ladder": ladder}), "-o", str(groups))
+    qs("sensitivity", "predict", "--class-table", "results/sensitivity/tiny.json", "--groups", str(groups),
+       "--errors", str(errors), "-o", str(pred))
+    p = json.loads(pred.read_text())
+    assert len(p["groups"]) > len(classes["groups"])
+    for cg in classes["groups"]:
+        parts = [g for g in p["groups"] if g["class_group"] == cg["name"]]
+        for t, inc in cg["increase"].items():
+            assert sum(g["increase"][t] for g in parts) == pytest.approx(inc, abs=1e-12)
+    out = qs("allocate", "--sensitivity", str(pred), "--bpw", "3.5", "--name", "perlayer", "-o",
+             str(tmp_path / "perlayer.yaml"))
+    assert "predicted mean KLD" in out
+    rules = yaml.safe_load((tmp_path / "perlayer.yaml").read_text())["rules"]
+    assert any(r["match"].startswith(r"^blk\.1\.") for r in rules)  # per layer, not per class

@@ -19,7 +19,8 @@ from pathlib import Path
 from . import imatrix as imx
 from .allocator import sensitivity as sens
 from .allocator import solver as alloc
-from .allocator.groups import sensitivity_recipe
+from .allocator import proxy
+from .allocator.groups import quantized_tensors, sensitivity_recipe
 from .engine import run
 from .engine.bench import sweep_bench
 from .engine.build import installed_flags
@@ -367,3 +368,22 @@ def require_clean(report: CheckReport) -> None:
     if report.problems:
         raise ImatrixError(f"imatrix check of {report.imatrix} failed: {len(report.problems)} problem(s) for "
                            f"{report.recipe or report.ftype}; first: {imx.describe(report.problems)}")
+
+
+def quant_errors(bin_dir: Path, model: Path, pools: dict[str, Path], imatrix: Path | None, top: str, rows: int,
+                 log: Path | None = None) -> dict:
+    """The within-class proxy (allocator.proxy): every quantized tensor's imatrix-weighted
+    quantization error at each pool file's type, from sampled rows the engine dequantizes."""
+    table = read_model(model)
+    names, by_name = quantized_tensors(table, top), table.by_name()
+    shapes = [proxy.TensorShape(n, *(list(by_name[n].shape) + [1, 1])[:3]) for n in names]
+    means = {}
+    if imatrix is not None:
+        im = imx.read_any(imatrix)
+        means = {n: im.entries[n].means for n in names if n in im.entries}
+    files = {"source": model, **pools}
+    errors = proxy.tensor_errors(shapes, list(pools), lambda key, wanted: run.dequant_rows(bin_dir, files[key], wanted,
+                                                                                           log), means, rows)
+    return {"version": 1, "model": str(model), "rows": rows, "types": list(pools),
+            "imatrix": str(imatrix or ""), "tensors": errors}
+

@@ -13,7 +13,7 @@ from ..settings.measure import ATTENTION, MLA_MODES, PASSES
 from ..settings.model import OUTTYPES
 from ..settings.tiny import LAYOUTS
 from . import commands as c
-from . import publishing, watching
+from . import perlayer, publishing, watching
 
 DESCRIPTION = ("quantsweep: imatrix-guided ik_llama.cpp quantization sweeps of DeepSeek-family models. "
                "Each subcommand is one pipeline step, as the workflow's rules run it: the config's settings "
@@ -384,6 +384,7 @@ def _add_sensitivity(sub) -> None:
     p.add_argument("runs", nargs="*", help="the other runs' records")
     _manifested(p, inputs=("groups", "top", "runs"), outputs=("output",))
     p.set_defaults(func=c._sensitivity_table)
+    perlayer.add_parsers(sv, _manifested, _add_pool)
 
 
 ALLOCATE_EPILOG = """\

@@ -26,7 +26,7 @@ from ..settings import EngineSpec
 from .argv import help_flags
 from .hardware import usable_cpus
 from .run import note, run_logged
-from .sources import Log, prepare_source, run_checked, source_identity, toolchain_identity
+from .sources import Log, own_tools_identity, prepare_source, run_checked, source_identity, toolchain_identity
 from .spec import cmake_args, installed_meta
 
 # Every tool of the table is built, in its order; a prebuilt bin dir (engine.source: bin_dir)
@@ -60,7 +60,8 @@ def default_cache_dir() -> Path:
 
 def cache_key(spec: EngineSpec, toolchain: dict) -> str:
     blob = json.dumps({"procedure": BUILD_PROCEDURE, "tools": list(TOOLS), "source": source_identity(spec),
-                       "cmake": cmake_args(spec), "toolchain": toolchain}, sort_keys=True)
+                       "own_tools": own_tools_identity(), "cmake": cmake_args(spec), "toolchain": toolchain},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 

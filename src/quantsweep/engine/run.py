@@ -324,3 +324,41 @@ def gguf_merge(bin_dir: Path, first_shard: Path, out: Path, log: Path | None = N
     verify_complete(out)
     return out
 
+
+
+def dequant_rows(bin_dir: Path, model: Path, wanted, log: Path | None = None) -> dict:
+    """Rows of a model's tensors as float32, dequantized by the engine's own ggml
+    (quantsweep-dequant, built with the engine): `wanted` = [(tensor, [(first row, rows)])]
+    -> {tensor: array (rows, ne0)}. A split model: each tensor read from its own shard."""
+    import numpy as np
+
+    table = read_model(model)
+    by_name = table.by_name()
+    files = table.files or [table.path]
+    per_file: dict[int, list] = {}
+    for name, spans in wanted:
+        if name not in by_name:
+            raise StepError(f"{model}: no tensor {name}")
+        per_file.setdefault(by_name[name].shard, []).append((name, spans))
+    out = {}
+    for shard, items in per_file.items():
+        lines = "".join(f"{name} {first} {n}\n" for name, spans in items for first, n in spans)
+        cmd = [str(Path(bin_dir) / "quantsweep-dequant"), str(files[shard])]
+        res = subprocess.run(cmd, input=lines.encode(), capture_output=True)
+        if res.returncode != 0:
+            raise StepError(f"quantsweep-dequant {files[shard]} failed: "
+                            f"{res.stderr.decode(errors='replace').strip() or f'exit code {res.returncode}'}")
+        data = np.frombuffer(res.stdout, dtype="<f4")
+        pos = 0
+        for name, spans in items:
+            ne0 = by_name[name].shape[0]
+            n = sum(c for _, c in spans) * ne0
+            if pos + n > data.size:
+                raise StepError(f"quantsweep-dequant {files[shard]}: {data.size} values, fewer than asked for")
+            out[name] = data[pos:pos + n].reshape(-1, ne0)
+            pos += n
+        if pos != data.size:
+            raise StepError(f"quantsweep-dequant {files[shard]}: {data.size - pos} values more than asked for")
+        if log is not None:
+            note(log, f"+ {shlex.join(cmd)}: {len(items)} tensors, {pos} values")
+    return out

@@ -156,8 +156,40 @@ def write_build_info(src: Path, commit: str, toolchain: dict) -> None:
     os.utime(out, (st.st_atime + 1, st.st_mtime + 1))
 
 
+OWN_TOOLS = Path(__file__).resolve().parent / "tools"  # quantsweep's own C++ tools, built with the engine
+
+
+def own_tools_identity() -> str:
+    """sha256 of our tools' sources (part of the build's cache key: a changed tool rebuilds)."""
+    h = hashlib.sha256()
+    for f in sorted(OWN_TOOLS.iterdir()):
+        if f.is_file():
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def add_own_tools(src: Path) -> None:
+    """Copy our tools into the engine tree as one more example (examples/quantsweep/), so
+    cmake builds them against the engine's own ggml with its flags (CUDA, OpenMP, -march)."""
+    examples = src / "examples"
+    cmake = examples / "CMakeLists.txt"
+    if not cmake.exists():
+        raise EngineError(f"{src}: no examples/CMakeLists.txt (not an ik_llama.cpp tree?)")
+    shutil.copytree(OWN_TOOLS, examples / "quantsweep", dirs_exist_ok=True)
+    text = cmake.read_text()
+    if "add_subdirectory(quantsweep)" not in text:
+        cmake.write_text(text + "\nadd_subdirectory(quantsweep)\n")
+
+
 def prepare_source(spec: EngineSpec, cache: Path, work: Path, toolchain: dict, log: Log) -> tuple[Path, dict]:
-    """The source tree to build, under `work`, and what engine.json records about it."""
+    """The source tree to build, under `work` (with our own tools added), and what engine.json
+    records about it."""
+    src, meta = _source_tree(spec, cache, work, toolchain, log)
+    add_own_tools(src)
+    return src, meta
+
+
+def _source_tree(spec: EngineSpec, cache: Path, work: Path, toolchain: dict, log: Log) -> tuple[Path, dict]:
     if spec.source == "pypi":
         sdist = fetch_pypi_sdist(spec, cache, log)
         src = _extract_vendored(sdist, work / "src")

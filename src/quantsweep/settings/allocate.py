@@ -189,6 +189,8 @@ class AllocateSettings(Settings):
 
     @property
     def top(self) -> str:
+        if not self.ladder:  # a step given settings without the shipped config's ladder
+            raise ConfigError("allocate.ladder: empty; name the types, fewest bits first (e.g. [iq2_ks, iq4_ks, q8_0])")
         return self.ladder[-1]
 
     @property

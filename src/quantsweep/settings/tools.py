@@ -51,6 +51,9 @@ TOOLS = (
     Tool("llama-gguf-split"),  # publish splits each quant with it (and tests, by hand)
     # its --help prints only an example; it parses its arguments with llama-perplexity's common parser
     Tool("llama-sweep-bench", step="bench", settings=BenchSettings, help_from="llama-perplexity"),
+    # ours (src/quantsweep/engine/tools): rows of any type dequantized by the engine's ggml, for
+    # allocate.sensitivity: proxy
+    Tool("quantsweep-dequant"),
 )  # the build's target order (part of its cache key)
 BY_NAME = {t.name: t for t in TOOLS}
 STEP_TOOLS = {t.step: t for t in TOOLS if t.step}  # engine step -> its tool
