@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import subprocess
 import sys
 import tempfile
@@ -40,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from quantsweep.allocator.groups import make_groups, runs, tensor_class  # noqa: E402
-from quantsweep.allocator.proxy import FAMILIES, family, spearman  # noqa: E402
+from quantsweep.allocator.proxy import FAMILIES, bands_of, spearman  # noqa: E402
 from quantsweep.config import merged  # noqa: E402
 from quantsweep.gguf.deepseek2 import deepseek_v3_table  # noqa: E402
 from quantsweep.settings import AllocateSettings  # noqa: E402
@@ -140,39 +139,30 @@ def allocate(wd: Path, table: Path, budget: float, name: str) -> Path:
     return out
 
 
-def band_runs(wd: Path, n_layer: int, threads: int) -> list[dict]:
-    """A few runs per family: a contiguous band of its layers lowered to BAND_TYPE, the rest at the
-    top; measured = the run's KLD - the top run's."""
+def band_runs(wd: Path, threads: int) -> list[dict]:
+    """The depth correction's runs (allocator.proxy.bands_of: three contiguous bands of layers per
+    family), each band lowered to BAND_TYPE with the rest at the top; measured = its KLD - the top
+    run's."""
     top = load(wd / "results" / "sensitivity" / "deep" / "top.json")["kld_mean"]
     errors = load(wd / "proxy" / "errors.json")["tensors"]
+    doc = load(wd / "results" / "sensitivity" / "deep" / "groups.json")  # the class groups
     out = []
-    for fam in FAMILIES:
-        layers = sorted({tensor_class(t)[0] for t in errors if family(tensor_class(t)[1]) == fam} - {None})
-        if len(layers) < 3:
-            continue
-        k = 3
-        for i in range(k):
-            band = layers[i * len(layers) // k:(i + 1) * len(layers) // k]
-            classes = "|".join(sorted({tensor_class(t)[1] for t in errors if family(tensor_class(t)[1]) == fam}))
-            names = "|".join(str(x) for x in band)
-            rx = rf"^blk\.({names})\.({classes.replace('ffn_gate_up', 'ffn_(gate|up)')})\.weight$"
-            # the class groups (whatever they hold), and the band as one more group: a run lowers
-            # only its group and keeps everything else at the top
-            doc = load(wd / "results" / "sensitivity" / "deep" / "groups.json")
-            members = [t for g in doc["groups"] for t in g["tensors"] if re.match(rx, t)]
-            grp = {"name": f"band-{fam}-{i}", "match": rx, "tensors": members, "budget": "total",
-                   "bytes": {BAND_TYPE: 0, LADDER[-1]: 0}, "pinned": None}
-            g = wd / "proxy" / f"band-{fam}-{i}.groups.json"
-            g.write_text(json.dumps({**doc, "groups": doc["groups"] + [grp]}))
-            res = wd / "proxy" / f"band-{fam}-{i}.json"
-            qs("sensitivity", "run", "--bin-dir", "resources/engine/bin", "--model", str(wd / "deep.gguf"),
-               "--groups", str(g), "--group", grp["name"], "--type", BAND_TYPE, *pools(wd), "--kld-base",
-               "results/eval/deep/baseline.kld", "--result", str(res), "--log", str(wd / "proxy" / "bands.log"),
-               "--settings", json.dumps({"chunks": load(wd / "results" / "eval" / "deep" / "baseline.json")["chunks"]}),
-               "--threads", str(threads), cwd=wd)
-            r = load(res)
-            out.append({"family": fam, "layers": [band[0], band[-1]], "type": BAND_TYPE,
-                        "measured": r["kld_mean"] - top, "wall_s": r.get("wall_s", 0.0)})
+    for band in bands_of(sorted(errors), 3):
+        name = f"band-{band['family']}-{band['layers'][0]}-{band['layers'][1]}"
+        # a run lowers only its group and keeps everything else at the top: the band, one more group
+        grp = {"name": name, "match": band["match"], "tensors": band["tensors"], "budget": "total",
+               "bytes": {BAND_TYPE: 0, LADDER[-1]: 0}, "pinned": None}
+        g = wd / "proxy" / f"{name}.groups.json"
+        g.write_text(json.dumps({**doc, "groups": doc["groups"] + [grp]}))
+        res = wd / "proxy" / f"{name}.json"
+        qs("sensitivity", "run", "--bin-dir", "resources/engine/bin", "--model", str(wd / "deep.gguf"),
+           "--groups", str(g), "--group", name, "--type", BAND_TYPE, *pools(wd), "--kld-base",
+           "results/eval/deep/baseline.kld", "--result", str(res), "--log", str(wd / "proxy" / "bands.log"),
+           "--settings", json.dumps({"chunks": load(wd / "results" / "eval" / "deep" / "baseline.json")["chunks"]}),
+           "--threads", str(threads), cwd=wd)
+        r = load(res)
+        out.append({"family": band["family"], "layers": band["layers"], "type": BAND_TYPE,
+                    "measured": r["kld_mean"] - top, "wall_s": r.get("wall_s", 0.0)})
     return out
 
 
@@ -269,7 +259,7 @@ def main() -> None:
         return {"seconds": time.monotonic() - t0}
 
     proxy_s = phase(wd, "proxy-time", proxy_errors)["seconds"]
-    bands = phase(wd, "bands", lambda: band_runs(wd, a.layers, a.cores))
+    bands = phase(wd, "bands", lambda: band_runs(wd, a.cores))
 
     # 2. the truth
     def truth_level():

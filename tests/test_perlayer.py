@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from quantsweep.allocator.external import external_table
-from quantsweep.allocator.proxy import (TensorShape, band_prediction, depth_multipliers, predict_table, sample_rows,
+from quantsweep.allocator.proxy import (TensorShape, band_prediction, bands_of, depth_multipliers, predict_table, sample_rows,
                                         spearman, tensor_errors, weighted_error, weights_of)
 from quantsweep.errors import PlanError
 
@@ -126,3 +126,17 @@ def test_an_external_single_tensor_csv_becomes_the_solvers_table(tmp_path):
     (tmp_path / "bad2.csv").write_text("QTYPE,blk.0.attn_output.weight\niq2_ks,high\n")
     with pytest.raises(PlanError, match="line 2, column blk.0.attn_output.weight: 'high' is not a number"):
         external_table(tmp_path / "bad2.csv", _layer_groups())
+
+
+def test_bands_cover_each_familys_layers_in_contiguous_runs():
+    import re
+
+    tensors = ([f"blk.{i}.ffn_down_exps.weight" for i in range(1, 8)] + [f"blk.{i}.ffn_up_exps.weight" for i in range(1, 8)]
+               + [f"blk.{i}.ffn_gate_exps.weight" for i in range(1, 8)] + ["blk.0.ffn_down.weight", "output.weight"])
+    bands = bands_of(tensors, 3)
+    assert [(b["family"], b["layers"]) for b in bands] == [
+        ("experts_down", [1, 2]), ("experts_down", [3, 4]), ("experts_down", [5, 7]),
+        ("experts_gate_up", [1, 2]), ("experts_gate_up", [3, 4]), ("experts_gate_up", [5, 7])]
+    for b in bands:  # each band's regex matches exactly its tensors
+        assert [t for t in tensors if re.match(b["match"], t)] == b["tensors"]
+    assert sorted(t for b in bands for t in b["tensors"]) == sorted(tensors[:-2])

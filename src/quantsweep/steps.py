@@ -386,4 +386,3 @@ def quant_errors(bin_dir: Path, model: Path, pools: dict[str, Path], imatrix: Pa
                                                                                            log), means, rows)
     return {"version": 1, "model": str(model), "rows": rows, "types": list(pools),
             "imatrix": str(imatrix or ""), "tensors": errors}
-

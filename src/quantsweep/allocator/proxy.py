@@ -204,3 +204,24 @@ def band_prediction(class_table: dict, errors: Mapping, tensors: Sequence[str], 
         part = sum(_weight(x, typ, errors, flat) for x in hit)
         total += g["increase"][typ] * (part / whole if whole > 0 else len(hit) / len(g["tensors"]))
     return total
+
+
+def bands_of(tensors: Sequence[str], k: int = 3) -> list[dict]:
+    """The band runs of the depth correction: for each family with at least k layers among
+    `tensors`, k contiguous bands of its layers, each {family, layers: [first, last], match,
+    tensors}: one group (an anchored regex the engine reads alike) lowering every class of the
+    family in those layers."""
+    out = []
+    for fam in FAMILIES:
+        mine = [t for t in tensors if family(tensor_class(t)[1]) == fam and tensor_class(t)[0] is not None]
+        layers = sorted({tensor_class(t)[0] for t in mine})
+        if len(layers) < k:
+            continue
+        classes = sorted({tensor_class(t)[1] for t in mine})
+        names = "|".join(c.replace("ffn_gate_up", "ffn_(gate|up)") for c in classes)
+        for i in range(k):
+            band = layers[i * len(layers) // k:(i + 1) * len(layers) // k]
+            rx = rf"^blk\.({'|'.join(str(x) for x in band)})\.({names})\.weight$"
+            out.append({"family": fam, "layers": [band[0], band[-1]], "match": rx,
+                        "tensors": [t for t in mine if tensor_class(t)[0] in band]})
+    return out

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TextIO, TypeVar
 
+import numpy as np
+
 from ..errors import EngineOutputError, QuantsweepError, StepError
 from ..fileio import partial_path
 from ..gguf.reader import read_model, shards, verify_complete
@@ -325,13 +327,10 @@ def gguf_merge(bin_dir: Path, first_shard: Path, out: Path, log: Path | None = N
     return out
 
 
-
 def dequant_rows(bin_dir: Path, model: Path, wanted, log: Path | None = None) -> dict:
     """Rows of a model's tensors as float32, dequantized by the engine's own ggml
     (quantsweep-dequant, built with the engine): `wanted` = [(tensor, [(first row, rows)])]
     -> {tensor: array (rows, ne0)}. A split model: each tensor read from its own shard."""
-    import numpy as np
-
     table = read_model(model)
     by_name = table.by_name()
     files = table.files or [table.path]
