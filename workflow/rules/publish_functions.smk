@@ -1,6 +1,7 @@
 # Inputs and params of the rules in publish.smk.
 from quantsweep.gguf.reader import read_model
 from quantsweep.publish import hub_token
+from quantsweep.publish.model_keys import license_of
 
 PUBLISH = SWEEP.publish
 
@@ -75,14 +76,12 @@ def publish_problem():
     ):
         return f"engine.bin_dir: {SWEEP.engine.bin_dir} has no llama-gguf-split (publish splits with it)"
     for model in MODELS:
-        path = (
-            SWEEP.models[model].path if SWEEP.models[model].source == "gguf" else None
-        )
-        if PUBLISH.license or model_license(model) or not path:
-            continue
-        if not read_model(path).kv.get("general.license"):
-            return (
-                f"publish.license: {path} has no general.license; set publish.license "
-                "(e.g. mit, or other with license_name and license_link)"
-            )
+        m = SWEEP.models[model]
+        if (
+            m.source == "gguf"
+        ):  # a converted or generated model: checked when publish runs
+            try:
+                license_of(read_model(m.path).kv, PUBLISH, model_license(model), m.path)
+            except QuantsweepError as e:
+                return str(e)
     return None

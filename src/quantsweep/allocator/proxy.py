@@ -206,6 +206,23 @@ def band_prediction(class_table: dict, errors: Mapping, tensors: Sequence[str], 
     return total
 
 
+def band_members(tensors: Sequence[str], fam: str, first: int, last: int) -> list[str]:
+    """The tensors of a family in layers first..last (a band run lowers exactly these)."""
+    return [t for t in tensors if family(tensor_class(t)[1]) == fam and tensor_class(t)[0] is not None
+            and first <= tensor_class(t)[0] <= last]
+
+
+def predict(class_table: dict, layer_groups: dict, errors: Mapping, bands: Sequence[dict]) -> dict:
+    """predict_table with the depth correction of band runs ({family, layers, type, measured}):
+    each band's prediction (band_prediction) beside its measurement gives the multipliers; the
+    table keeps both, and the bands with their predictions."""
+    n_layer = 1 + max((tensor_class(t)[0] or 0) for t in errors)
+    bands = [{**b, "predicted": band_prediction(class_table, errors, band_members(errors, b["family"], *b["layers"]),
+                                                b["type"])} for b in bands]
+    depth = depth_multipliers(bands, n_layer)
+    return {**predict_table(class_table, layer_groups, errors, depth), "depth": depth, "bands": bands}
+
+
 def bands_of(tensors: Sequence[str], k: int = 3) -> list[dict]:
     """The band runs of the depth correction: for each family with at least k layers among
     `tensors`, k contiguous bands of its layers, each {family, layers: [first, last], match,
@@ -223,5 +240,5 @@ def bands_of(tensors: Sequence[str], k: int = 3) -> list[dict]:
             band = layers[i * len(layers) // k:(i + 1) * len(layers) // k]
             rx = rf"^blk\.({'|'.join(str(x) for x in band)})\.({names})\.weight$"
             out.append({"family": fam, "layers": [band[0], band[-1]], "match": rx,
-                        "tensors": [t for t in mine if tensor_class(t)[0] in band]})
+                        "tensors": band_members(mine, fam, band[0], band[-1])})
     return out

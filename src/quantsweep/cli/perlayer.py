@@ -55,34 +55,18 @@ def proxy(a) -> dict:
 
 
 def predict(a) -> dict:
-    from ..allocator.proxy import band_prediction, depth_multipliers, predict_table
-    from ..allocator.groups import tensor_class
+    from ..allocator.proxy import predict
     from ..fileio import read_json_object, write_json
     from ..settings import read_json_arg
 
     cls = read_json_object(a.class_table, "class-level sensitivity table")
-    groups = read_json_object(a.groups, "layer groups")
-    errors = read_json_object(a.errors, "proxy errors")["tensors"]
-    bands = read_json_arg(a.bands, "--bands") if a.bands else []
-    n_layer = 1 + max((tensor_class(t)[0] or 0) for t in errors)
-    for b in bands:
-        first, last = b["layers"]
-        members = [t for t in errors if (tensor_class(t)[0] is not None and first <= tensor_class(t)[0] <= last
-                                         and _family(tensor_class(t)[1]) == b["family"])]
-        b["predicted"] = band_prediction(cls, errors, members, b["type"])
-    depth = depth_multipliers(bands, n_layer)
-    table = predict_table(cls, groups, errors, depth)
-    table["depth"] = depth
-    table["bands"] = bands
+    table = predict(cls, read_json_object(a.groups, "layer groups"),
+                    read_json_object(a.errors, "proxy errors")["tensors"],
+                    read_json_arg(a.bands, "--bands") if a.bands else [])
     write_json(a.output, table)
-    print(f"{len(table['groups'])} groups predicted from {len(cls['groups'])} class runs and {len(bands)} band runs")
+    print(f"{len(table['groups'])} groups predicted from {len(cls['groups'])} class runs and "
+          f"{len(table['bands'])} band runs")
     return {}
-
-
-def _family(cls: str):
-    from ..allocator.proxy import family
-
-    return family(cls)
 
 
 def external(a) -> dict:

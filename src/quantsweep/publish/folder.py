@@ -109,8 +109,9 @@ def _quant_files(c: Chosen, meta: model_keys.ModelKeys, ps: PublishSettings, s: 
         extra, ftype = args[:-1], args[-1]
         qc.recipe_yaml = Path(rec["recipe"]).read_text(encoding="utf-8")
         qc.custom_q = shlex.join(extra)
-        write_text(folder / "recipe.yaml", qc.recipe_yaml)
-        write_text(folder / "custom-q.txt", qc.custom_q + "\n")
+        if "recipes" in ps.include:
+            write_text(folder / "recipe.yaml", qc.recipe_yaml)
+            write_text(folder / "custom-q.txt", qc.custom_q + "\n")
     im = ["--imatrix", imatrix_name] if c.row.imatrix == "yes" and imatrix_name else []
     qc.quantize_cmd = shlex.join(["llama-quantize", *im, *extra, s.source.name, f"{name}-{c.name}.gguf", ftype])
     qc.made_by = ("Assembled by quantsweep from per-type pool files (every tensor quantized once per type by "
@@ -121,9 +122,10 @@ def _quant_files(c: Chosen, meta: model_keys.ModelKeys, ps: PublishSettings, s: 
     write_text(folder / "commands.sh", "# what the sweep ran to make this quant (its paths are the sweep's)\n"
                + "".join(x + "\n" for x in qc.ran)
                + "# the same tensors from one command:\n" + qc.quantize_cmd + "\n")
-    for src, dst in ((c.record, "quantize.json"), (c.quant_manifest, "quantize.manifest.json"),
-                     (c.eval_record, "eval.json"), (c.eval_manifest, "eval.manifest.json")):
-        write_json(folder / "records" / dst, scrub(read_json_object(src, "record")))
+    if "records" in ps.include:
+        for src, dst in ((c.record, "quantize.json"), (c.quant_manifest, "quantize.manifest.json"),
+                         (c.eval_record, "eval.json"), (c.eval_manifest, "eval.manifest.json")):
+            write_json(folder / "records" / dst, scrub(read_json_object(src, "record")))
     return qc
 
 
@@ -172,13 +174,6 @@ def publish(s: Sweep, ps: PublishSettings, out: Path) -> dict:
         want = set(ps.include)
         im = _imatrix(s, stage, meta.name, "imatrix_gguf" in want) if want & {"imatrix", "imatrix_gguf"} else {}
         quants = [_quant_files(c, meta, ps, s, stage, im.get("file", "")) for c in chosen]
-        for q in quants:
-            folder = stage / q.row.quant
-            if "recipes" not in want:
-                for f in ("recipe.yaml", "custom-q.txt"):
-                    (folder / f).unlink(missing_ok=True)
-            if "records" not in want:
-                shutil.rmtree(folder / "records")
         plots = []
         if "plots" in want and s.plots:
             (stage / "images").mkdir()

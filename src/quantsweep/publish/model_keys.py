@@ -33,6 +33,16 @@ def _size_label(t: GGUFTable) -> str:
     return size_label(total, total - experts, experts // count if count else 0, count)
 
 
+def license_of(kv: dict, ps: PublishSettings, model_license: str, what: str) -> str:
+    """The published license: publish.license, else the GGUF's general.license, else what the sweep
+    knows of the model (the demo's: mit); PublishError naming `what` when none is known."""
+    lic = ps.license or str(kv.get("general.license", "")) or model_license
+    if not lic:
+        raise PublishError(f"publish.license: {what} has no general.license; set publish.license "
+                           "(e.g. mit, or other with license_name and license_link)")
+    return lic
+
+
 @dataclass(frozen=True)
 class ModelKeys:
     name: str
@@ -51,10 +61,7 @@ class ModelKeys:
         model (the generated demo's: mit); PublishError when no license is known."""
         kv = source.kv
         name = ps.name or _safe_name(str(kv.get("general.name", ""))) or model
-        lic = ps.license or str(kv.get("general.license", "")) or model_license
-        if not lic:
-            raise PublishError(f"publish.license: {model}'s GGUF has no general.license; set publish.license "
-                               "(e.g. mit, or other with license_name and license_link)")
+        lic = license_of(kv, ps, model_license, f"{model}'s GGUF")
         base = ps.base_model or str(kv.get("general.source.huggingface.repository", ""))
         return cls(name, lic, ps.license_name or str(kv.get("general.license.name", "")),
                    ps.license_link or str(kv.get("general.license.link", "")), base, ps.quantized_by,
