@@ -8,10 +8,11 @@ On a deeper demo model (12 layers, mainline layout: 3-D attn_k_b/attn_v_b; `quan
    type), and four auto recipes (bpw budgets) quantized and measured;
 2. the truth: the same sweep with allocate.groups: layers: a run for every (layer group, lower
    type), its auto recipes for the same budgets quantized and measured;
-3. the proxy: `quantsweep sensitivity proxy` (the pool files' rows dequantized by the engine vs the
-   source, imatrix-weighted), band runs (a few per class family, at one type), `quantsweep
-   sensitivity predict` -> the layer groups' predicted table, allocated for the same budgets,
-   quantized and measured (also without the band runs' depth correction);
+3. the proxy: the same sweep with groups: layers, sensitivity: proxy (what a user runs): the class
+   runs of step 1 (kept: their recipes are unchanged), the proxy step (the pool files' rows
+   dequantized by the engine vs the source, imatrix-weighted), 3 band runs per class family, the
+   predicted table, its auto recipes quantized and measured; then again with bands: 0 (no depth
+   correction);
 4. Spearman rho between predicted and measured per-layer increases (within each class, overall),
    regret = (proxy - truth) / (class - truth) of the measured mean KLD per budget, the noise floor
    (the top run's KLD standard error), additivity (random multi-group recipes: the sum of the
@@ -38,8 +39,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from quantsweep.allocator.groups import make_groups, runs, tensor_class  # noqa: E402
-from quantsweep.allocator.proxy import FAMILIES, bands_of, spearman  # noqa: E402
+from quantsweep.allocator.groups import tensor_class  # noqa: E402
+from quantsweep.allocator.proxy import spearman  # noqa: E402
+from quantsweep.allocator.sensitivity import planned_runs  # noqa: E402
 from quantsweep.config import merged  # noqa: E402
 from quantsweep.gguf.deepseek2 import deepseek_v3_table  # noqa: E402
 from quantsweep.settings import AllocateSettings  # noqa: E402
@@ -64,14 +66,14 @@ def load(p: Path) -> dict:
     return json.loads(p.read_text())
 
 
-def config(wd: Path, groups: str, chunks: int) -> None:
+def config(wd: Path, groups: str, chunks: int, **allocate) -> None:
     base = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     cfg = merged(base, {
         "models": {"tiny": None, "deep": {"source": "gguf", "path": str(wd / "deep.gguf")}},
         "quants": ["Q8_0"],
         "eval": {"chunks": chunks},
         "bench": {"enabled": False},
-        "allocate": {"ladder": LADDER, "groups": groups,
+        "allocate": {"ladder": LADDER, "groups": groups, "band_type": BAND_TYPE, **allocate,
                      "budgets": [{"bpw": b, "name": f"b{b}"} for b in BUDGETS]},
     })
     cfg["models"].pop("tiny", None)
@@ -98,6 +100,11 @@ def sensitivity_wall(wd: Path) -> tuple[int, float]:
     return len(recs), sum(r.get("wall_s", 0.0) for r in recs)
 
 
+def proxy_step_s(wd: Path) -> float:
+    """The proxy step's wall time (its manifest)."""
+    return float(load(wd / "results" / "sensitivity" / "deep" / "errors.manifest.json")["wall_s"])
+
+
 def phase(wd: Path, name: str, make):
     """A phase's results, kept in proxy/NAME.json: a rerun of the benchmark skips what it has."""
     path = wd / "proxy" / f"{name}.json"
@@ -115,54 +122,55 @@ def pools(wd: Path) -> list[str]:
     return [f"--pool={t}={wd / 'results' / 'pool' / 'deep' / 'imatrix' / f'{t}.gguf'}" for t in LADDER]
 
 
-def measure_recipe(wd: Path, recipe: Path, name: str, threads: int) -> dict:
-    """Assemble a recipe from the pool and measure its mean KLD against the base logits."""
+def measure_recipe(wd: Path, recipe: Path, name: str, threads: int,
+                   base: tuple[str, int] = ("results/eval/deep/baseline.kld", 0)) -> dict:
+    """Assemble a recipe from the pool and measure its mean KLD against the base logits (`base`:
+    the file and its chunks; default the sweep's)."""
     out = wd / "proxy" / f"{name}.gguf"
     qs("quantize", "--bin-dir", "resources/engine/bin", "--model", str(wd / "deep.gguf"), "--recipe", str(recipe),
        "--imatrix", "results/imatrix/deep/imatrix.dat", *pools(wd), "-o", str(out),
        "--record", str(out.with_suffix(".quant.json")), "--log", str(wd / "proxy" / f"{name}.log"),
        "--threads", str(threads), cwd=wd)
     rec = out.with_suffix(".json")
+    chunks = base[1] or load(wd / "results" / "eval" / "deep" / "baseline.json")["chunks"]
     qs("eval", "kld", "--bin-dir", "resources/engine/bin", "--model", str(out), "--kld-base",
-       "results/eval/deep/baseline.kld", "--result", str(rec), "--log", str(wd / "proxy" / f"{name}.log"),
-       "--settings", json.dumps({"chunks": load(wd / "results" / "eval" / "deep" / "baseline.json")["chunks"]}),
-       "--threads", str(threads), cwd=wd)
+       base[0], "--result", str(rec), "--log", str(wd / "proxy" / f"{name}.log"),
+       "--settings", json.dumps({"chunks": chunks}), "--threads", str(threads), cwd=wd)
     r = load(rec)
     size = out.stat().st_size
     out.unlink()
-    return {"kld": r["kld_mean"], "bytes": size, "wall_s": r.get("wall_s", 0.0)}
+    return {"kld": r["kld_mean"], "bytes": size, "wall_s": r.get("wall_s", 0.0), "chunks": per_chunk(r["chunk_kld"])}
+
+
+def per_chunk(running: list[float]) -> list[float]:
+    """Each chunk's mean KLD from the engine's running means."""
+    return [running[0]] + [(i + 1) * running[i] - i * running[i - 1] for i in range(1, len(running))]
+
+
+def heldout_base(wd: Path, threads: int) -> tuple[str, int]:
+    """Base logits of text no table was measured on: the evaluation text after its first half (the
+    sweep scored its first chunks), every chunk of it."""
+    text = (wd / "resources" / "text" / "evaluation.txt").read_text(encoding="utf-8")
+    held = wd / "proxy" / "heldout.txt"
+    held.write_text(text[text.index("\n", len(text) // 2) + 1:], encoding="utf-8")
+    kld, rec = wd / "proxy" / "heldout.kld", wd / "proxy" / "heldout-base.json"
+    if not rec.exists():
+        qs("eval", "base", "--bin-dir", "resources/engine/bin", "--model", str(wd / "deep.gguf"), "--text", str(held),
+           "--kld-base", str(kld), "--result", str(rec), "--log", str(wd / "proxy" / "heldout.log"), "--chunks", "64",
+           "--threads", str(threads), cwd=wd)
+    return str(kld), int(load(rec)["chunks"])
+
+
+def paired_se(a: list[float], b: list[float]) -> float:
+    """The standard error of mean(a) - mean(b) over the same chunks."""
+    d = [x - y for x, y in zip(a, b)]
+    m = sum(d) / len(d)
+    return (sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
 
 
 def allocate(wd: Path, table: Path, budget: float, name: str) -> Path:
     out = wd / "proxy" / f"{name}.yaml"
     qs("allocate", "--sensitivity", str(table), "--bpw", str(budget), "--name", name, "-o", str(out), cwd=wd)
-    return out
-
-
-def band_runs(wd: Path, threads: int) -> list[dict]:
-    """The depth correction's runs (allocator.proxy.bands_of: three contiguous bands of layers per
-    family), each band lowered to BAND_TYPE with the rest at the top; measured = its KLD - the top
-    run's."""
-    top = load(wd / "results" / "sensitivity" / "deep" / "top.json")["kld_mean"]
-    errors = load(wd / "proxy" / "errors.json")["tensors"]
-    doc = load(wd / "results" / "sensitivity" / "deep" / "groups.json")  # the class groups
-    out = []
-    for band in bands_of(sorted(errors), 3):
-        name = f"band-{band['family']}-{band['layers'][0]}-{band['layers'][1]}"
-        # a run lowers only its group and keeps everything else at the top: the band, one more group
-        grp = {"name": name, "match": band["match"], "tensors": band["tensors"], "budget": "total",
-               "bytes": {BAND_TYPE: 0, LADDER[-1]: 0}, "pinned": None}
-        g = wd / "proxy" / f"{name}.groups.json"
-        g.write_text(json.dumps({**doc, "groups": doc["groups"] + [grp]}))
-        res = wd / "proxy" / f"{name}.json"
-        qs("sensitivity", "run", "--bin-dir", "resources/engine/bin", "--model", str(wd / "deep.gguf"),
-           "--groups", str(g), "--group", name, "--type", BAND_TYPE, *pools(wd), "--kld-base",
-           "results/eval/deep/baseline.kld", "--result", str(res), "--log", str(wd / "proxy" / "bands.log"),
-           "--settings", json.dumps({"chunks": load(wd / "results" / "eval" / "deep" / "baseline.json")["chunks"]}),
-           "--threads", str(threads), cwd=wd)
-        r = load(res)
-        out.append({"family": band["family"], "layers": band["layers"], "type": BAND_TYPE,
-                    "measured": r["kld_mean"] - top, "wall_s": r.get("wall_s", 0.0)})
     return out
 
 
@@ -184,6 +192,42 @@ def rank_table(pred: dict, truth: dict, floor: float) -> tuple[float, dict[str, 
     within = {k: spearman([a for a, _ in v], [b for _, b in v]) for k, v in by_class.items() if len(v) >= 4}
     signal = {k: r for k, r in within.items() if max(b for _, b in by_class[k]) > 3 * floor}
     return overall, within, signal
+
+
+def run_chunks(wd: Path) -> dict[str, list[float]]:
+    """Each sensitivity run's per-chunk KLD (the top run's under "top"), for the truth's reliability."""
+    d = wd / "results" / "sensitivity" / "deep"
+    out = {"top": per_chunk(load(d / "top.json")["chunk_kld"])}
+    for p in sorted((d / "runs").glob("*.json")):
+        if not p.name.endswith(".manifest.json"):
+            out[p.stem] = per_chunk(load(p)["chunk_kld"])
+    return out
+
+
+def reliability(truth: dict, chunks: dict[str, list[float]]) -> dict[str, float]:
+    """Split-half reliability of each class x type series of the truth: Spearman between the
+    per-layer increases measured on the first and on the second half of the chunks, stepped up to
+    full length (Spearman-Brown). No predictor can rank-correlate with the measured truth much above
+    sqrt(reliability): the measurement's own noise caps it."""
+    top = chunks["top"]
+    n = len(top) // 2
+    halves = [(sum(top[:n]) / n, sum(top[n:2 * n]) / n)]
+    series: dict[str, list[tuple[float, float]]] = {}
+    for g in truth["groups"]:
+        layer, cls = tensor_class(g["tensors"][0])
+        if layer is None or g.get("pinned"):
+            continue
+        for typ in LADDER[:-1]:
+            c = chunks.get(f"{g['name']}@{typ}")
+            if c:
+                series.setdefault(f"{cls}@{typ}", []).append(
+                    (sum(c[:n]) / n - halves[0][0], sum(c[n:2 * n]) / n - halves[0][1]))
+    out = {}
+    for k, v in series.items():
+        if len(v) >= 4:
+            r = spearman([a for a, _ in v], [b for _, b in v])
+            out[k] = max(0.0, 2 * r / (1 + r)) if r > -1 else 0.0  # halves that disagree: no reliability
+    return out
 
 
 def median(xs) -> float:
@@ -210,14 +254,15 @@ def additivity(wd: Path, truth: dict, threads: int, n: int = 3) -> list[tuple[fl
 
 
 def v3_runs() -> dict[str, int]:
-    """Runs of DeepSeek-V3 with the shipped config's ladder: per class, per layer."""
+    """Runs of DeepSeek-V3 with the shipped config's ladder (the top run aside): per class, per
+    layer, and per layer by the proxy (the class runs + the band runs), as groups.json lists them."""
     t = deepseek_v3_table()
     ladder = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["allocate"]["ladder"]
     out = {}
-    for g in ("classes", "layers"):
-        s = AllocateSettings.from_dict({"groups": g, "ladder": ladder})
-        out[g] = len(runs(make_groups(t, s), s))
-    out["bands"] = 3 * len(FAMILIES)
+    for key, kw in (("classes", {"groups": "classes"}), ("layers", {"groups": "layers"}),
+                    ("proxy", {"groups": "layers", "sensitivity": "proxy"})):
+        s = AllocateSettings.from_dict({"ladder": ladder, **kw})
+        out[key] = len(planned_runs(t, s, True)[1]["runs"])
     return out
 
 
@@ -247,46 +292,54 @@ def main() -> None:
                 "top_err": load(wd / "results" / "sensitivity" / "deep" / "top.json").get("kld_err")}
 
     cl = phase(wd, "class-level", class_level)
-    (wd / "proxy" / "class.json").write_text(json.dumps(cl["table"]))
     class_kld, n_class, s_class, wall_class, top_err = cl["kld"], cl["runs"], cl["run_s"], cl["sweep_s"], cl["top_err"]
-
-    # 3. the proxy (before the layer sweep, which rewrites the auto recipes)
-    def proxy_errors():
-        t0 = time.monotonic()
-        qs("sensitivity", "proxy", "--bin-dir", "resources/engine/bin", "--model", str(wd / "deep.gguf"), "--imatrix",
-           "results/imatrix/deep/imatrix.dat", *pools(wd), "--top", LADDER[-1], "-o",
-           str(wd / "proxy" / "errors.json"), cwd=wd)
-        return {"seconds": time.monotonic() - t0}
-
-    proxy_s = phase(wd, "proxy-time", proxy_errors)["seconds"]
-    bands = phase(wd, "bands", lambda: band_runs(wd, a.cores))
 
     # 2. the truth
     def truth_level():
         config(wd, "layers", a.chunks)
         wall = sweep(wd, a.cores)
         n, secs = sensitivity_wall(wd)
-        return {"kld": measured_autos(wd), "runs": n, "run_s": secs, "sweep_s": wall}
+        return {"kld": measured_autos(wd), "runs": n, "run_s": secs, "sweep_s": wall,
+                "table": load(wd / "results" / "sensitivity" / "deep.json"), "chunks": run_chunks(wd)}
 
     tr = phase(wd, "truth-level", truth_level)
-    truth = load(wd / "results" / "sensitivity" / "deep.json")
+    rel = reliability(tr["table"], tr["chunks"])
+    truth = tr["table"]
     truth_kld, n_truth, s_truth, wall_truth = tr["kld"], tr["runs"], tr["run_s"], tr["sweep_s"]
-    layer_groups = wd / "results" / "sensitivity" / "deep" / "groups.json"
 
-    results = {}
-    for label, band_arg in (("proxy", str(wd / "proxy" / "bands.json")), ("proxy-nodepth", "")):
-        pred = wd / "proxy" / f"{label}.json"
-        qs("sensitivity", "predict", "--class-table", str(wd / "proxy" / "class.json"), "--groups", str(layer_groups),
-           "--errors", str(wd / "proxy" / "errors.json"), *(["--bands", band_arg] if band_arg else []),
-           "-o", str(pred), cwd=wd)
-        table = load(pred)
-        rho, within, signal = rank_table(table, truth, top_err)
-        klds = {}
-        for b in BUDGETS:
-            rec = allocate(wd, pred, b, f"{label}-b{b}")
-            klds[f"b{b}"] = measure_recipe(wd, rec, f"{label}-b{b}", a.cores)["kld"]
-        results[label] = {"rho": rho, "within": within, "signal": signal, "kld": klds}
+    # 3. the proxy, as the workflow runs it (bands: 0: without the depth correction)
+    def proxy_level(bands: int):
+        config(wd, "layers", a.chunks, sensitivity="proxy", bands=bands)
+        wall = sweep(wd, a.cores)
+        n, secs = sensitivity_wall(wd)
+        return {"kld": measured_autos(wd), "runs": n, "run_s": secs, "sweep_s": wall, "proxy_s": proxy_step_s(wd),
+                "table": load(wd / "results" / "sensitivity" / "deep.json")}
+
+    results, levels = {}, {}
+    for label, bands in (("proxy", 3), ("proxy-nodepth", 0)):
+        levels[label] = lv = phase(wd, label + "-level", lambda: proxy_level(bands))
+        rho, within, signal = rank_table(lv["table"], truth, top_err)
+        results[label] = {"rho": rho, "within": within, "signal": signal, "kld": lv["kld"]}
+    prox = levels["proxy"]
+    n_bands = len(prox["table"]["bands"])
     add = additivity(wd, truth, a.cores)
+
+    # 4. the same allocations measured on text none of the tables was measured on
+    base = heldout_base(wd, a.cores)
+    tables = {"class": cl["table"], "proxy": levels["proxy"]["table"],
+              "proxy-nodepth": levels["proxy-nodepth"]["table"], "truth": truth}
+
+    def heldout():
+        out = {}
+        for label, t in tables.items():
+            path = wd / "proxy" / f"{label}-table.json"
+            path.write_text(json.dumps(t))
+            for b in BUDGETS:
+                out[f"{label}-b{b}"] = measure_recipe(wd, allocate(wd, path, b, f"{label}-b{b}"),
+                                                      f"heldout-{label}-b{b}", a.cores, base)
+        return out
+
+    held = phase(wd, "heldout", heldout)
 
     print("\nSpearman rho, predicted vs measured per-layer increase (truth: one run per layer group and type)")
     for label, r in results.items():
@@ -295,7 +348,8 @@ def main() -> None:
               f"min {min(w.values()):.3f} over {len(w)} class x type series; above the noise: median "
               f"{median(sig.values()):.3f}, min {min(sig.values()):.3f} over {len(sig)}")
         for k, v in sorted(w.items()):
-            print(f"      {k:32s} {v:+.3f}{'' if k in sig else '   (measured within 3x the noise)'}")
+            ceiling = f"truth's split-half reliability {rel[k]:+.3f}" if k in rel else ""
+            print(f"      {k:32s} {v:+.3f}   {ceiling}{'' if k in sig else '   (measured within 3x the noise)'}")
     print("\nmeasured mean KLD of the auto recipes (bpw budget): class level / proxy / proxy without depth / truth; "
           "regret = (proxy - truth) / (class - truth)")
     regrets, wins = [], 0
@@ -307,25 +361,41 @@ def main() -> None:
         wins += p < c
         why = "" if t <= min(c, p) else "   (the truth's allocation is not the best measured: the formula misleads)"
         print(f"  {b} bpw: class {c:.5f}  proxy {p:.5f}  proxy-nodepth {p0:.5f}  truth {t:.5f}  regret {reg:+.2f}{why}")
+    print(f"\nheld out ({base[1]} chunks of the evaluation text's second half, which no table was measured on): "
+          "class / proxy / proxy without depth / truth; proxy - truth and class - truth with their paired standard "
+          "errors; regret")
+    held_regrets, held_wins = [], 0
+    for b in BUDGETS:
+        k = {lab: held[f"{lab}-b{b}"] for lab in tables}
+        c, p, t = k["class"]["kld"], k["proxy"]["kld"], k["truth"]["kld"]
+        reg = (p - t) / (c - t) if c != t else float("nan")
+        held_regrets.append(reg)
+        held_wins += p < c
+        print(f"  {b} bpw: class {c:.5f}  proxy {p:.5f}  proxy-nodepth {k['proxy-nodepth']['kld']:.5f}  truth {t:.5f}  "
+              f"proxy-truth {p - t:+.5f} ± {paired_se(k['proxy']['chunks'], k['truth']['chunks']):.5f}  "
+              f"class-truth {c - t:+.5f} ± {paired_se(k['class']['chunks'], k['truth']['chunks']):.5f}  "
+              f"regret {reg:+.2f}")
     print(f"\nnoise floor: the top run's KLD standard error {top_err}")
     print("additivity (sum of measured group increases + top vs the recipe's measured KLD): "
           + ", ".join(f"{w:.5f} vs {g:.5f}" for w, g in add))
     v3 = v3_runs()
     print("\ncost                      runs   wall (s, here)")
     print(f"  class level            {n_class:5d}   {s_class:8.0f}   (sweep {wall_class:.0f} s)")
-    print(f"  + proxy + bands        {n_class + len(bands):5d}   {s_class + proxy_s + sum(b['wall_s'] for b in bands):8.0f}"
-          f"   (proxy {proxy_s:.1f} s, {len(bands)} band runs)")
+    print(f"  + proxy + bands        {prox['runs']:5d}   {prox['run_s'] + prox['proxy_s']:8.0f}"
+          f"   (proxy step {prox['proxy_s']:.1f} s, {n_bands} band runs; sweep {prox['sweep_s']:.0f} s)")
     print(f"  exhaustive per layer   {n_truth:5d}   {s_truth:8.0f}   (sweep {wall_truth:.0f} s)")
     h = a.v3_kld_run_min / 60
     print(f"  DeepSeek-V3 on paper: class level {v3['classes']} runs ({v3['classes'] * h:.0f} engine-h), + bands "
-          f"{v3['classes'] + v3['bands']} ({(v3['classes'] + v3['bands']) * h:.0f} h), per layer {v3['layers']} "
+          f"{v3['proxy']} ({v3['proxy'] * h:.0f} h), per layer {v3['layers']} "
           f"({v3['layers'] * h:.0f} h) at {a.v3_kld_run_min:g} min a run")
     r = results["proxy"]
     print(f"\nperlayer: rho overall {r['rho']:.3f}, within-class median {median(r['within'].values()):.3f} "
-          f"(above the noise {median(r['signal'].values()):.3f}, min {min(r['signal'].values()):.3f}); regret "
+          f"(above the noise {median(r['signal'].values()):.3f}, min {min(r['signal'].values()):.3f}; the truth's "
+          f"split-half reliability median {median(rel.values()):.3f}); regret "
           + "/".join(f"{x:+.2f}" for x in regrets)
-          + f"; proxy beats class level at {wins}/{len(BUDGETS)} budgets; runs {n_class + len(bands)} vs "
-          f"{n_truth} exhaustive (V3: {v3['classes'] + v3['bands']} vs {v3['layers']})")
+          + f"; proxy beats class level at {wins}/{len(BUDGETS)} budgets (held out: regret "
+          + "/".join(f"{x:+.2f}" for x in held_regrets) + f", {held_wins}/{len(BUDGETS)}); runs {prox['runs']} vs "
+          f"{n_truth} exhaustive (V3: {v3['proxy']} vs {v3['layers']})")
 
 
 if __name__ == "__main__":

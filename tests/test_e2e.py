@@ -855,7 +855,8 @@ def test_layer_table_predicted_from_the_class_runs_and_the_proxy(demo, tmp_path)
         return r.stdout
 
     qs("sensitivity", "proxy", "--bin-dir", "resources/engine/bin", "--model", "resources/models/tiny.gguf",
-       "--imatrix", "results/imatrix/tiny/imatrix.dat", *pool, "-o", str(errors))
+       "--imatrix", "results/imatrix/tiny/imatrix.dat", *pool, "--settings", json.dumps({"ladder": ladder}),
+       "-o", str(errors))
     e = json.loads(errors.read_text())["tensors"]
     classes = json.loads((wd / "results" / "sensitivity" / "tiny.json").read_text())
     assert sorted(e) == sorted(t for g in classes["groups"] if not g.get("pinned") for t in g["tensors"])

@@ -19,6 +19,7 @@ from quantsweep.report import (AllocationRecord, ModelEntry, allocation_paths, b
                                sweep_entries, to_json_data, write_report)
 from quantsweep.settings import Gate
 from quantsweep.report.entries import describe_budget
+from quantsweep.report.layers import LayerMap, png_layers
 from quantsweep.report.table import ALLOCATION_TITLE, Row
 
 GATE = Gate(5.0, 0.05)
@@ -330,3 +331,56 @@ def test_row_defaults_keep_positional_construction():
     """Rows built positionally (as older code does) are ordinary quants."""
     r = Row("m", "Q", "Q4_0", "yes", "base", 100, 100 / 2**30, 4.5, 10.0, 0.1, 1.0, 0.01, 0.001, 0.01, 0.001, 0.1, 95.0)
     assert (r.auto, r.budget, r.budget_bytes, r.predicted_kld) == ("", "", None, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# the layer heat map
+
+
+def _layers(n_layer: int, ladder: list[str]) -> dict:
+    """A layer map as allocator.groups.layer_map writes it: attention per layer, experts from layer 1."""
+    return {"n_layer": n_layer, "classes": ["attn_output", "ffn_down_exps"], "ladder": ladder,
+            "types": {"attn_output": [ladder[i % len(ladder)] for i in range(n_layer)],
+                      "ffn_down_exps": [None] + [ladder[0]] * (n_layer - 1)},
+            "other": {"token_embd": ladder[-1]}}
+
+
+def test_layer_heat_map_draws_each_auto_recipes_cells(tmp_path):
+    """Each auto recipe's layer map, drawn cell for cell (read back from the PNG), embedded in the
+    page; a record without a map (written before it existed) is left out of the figure."""
+    entries = auto_entries(tmp_path)
+    paths = {q["name"]: q["allocation"] for q in entries[0]["quants"] if q.get("allocation")}
+    maps = {"auto-IQ2_KS": _layers(4, ["iq2_ks", "iq4_ks", "q8_0"]), "auto-4bpw": _layers(61, ["iq3_ks", "q8_0"])}
+    for name, m in maps.items():
+        rec = json.loads(open(paths[name]).read())
+        rec.update(layers=m, source="proxy")
+        open(paths[name], "w").write(json.dumps(rec))
+    p = report_paths(tmp_path)
+    p["plots"]["layers"] = tmp_path / "allocation_layers.png"
+    write_report(entries, GATE, p["csv"], p["md"], p["html"], p["plots"])
+    cells = png_layers(p["plots"]["layers"])
+    want = [{"model": "tiny", "quant": q, "class": c, "layer": i, "type": t}
+            for q in ("auto-IQ2_KS", "auto-4bpw") for c in maps[q]["classes"]
+            for i, t in enumerate(maps[q]["types"][c]) if t is not None]
+    assert cells == want and len(cells) == 4 + 3 + 61 + 60
+    assert "Allocated types by layer and tensor class" in open(p["html"]).read()
+    # without any map: the figure says so and the page leaves it out
+    entries = auto_entries(tmp_path / "plain")
+    p = report_paths(tmp_path / "plain")
+    p["plots"]["layers"] = tmp_path / "plain" / "allocation_layers.png"
+    write_report(entries, GATE, p["csv"], p["md"], p["html"], p["plots"])
+    assert png_layers(p["plots"]["layers"]) == []
+    assert "Allocated types by layer" not in open(p["html"]).read()
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda m: m.update(types={"attn_output": ["iq2_ks"]}), "types['attn_output'] is not 4 ladder types"),
+    (lambda m: m["types"]["attn_output"].__setitem__(0, "q4_0"), "types['attn_output'] is not 4 ladder types"),
+    (lambda m: m.pop("ladder"), "lacks n_layer, classes, types or ladder"),
+])
+def test_bad_layer_map_names_the_file_and_key(tmp_path, edit, expected):
+    m = _layers(4, ["iq2_ks", "iq4_ks", "q8_0"])
+    edit(m)
+    with pytest.raises(ReportError, match=re.escape(f"allocation record x.json: key 'layers' {expected}")):
+        LayerMap.from_record({"layers": m}, "x.json", "tiny", "auto", "3 bpw")
+    assert LayerMap.from_record({}, "x.json", "tiny", "auto", "3 bpw") is None

@@ -274,13 +274,17 @@ def _check(s: Sweep) -> None:
     if not any(m.source == "gguf" for m in s.models.values()):  # no header to match them with yet: parsed
         check_external(s.imatrix.external)
     check_texts(s.texts)
+    if s.allocate.active and s.allocate.sensitivity == "external":
+        check_sensitivity_csv(s.allocate.external)
     if not s.imatrix.any and any(q.imatrix for q in s.quants if not q.auto):
         raise ConfigError("config imatrix: passes and external are both empty, but quants want an imatrix")
     if s.engine.source == "bin_dir":
         for tool in s.tools():
             if not (Path(s.engine.bin_dir) / tool.name).is_file():
-                why = "every sweep runs it" if tool.required else f"the {tool.step} step runs it"
-                fix = "" if tool.required else f", or set {tool.step}.enabled: false"
+                why = ("every sweep runs it" if tool.required else f"the {tool.step} step runs it" if tool.step
+                       else f"{tool.used_by} runs it; quantsweep builds it with the engine (engine.source: "
+                       "pypi, git or path)")
+                fix = "" if tool.required or not tool.step else f", or set {tool.step}.enabled: false"
                 raise ConfigError(f"config engine.bin_dir: {s.engine.bin_dir} has no {tool.name} ({why}); add "
                                   f"it{fix}")
     if unknown := [n for n in s.publish.names() if n not in {q.name for q in s.quants}]:
@@ -344,6 +348,16 @@ def check_external(external: tuple[str, ...], table=None) -> None:
             raise ConfigError(f"config imatrix.external[{i}]: {e}") from None
         except OSError as e:
             raise ConfigError(f"config imatrix.external[{i}]: {f}: cannot be read ({e.strerror or e})") from None
+
+
+def check_sensitivity_csv(path: str) -> None:
+    """allocate.external is read when the run starts (a typo in a cell is one line now)."""
+    from .allocator.external import read_csv
+
+    try:
+        read_csv(path)
+    except QuantsweepError as e:
+        raise ConfigError(f"config allocate.external: {e}") from None
 
 
 def check_texts(t: TextSettings) -> None:

@@ -20,7 +20,7 @@ from . import imatrix as imx
 from .allocator import sensitivity as sens
 from .allocator import solver as alloc
 from .allocator import proxy
-from .allocator.groups import quantized_tensors, sensitivity_recipe
+from .allocator.groups import layer_map, quantized_tensors, sensitivity_recipe
 from .engine import run
 from .engine.bench import sweep_bench
 from .engine.build import installed_flags
@@ -240,8 +240,8 @@ def sensitivity_run(bin_dir: Path, model: Path, groups: Path, group: str | None,
     ladder's top; group None: the top run), assembled from the pool into `work`, its KLD against
     the reference's logits measured, and the assembled file removed (only the numbers are kept:
     for DeepSeek-V3 each such file is hundreds of GB)."""
-    _, s, gs = sens.load_groups(groups)
-    recipe = sensitivity_recipe(gs, s, group, typ)
+    doc, s, _ = sens.load_groups(groups)
+    recipe = sensitivity_recipe(sens.run_groups(doc), s, group, typ)
     return {**_measure(bin_dir, model, recipe, pools, kld_base, log, ev, threads, imatrix, work, timeout_s),
             "group": group, "type": typ, "top": s.top}
 
@@ -314,7 +314,8 @@ def allocate(sensitivity: Path, budget: Budget, size_of_bytes: int | None, resol
               f"from the sensitivity table {sensitivity} (ladder {', '.join(s.ladder)}; "
               f"{len(groups)} groups)", "written by quantsweep allocate; edits are overwritten when it reruns"]
     text = a.to_yaml(groups, budget.name, s.base, header)
-    info.update(quant=budget.name, sensitivity=str(sensitivity))
+    info.update(quant=budget.name, sensitivity=str(sensitivity), source=table.get("sensitivity", "measured"),
+                layers=layer_map(table["groups"], info["choice"], s.types()))
     return text, info
 
 

@@ -2,6 +2,7 @@
 #   results/pool/{model}/{pool_imatrix}/{ptype}.gguf  the model with every tensor at one type
 #   results/sensitivity/{model}/groups.json        the groups and their bytes per ladder type
 #   results/sensitivity/{model}/runs/{group}@{stype}.json  one group lowered, its KLD
+#   results/sensitivity/{model}/errors.json        sensitivity: proxy: each tensor's quantization error
 #   results/sensitivity/{model}.json               the table the allocator reads
 #   results/allocate/{model}/{quant}.yaml (+ .json) one auto recipe per budget
 #   results/refine/{model}/{quant}/{group}.json    allocate.refine: the recipe with one group up
@@ -64,7 +65,8 @@ checkpoint sensitivity_groups:
 rule sensitivity_run:
     input:
         unpack(get_sensitivity_pools),
-        groups=rules.sensitivity_groups.output[0],
+        # a rewritten groups.json reruns only the runs whose recipe changed (params.recipe)
+        groups=ancient(rules.sensitivity_groups.output[0]),
         model=get_model,
         model_files=get_model_files,
         kld_base=rules.eval_baseline.output.kld_base,
@@ -89,6 +91,7 @@ rule sensitivity_run:
         bin_dir=get_bin_dir,
         pools=get_pool_args,
         run=get_sensitivity_run_args,
+        recipe=get_sensitivity_run_recipe,
         settings=EVAL_SETTINGS,
     shell:
         "quantsweep sensitivity run --bin-dir {params.bin_dir:q} --model {input.model:q}"
@@ -112,10 +115,41 @@ use rule sensitivity_run as sensitivity_top with:
         slurm_partition=partition_gpu_job,
 
 
+rule sensitivity_proxy:
+    input:
+        unpack(get_sensitivity_pools),
+        model=get_model,
+        model_files=get_model_files,
+        dequant=get_dequant_tool,
+    output:
+        errors="results/sensitivity/{model}/errors.json",
+        manifest="results/sensitivity/{model}/errors.manifest.json",
+    log:
+        "logs/sensitivity/{model}/proxy.log",
+    conda:
+        get_engine_env()
+    resources:
+        mem_mb=mem_mb_planned("sensitivity_proxy"),
+        disk_mb=disk_mb_planned("sensitivity_proxy"),
+        runtime=runtime_planned("sensitivity_proxy"),
+        slurm_partition=partition_cpu_job,
+    params:
+        bin_dir=get_bin_dir,
+        pools=get_pool_args,
+        imatrix=get_imatrix_arg,
+        settings=ALLOC.proxy_json(),
+    shell:
+        "quantsweep sensitivity proxy --bin-dir {params.bin_dir:q} --model {input.model:q}"
+        " {params.imatrix:q} {params.pools:q} --settings {params.settings:q}"
+        " -o {output.errors:q} --manifest {output.manifest:q} --log {log:q}"
+
+
 rule sensitivity_table:
     input:
         groups=rules.sensitivity_groups.output[0],
-        top=rules.sensitivity_top.output.result,
+        top=get_sensitivity_top,
+        errors=get_sensitivity_errors,
+        external=get_sensitivity_external,
         runs=get_sensitivity_runs,
     output:
         table="results/sensitivity/{model}.json",
@@ -125,9 +159,11 @@ rule sensitivity_table:
     localrule: True
     conda:
         "../../envs/quantsweep.yaml"
+    params:
+        sources=get_sensitivity_source_args,
     shell:
-        "quantsweep sensitivity table --groups {input.groups:q} --top {input.top:q}"
-        " -o {output.table:q} --manifest {output.manifest:q} {input.runs:q} > {log:q} 2>&1"
+        "quantsweep sensitivity table --groups {input.groups:q} {params.sources:q}"
+        " -o {output.table:q} --manifest {output.manifest:q} > {log:q} 2>&1"
 
 
 rule allocate:

@@ -35,6 +35,15 @@ def get_sensitivity_run_args(wildcards, input):
     return args
 
 
+def get_sensitivity_run_recipe(wildcards):
+    """What a run measures (its recipe): a change reruns it (the params trigger)."""
+    return qsensitivity.run_key(
+        _groups_doc(wildcards.model),
+        getattr(wildcards, "group", None),
+        getattr(wildcards, "stype", None),
+    )
+
+
 def _groups_doc(model):
     """A model's groups.json (known once the groups step ran: a checkpoint)."""
     groups = checkpoints.sensitivity_groups.get(model=model).output[0]
@@ -51,6 +60,42 @@ def get_sensitivity_runs(wildcards):
         )
         for g, t in runs
     ]
+
+
+def get_dequant_tool(wildcards):
+    """quantsweep-dequant (an engine build output only when sensitivity: proxy runs it)."""
+    return rules.engine_build.output.quantsweep_dequant
+
+
+def get_sensitivity_top(wildcards):
+    """The all-top run (measured, proxy: every increase is measured from it; external: none).
+    Known before the groups step, so it runs beside it."""
+    if ALLOC.sensitivity == "external":
+        return []
+    return path_of(rules.sensitivity_top.output.result, model=wildcards.model)
+
+
+def get_sensitivity_errors(wildcards):
+    """The proxy's per-tensor errors (sensitivity: proxy only)."""
+    if ALLOC.sensitivity != "proxy":
+        return []
+    return path_of(rules.sensitivity_proxy.output.errors, model=wildcards.model)
+
+
+def get_sensitivity_external(wildcards):
+    """The publisher's CSV (sensitivity: external only)."""
+    return [ALLOC.external] if ALLOC.sensitivity == "external" else []
+
+
+def get_sensitivity_source_args(wildcards, input):
+    """The table's sources as flags, the runs last (what groups.json lists)."""
+    files = {
+        k: [input[k]] if isinstance(input[k], str) else list(input[k])
+        for k in ("top", "errors", "external")
+    }
+    return [a for k, fs in files.items() for f in fs for a in (f"--{k}", f)] + list(
+        input.runs
+    )
 
 
 def _size_of(wildcards):

@@ -11,6 +11,7 @@ from snakemake.utils import validate
 
 from quantsweep import capacity as qcapacity
 from quantsweep import config as qconfig
+from quantsweep.allocator import sensitivity as qsensitivity
 from quantsweep.errors import QuantsweepError
 from quantsweep.fileio import write_text
 from quantsweep.gguf.reader import shards

@@ -35,6 +35,7 @@ def get_publish_input(wildcards):
             rules.report.output.kld,
             rules.report.output.lnppl,
             *([rules.report.output.speed] if BENCH else []),
+            *([rules.report.output.layers] if ALLOC.active else []),
         ],
     }
     if SWEEP.imatrix.any:

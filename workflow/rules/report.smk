@@ -6,6 +6,7 @@ rule report:
         get_summary_input,
     output:
         **get_speed_plot_output(),
+        **get_layers_plot_output(),
         csv=report(
             "results/report/summary.csv",
             caption="../report/summary.rst",
@@ -41,11 +42,12 @@ rule report:
         entries=get_summary_entries_json,
         settings=SWEEP.gate.to_json(),
         speed=get_speed_plot_arg,
+        layers=get_layers_plot_arg,
         notes=get_report_notes(),
     shell:
         "quantsweep report --entries {params.entries:q} --settings {params.settings:q} {params.notes:q}"
         " --csv {output.csv:q} --md {output.md:q} --html {output.html:q}"
-        " --plot-lnppl {output.lnppl:q} --plot-kld {output.kld:q} {params.speed:q}"
+        " --plot-lnppl {output.lnppl:q} --plot-kld {output.kld:q} {params.speed:q} {params.layers:q}"
         " --manifest {output.manifest:q} > {log:q} 2>&1"
 
 

@@ -49,6 +49,24 @@ def get_speed_plot_arg(wildcards, output):
     return ["--plot-speed", output.speed] if BENCH else []
 
 
+def get_layers_plot_output():
+    """The auto recipes' heat map of types by layer and class, when the sweep allocates."""
+    if not ALLOC.active:
+        return {}
+    return {
+        "layers": report(
+            "results/report/allocation_layers.png",
+            caption="../report/allocation_layers.rst",
+            category="Plots",
+            labels={"plot": "allocated types by layer and tensor class"},
+        )
+    }
+
+
+def get_layers_plot_arg(wildcards, output):
+    return ["--plot-layers", output.layers] if ALLOC.active else []
+
+
 def report_notes():
     """The lines the report shows under "Sweep notes": what the settings decided that no record
     says (an optional budget skipped, the quant the imatrix was computed on)."""
@@ -74,6 +92,7 @@ def report_request():
         "settings": json.loads(SWEEP.gate.to_json()),
         "notes": report_notes(),
         "bench": BENCH,
+        "allocate": ALLOC.active,
     }
     return json.dumps(doc, indent=1, sort_keys=True) + "\n"
 

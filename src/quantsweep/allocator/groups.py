@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from ..errors import PlanError
 from ..gguf.reader import GGUFTable
+from ..gguf.types import BY_NAME
 from ..planner.plan import plan
 from ..planner.pool import pool_recipe
 from ..planner.recipes import Recipe, Rule
@@ -60,6 +61,23 @@ def tensor_class(name: str) -> tuple[int | None, str]:
     m = _BLOCK.match(name)
     layer, cls = (int(m.group(1)), m.group(2)) if m else (None, _PLAIN.sub(r"\1", name))
     return layer, re.sub(r"^ffn_(gate|up)(?=(_exps|_shexp)?$)", "ffn_gate_up", cls)
+
+
+def layer_map(groups: Sequence[dict], choice: dict[str, str], ladder: Sequence[str]) -> dict:
+    """What an allocation gives each layer of each class (the report's heat map): {n_layer,
+    classes (in the groups' order), types: {class: [type or None per layer]}, other: {tensor
+    outside the blocks: type}, ladder: the types, fewest bits first}."""
+    placed = [(tensor_class(t), choice[g["name"]]) for g in groups if g["name"] in choice for t in g["tensors"]]
+    n_layer = 1 + max((layer for (layer, _), _ in placed if layer is not None), default=-1)
+    types: dict[str, list[str | None]] = {}
+    other: dict[str, str] = {}
+    for (layer, cls), typ in placed:
+        if layer is None:
+            other[cls] = typ
+        else:
+            types.setdefault(cls, [None] * n_layer)[layer] = typ
+    order = sorted(set(ladder), key=lambda t: BY_NAME[t].bpw)
+    return {"n_layer": n_layer, "classes": list(types), "types": types, "other": other, "ladder": order}
 
 
 def quantized_tensors(table: GGUFTable, top: str) -> list[str]:

@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from ..allocator.groups import make_groups, runs
+from ..allocator.groups import quantized_tensors
+from ..allocator.sensitivity import planned_runs
 from ..engine.argv import IMATRIX_PASSES
 from ..gguf.reader import GGUFTable
 from ..imatrix.fit import expected_size
@@ -341,10 +342,13 @@ class _Sizer:
     def sensitivity(self) -> None:
         s, a = self.s, self.s.allocate
         top = self.pool(a.top)
-        groups = make_groups(self.table, a, s.imatrix.any)
-        n = len(runs(groups, a))
+        n = len(planned_runs(self.table, a, s.imatrix.any)[1]["runs"])
+        if a.sensitivity == "proxy":
+            self.jobs.append(self.proxy_job())
         tokens = s.eval.ctx * s.eval.chunks
         common = dict(tokens=tokens, ctx=s.eval.ctx, mla=s.eval.mla, stage="measure", written=top.nbytes)
+        if a.sensitivity == "external":
+            return  # the table is the CSV's: no run
         self.jobs.append(self.resident("sensitivity_top", "", top, s.eval.run, **common))
         if n:
             self.jobs.append(self.resident("sensitivity_run", "", top, s.eval.run, count=n, **common))
@@ -353,6 +357,23 @@ class _Sizer:
                 if q.auto and not q.refines:
                     self.jobs.append(self.resident("sensitivity_context", q.name, self.quant(q), s.eval.run,
                                                    **{**common, "stage": "auto"}))
+
+    def proxy_job(self) -> Job:
+        """quantsweep sensitivity proxy: `proxy_rows` rows of every quantized tensor read from the
+        source and each ladder type's pool file (the engine dequantizes them): a few reads per
+        tensor and file, no inference."""
+        a = self.s.allocate
+        files = [self.source] + [self.pool(t) for t in a.ladder]
+        sizes = [{t.name: t.nbytes for t in f.tensors} for f in files]
+        quantized = set(quantized_tensors(self.table, a.top))
+        read = 0
+        for t in self.table.tensors:
+            if t.name in quantized:
+                rows = max(1, t.n_elements // max(t.shape[0], 1))
+                read += int(min(a.proxy_rows, rows) / rows * sum(f.get(t.name, 0) for f in sizes))
+        seconds = 10 + 0.02 * len(quantized) * len(files) + read / (self.rates.disk_mb_s * 1e6)
+        return Job("sensitivity_proxy", self.model, "", "sampled rows of the source and pool files", read, OVERHEAD,
+                   0, 0, 64 * MiB, 64 * MiB, seconds, "measure", engine=False)
 
 
 def capacity_plan(sweep: Sweep, tables: dict[str, GGUFTable], checkpoints: dict | None = None,

@@ -343,7 +343,7 @@ def _sensitivity_table(a) -> None:
     for path in a.runs:
         rec = read_json_object(path, "sensitivity run")
         runs[(rec.get("group"), rec.get("type"))] = path
-    write_json(a.output, table(a.groups, a.top, runs))
+    write_json(a.output, table(a.groups, a.top or None, runs, a.errors or None, a.external or None))
 
 
 def _budget(a, s):
@@ -459,7 +459,8 @@ def _report(a) -> dict:
         raise QuantsweepError(f"report: {', '.join(missing)} required (or --partial DIR)")
     gate = Gate.from_json(a.settings, "gate")
     entries = parse_entries(read_json_arg(a.entries, "--entries"))
-    plots = {"lnppl": a.plot_lnppl, "kld": a.plot_kld, **({"speed": a.plot_speed} if a.plot_speed else {})}
+    plots = {"lnppl": a.plot_lnppl, "kld": a.plot_kld, **({"speed": a.plot_speed} if a.plot_speed else {}),
+             **({"layers": a.plot_layers} if a.plot_layers else {})}
     rows = write_report(entries, gate, a.csv, a.md, a.html, plots, a.note)
     print(f"wrote {a.csv}, {a.md}, {a.html}, {', '.join(plots.values())}: {len(rows)} rows; gate: {gate.describe()}")
     for model in dict.fromkeys(r.model for r in rows):

@@ -16,9 +16,9 @@ def add_parsers(sv, manifested, add_pool) -> None:
         p.add_argument(flag, required=True)
     p.add_argument("-o", "--output", required=True, help="the errors (JSON)")
     p.add_argument("--imatrix", default="", help="the imatrix the pool files were made with (weights the error)")
-    p.add_argument("--top", default="q8_0", help="the ladder's top type (tensors the planner keeps above it are "
-                   "not allocated)")
-    p.add_argument("--rows", type=int, default=64, help="rows sampled per tensor (default 64)")
+    p.add_argument("--settings", required=True, metavar="JSON", help="JSON (or a .json file) of the config's allocate "
+                   "section: ladder (its last type, the top, decides which tensors are allocated), proxy_rows (rows "
+                   "sampled per tensor, default 64)")
     p.add_argument("--log", default="")
     add_pool(p, "the pool files of the ladder's types")
     manifested(p, inputs=("model", "imatrix", "pool"), outputs=("output",))
@@ -45,12 +45,14 @@ def add_parsers(sv, manifested, add_pool) -> None:
 
 def proxy(a) -> dict:
     from ..fileio import write_json
+    from ..settings import AllocateSettings
     from ..steps import quant_errors
 
+    s = AllocateSettings.from_json(a.settings, "allocate")
     doc = quant_errors(Path(a.bin_dir), Path(a.model), commands._pools(a.pool), Path(a.imatrix) if a.imatrix else None,
-                       a.top, a.rows, Path(a.log) if a.log else None)
+                       s.top, s.proxy_rows, Path(a.log) if a.log else None)
     write_json(a.output, doc)
-    print(f"{len(doc['tensors'])} tensors x {len(doc['types'])} types, {a.rows} rows each")
+    print(f"{len(doc['tensors'])} tensors x {len(doc['types'])} types, {s.proxy_rows} rows each")
     return {}
 
 

@@ -13,6 +13,7 @@ from .base import Settings, field, number
 from .values import check_regex
 
 PRESETS = ("classes", "layers")
+SOURCES = ("measured", "proxy", "external")  # where the groups' sensitivities come from
 PER = ("all", "layer", "tensor")
 DEFAULT_EXPERTS = r"_exps\."
 
@@ -149,12 +150,34 @@ class AllocateSettings(Settings):
     resolution: int = field(1 << 16, minimum=256)  # size units per budget of the exact solver
     refine: bool = False
     pool: bool = True  # recipe quants assembled from the per-type pool (false: llama-quantize each)
+    # measured: a run per (group, lower type); proxy: the class runs split over the groups by the
+    # quantization-error proxy and `bands` band runs per class family (allocator.proxy); external:
+    # a single-tensor KLD CSV (`external`, allocator.external), no runs
+    sensitivity: str = field("measured", choices=SOURCES)
+    external: str = ""  # the CSV of sensitivity: external
+    bands: int = field(3, minimum=0)  # band runs per class family (proxy; 0: no depth correction)
+    band_type: str = ""  # the type a band run lowers to ("": the ladder's first)
+    proxy_rows: int = field(64, minimum=1)  # rows sampled per tensor by the proxy
 
-    SENSITIVITY = ("ladder", "groups", "pin", "experts")
+    SENSITIVITY = ("ladder", "groups", "pin", "experts", "sensitivity", "bands", "band_type")
 
     def check(self, where: str) -> None:
         if self.active or self.ladder:
             self._check_ladder(where)
+        if self.band_type:
+            check_type(self.band_type, f"{where}.band_type")
+            if self.ladder and self.band_type not in self.ladder[:-1]:
+                raise ConfigError(f"{where}.band_type: {self.band_type} is not a ladder type below the top "
+                                  f"({', '.join(self.ladder[:-1])})")
+        if self.sensitivity == "external" and not self.external:
+            raise ConfigError(f"{where}.external: required with sensitivity: external (the single-tensor KLD CSV, "
+                              "QTYPE,<tensor>,...)")
+        if self.external and self.sensitivity != "external":
+            raise ConfigError(f"{where}.external: given, but sensitivity is {self.sensitivity} (set sensitivity: "
+                              "external to read it)")
+        if self.sensitivity == "proxy" and self.groups == "classes":
+            raise ConfigError(f"{where}.sensitivity: proxy splits the class runs over finer groups, and groups is "
+                              "classes (set groups: layers, or sensitivity: measured)")
 
     def _check_ladder(self, where: str) -> None:
         ladder = list(self.ladder)
@@ -201,6 +224,18 @@ class AllocateSettings(Settings):
         except PlanError:
             return "Q8_0"
 
+    @property
+    def band(self) -> str:
+        """The type a band run lowers its layers to."""
+        return self.band_type or self.ladder[0]
+
+    @property
+    def class_level(self) -> AllocateSettings:
+        """The class groups whose runs a proxy table splits: the same items and pins, each item
+        over all its layers, the rest by class."""
+        items = tuple(dataclasses.replace(it, per="all") for it in self.items)
+        return dataclasses.replace(self, groups=items or "classes", sensitivity="measured")
+
     def types(self) -> list[str]:
         """Every type an allocated recipe or a sensitivity run may ask for (its pool files)."""
         return sorted(set(self.ladder) | set(self.pin.values()))
@@ -208,6 +243,11 @@ class AllocateSettings(Settings):
     def sensitivity_json(self) -> str:
         """What the sensitivity stage reads (a new budget, resolution or refinement reruns no run)."""
         return self.to_json(only=self.SENSITIVITY)
+
+    def proxy_json(self) -> str:
+        """What the proxy step reads: the ladder (its top decides which tensors are allocated) and
+        the rows it samples."""
+        return self.to_json(only=("ladder", "proxy_rows"))
 
     def budget_json(self, budget: Budget) -> str:
         """What one allocate job reads: its budget and the solver's resolution (the sensitivity

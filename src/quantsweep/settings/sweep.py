@@ -100,4 +100,5 @@ class Sweep:
     def tools(self) -> list[Tool]:
         """The engine tools the sweep runs: those every sweep needs, and each running step's."""
         steps = set(self.engine_steps())
-        return [t for t in TOOLS if t.required or t.step in steps]
+        used = {"allocate.sensitivity: proxy": self.allocate.active and self.allocate.sensitivity == "proxy"}
+        return [t for t in TOOLS if t.required or t.step in steps or used.get(t.used_by, False)]

@@ -26,6 +26,7 @@ class Tool:
     help_from: str = ""       # whose --help lists its flags ("" = its own)
     required: bool = False    # a prebuilt bin dir (engine.source: bin_dir) must have it for any sweep
     record_run: str = "run"   # where the step's record keeps the run settings ("eval.run": record["eval"]["run"])
+    used_by: str = ""         # the setting that runs a tool of no engine step (a sweep with it needs the tool)
 
     @property
     def output(self) -> str:
@@ -53,7 +54,7 @@ TOOLS = (
     Tool("llama-sweep-bench", step="bench", settings=BenchSettings, help_from="llama-perplexity"),
     # ours (src/quantsweep/engine/tools): rows of any type dequantized by the engine's ggml, for
     # allocate.sensitivity: proxy
-    Tool("quantsweep-dequant"),
+    Tool("quantsweep-dequant", used_by="allocate.sensitivity: proxy"),
 )  # the build's target order (part of its cache key)
 BY_NAME = {t.name: t for t in TOOLS}
 STEP_TOOLS = {t.step: t for t in TOOLS if t.step}  # engine step -> its tool

@@ -14,7 +14,8 @@ from ..report.table import Row
 from ..settings import Gate
 from .sweep import pending_eta, sweep_status
 
-PLOTS = {"lnppl": "size_vs_lnppl.png", "kld": "size_vs_kld.png", "speed": "kld_vs_speed.png"}
+PLOTS = {"lnppl": "size_vs_lnppl.png", "kld": "size_vs_kld.png", "speed": "kld_vs_speed.png",
+         "layers": "allocation_layers.png"}
 
 
 def partial_report(workdir: str | Path) -> tuple[list[Row], list[tuple[str, str]], list[str], Path]:
@@ -34,7 +35,8 @@ def partial_report(workdir: str | Path) -> tuple[list[Row], list[tuple[str, str]
             st = None
         notes = list(req.get("notes", []))
         notes += [f"pending: {model} {quant} ({pending_eta(st, model, quant)})" for model, quant in pending]
-        plots = {k: PARTIAL_DIR / f for k, f in PLOTS.items() if k != "speed" or req.get("bench")}
+        plots = {k: PARTIAL_DIR / f for k, f in PLOTS.items()
+                 if (k != "speed" or req.get("bench")) and (k != "layers" or req.get("allocate"))}
         rows = write_report(entries, Gate.from_json(json.dumps(req.get("settings", {})), "gate"),
                             PARTIAL_DIR / "summary.csv", PARTIAL_DIR / "summary.md", PARTIAL_DIR / "summary.html",
                             plots, notes)
