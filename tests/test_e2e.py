@@ -203,7 +203,8 @@ def test_report_gate_and_values_match_records(demo):
     assert "reference: unquantized model (resources/models/tiny.gguf)" in md
     ev = CONFIG["eval"]
     assert f"ctx {ev['ctx']}, {ev['chunks']} chunks, -mla {ev['mla']} -fa {ev['fa']}" in md
-    assert html.count("data:image/png;base64,") == 3  # size vs ln PPL ratio, size vs KLD, KLD vs speed
+    # size vs ln PPL ratio, size vs KLD, KLD vs speed, the auto recipes' types by layer
+    assert html.count("data:image/png;base64,") == 4
 
 
 def test_snakemake_report_bundles_table_and_plots(demo, tmp_path):
@@ -739,8 +740,9 @@ def test_published_card_is_the_summarys_numbers_and_reads_as_the_hub_reads_it(de
             assert "--custom-q" in (published / q / "custom-q.txt").read_text()
         for rec in ("quantize.json", "quantize.manifest.json", "eval.json", "eval.manifest.json"):
             assert (published / q / "records" / rec).is_file()
-    assert [p.name for p in sorted((published / "images").iterdir())] == ["kld_vs_speed.png", "size_vs_kld.png",
-                                                                          "size_vs_lnppl.png"]
+    assert [p.name for p in sorted((published / "images").iterdir())] == ["allocation_layers.png", "kld_vs_speed.png",
+                                                                          "size_vs_kld.png", "size_vs_lnppl.png"]
+    assert "![allocation layers](images/allocation_layers.png)" in text  # the auto recipes' heat map
     dat, gg = published / f"{PUBLISHED_NAME}-imatrix.dat", published / f"{PUBLISHED_NAME}-imatrix.gguf"
     im, orig = read_dat(dat), read_dat(demo / "results" / "imatrix" / "tiny" / "imatrix.dat")
     assert im.dataset == "quantsweep's bundled calibration text" and sorted(im.entries) == sorted(orig.entries)

@@ -18,7 +18,7 @@ from conftest import ROOT
 from quantsweep import config
 from quantsweep.allocator.external import external_table
 from quantsweep.allocator.groups import tensor_class
-from quantsweep.allocator.sensitivity import groups_doc, run_key, table
+from quantsweep.allocator.sensitivity import groups_doc, run_key, table, top_key
 from quantsweep.allocator.proxy import (TensorShape, band_prediction, bands_of, depth_multipliers, predict_table, sample_rows,
                                         spearman, tensor_errors, weighted_error, weights_of)
 from quantsweep.errors import ConfigError, PlanError
@@ -220,7 +220,8 @@ def test_v3_proxy_groups_list_the_class_runs_and_the_bands(v3_table):
         assert [n for n in names if re.search(b["match"], n)] == b["tensors"] and b["bytes"]["iq2_ks"] > 0
     for g, t in classes["runs"]:
         assert run_key(proxy_doc, g, t) == run_key(classes, g, t)
-    assert run_key(proxy_doc, None, None) == run_key(classes, None, None) == run_key(measured, None, None)
+    tops = {top_key(_alloc(**kw)) for kw in ({}, {"groups": "layers"}, {"groups": "layers", "sensitivity": "proxy"})}
+    assert len(tops) == 1 and top_key(_alloc(pin={"attn_kv_b": TOP})) not in tops  # a pin changes the top run
     assert json.loads(run_key(proxy_doc, bands[0]["name"], "iq2_ks"))["rules"][0] == [bands[0]["match"], "iq2_ks"]
     # pinned tensors stay at their pin: no band lowers them
     pinned = groups_doc(v3_table, _alloc(groups="layers", sensitivity="proxy", pin={"attn_kv_b": TOP}), True)

@@ -36,11 +36,12 @@ def get_sensitivity_run_args(wildcards, input):
 
 
 def get_sensitivity_run_recipe(wildcards):
-    """What a run measures (its recipe): a change reruns it (the params trigger)."""
+    """What a run measures (its recipe): a change reruns it (the params trigger). The top run's
+    needs no groups.json (a checkpoint), so it is scheduled with the groups step."""
+    if not hasattr(wildcards, "group"):
+        return qsensitivity.top_key(ALLOC)
     return qsensitivity.run_key(
-        _groups_doc(wildcards.model),
-        getattr(wildcards, "group", None),
-        getattr(wildcards, "stype", None),
+        _groups_doc(wildcards.model), wildcards.group, wildcards.stype
     )
 
 

@@ -100,13 +100,19 @@ def load_groups(path: str | Path) -> tuple[dict, AllocateSettings, list[Group]]:
         raise PlanError(f"{path}: malformed groups file ({e})") from None
 
 
-def run_key(doc: dict, group: str | None, typ: str | None) -> str:
+def run_key(doc: dict, group: str, typ: str) -> str:
     """What one run of groups.json measures, as text: its recipe's base and rules. The workflow
     reruns a run when this changes, not when groups.json is rewritten, so switching to
     sensitivity: proxy (or changing the bands) keeps the class runs already measured."""
     s = settings_from(doc["settings"], "groups.json: settings")
     r = sensitivity_recipe(run_groups(doc), s, group, typ)
     return json.dumps({"base": r.base, "rules": [[x.match, x.type] for x in r.rules]})
+
+
+def top_key(s: AllocateSettings) -> str:
+    """What the top run measures, from the settings alone (the model is its input): the pins
+    and the top. Known before groups.json is, so the top run starts beside the groups step."""
+    return json.dumps({"base": s.base, "top": s.top, "pin": s.pin})
 
 
 def _kld(path: str | Path) -> float:

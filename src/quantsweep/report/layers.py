@@ -43,19 +43,17 @@ class LayerMap:
         if m is None:
             return None
 
-        def bad(what: str) -> ReportError:
-            return ReportError(f"allocation record {path}: key 'layers' {what}")
-
+        where = f"allocation record {path}: key 'layers'"
         if not isinstance(m, dict):
-            raise bad(f"is {type(m).__name__}, not an object")
+            raise ReportError(f"{where} is {type(m).__name__}, not an object")
         n, classes, types, ladder = m.get("n_layer"), m.get("classes"), m.get("types"), m.get("ladder")
         if not (isinstance(n, int) and n >= 0 and isinstance(classes, list) and isinstance(types, dict)
                 and isinstance(ladder, list) and ladder):
-            raise bad("lacks n_layer, classes, types or ladder")
+            raise ReportError(f"{where} lacks n_layer, classes, types or ladder")
         for c in classes:
             row = types.get(c)
             if not (isinstance(row, list) and len(row) == n and all(t is None or t in ladder for t in row)):
-                raise bad(f"types[{c!r}] is not {n} ladder types (or null)")
+                raise ReportError(f"{where} types[{c!r}] is not {n} ladder types (or null)")
         other = m.get("other") or {}
         return cls(model, quant, budget, str(d.get("source") or "measured"), n, tuple(classes),
                    {c: list(types[c]) for c in classes}, dict(other), tuple(ladder))
