@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median_high
 
 import yaml
 
@@ -230,11 +231,6 @@ def reliability(truth: dict, chunks: dict[str, list[float]]) -> dict[str, float]
     return out
 
 
-def median(xs) -> float:
-    xs = sorted(xs)
-    return xs[len(xs) // 2] if xs else float("nan")
-
-
 def additivity(wd: Path, truth: dict, threads: int, n: int = 3) -> list[tuple[float, float]]:
     """Random recipes lowering several layer groups at once: the sum of their measured increases
     (+ the top run) vs the recipe's measured KLD."""
@@ -344,9 +340,9 @@ def main() -> None:
     print("\nSpearman rho, predicted vs measured per-layer increase (truth: one run per layer group and type)")
     for label, r in results.items():
         w, sig = r["within"], r["signal"]
-        print(f"  {label}: overall {r['rho']:.3f}; within a class: median {median(w.values()):.3f}, "
+        print(f"  {label}: overall {r['rho']:.3f}; within a class: median {median_high(w.values()):.3f}, "
               f"min {min(w.values()):.3f} over {len(w)} class x type series; above the noise: median "
-              f"{median(sig.values()):.3f}, min {min(sig.values()):.3f} over {len(sig)}")
+              f"{median_high(sig.values()):.3f}, min {min(sig.values()):.3f} over {len(sig)}")
         for k, v in sorted(w.items()):
             ceiling = f"truth's split-half reliability {rel[k]:+.3f}" if k in rel else ""
             print(f"      {k:32s} {v:+.3f}   {ceiling}{'' if k in sig else '   (measured within 3x the noise)'}")
@@ -389,9 +385,9 @@ def main() -> None:
           f"{v3['proxy']} ({v3['proxy'] * h:.0f} h), per layer {v3['layers']} "
           f"({v3['layers'] * h:.0f} h) at {a.v3_kld_run_min:g} min a run")
     r = results["proxy"]
-    print(f"\nperlayer: rho overall {r['rho']:.3f}, within-class median {median(r['within'].values()):.3f} "
-          f"(above the noise {median(r['signal'].values()):.3f}, min {min(r['signal'].values()):.3f}; the truth's "
-          f"split-half reliability median {median(rel.values()):.3f}); regret "
+    print(f"\nperlayer: rho overall {r['rho']:.3f}, within-class median {median_high(r['within'].values()):.3f} "
+          f"(above the noise {median_high(r['signal'].values()):.3f}, min {min(r['signal'].values()):.3f}; the truth's "
+          f"split-half reliability median {median_high(rel.values()):.3f}); regret "
           + "/".join(f"{x:+.2f}" for x in regrets)
           + f"; proxy beats class level at {wins}/{len(BUDGETS)} budgets (held out: regret "
           + "/".join(f"{x:+.2f}" for x in held_regrets) + f", {held_wins}/{len(BUDGETS)}); runs {prox['runs']} vs "

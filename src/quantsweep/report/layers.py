@@ -10,12 +10,11 @@ figure is made.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ReportError
-from ..fileio import partial_path
+from .plots import png_chunk, save_png
 
 PNG_LAYERS_KEY = "quantsweep-layers"
 _COLOURS = ("#fde0c5", "#facba6", "#f59e72", "#eb7f54", "#cf597e", "#9c3f7f", "#5c2a6e", "#2a1a4a")
@@ -42,7 +41,6 @@ class LayerMap:
         m = d.get("layers")
         if m is None:
             return None
-
         where = f"allocation record {path}: key 'layers'"
         if not isinstance(m, dict):
             raise ReportError(f"{where} is {type(m).__name__}, not an object")
@@ -137,18 +135,12 @@ def drawn_cells(fig) -> list[dict]:
 
 def save_layers(fig, path: str | Path) -> list[dict]:
     """Write the PNG with its drawn cells in a text chunk; returns those cells."""
-    cells = drawn_cells(fig)
-    with partial_path(path) as tmp:
-        fig.savefig(tmp, format="png", metadata={PNG_LAYERS_KEY: json.dumps(cells)})
-    return cells
+    return save_png(fig, path, PNG_LAYERS_KEY, drawn_cells(fig))
 
 
 def png_layers(path: str | Path) -> list[dict]:
     """The cells a PNG written by save_layers says it shows."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return json.loads(im.text[PNG_LAYERS_KEY])
+    return png_chunk(path, PNG_LAYERS_KEY)
 
 
 def layer_maps(entries) -> list[LayerMap]:

@@ -395,17 +395,27 @@ def plotted_fronts(fig) -> dict[tuple[str, str], list[tuple[float, float]]]:
     return out
 
 
+def save_png(fig, path: str | Path, key: str, drawn: list[dict]) -> list[dict]:
+    """Write the PNG with what it draws (JSON) in its text chunk `key`, so a test can compare the
+    picture with the records; returns `drawn`."""
+    with partial_path(path) as tmp:
+        fig.savefig(tmp, format="png", metadata={key: json.dumps(drawn)})
+    return drawn
+
+
+def png_chunk(path: str | Path, key: str) -> list[dict]:
+    """What a PNG written by save_png says it draws."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return json.loads(im.text[key])
+
+
 def save_figure(fig, path: str | Path) -> list[dict]:
     """Write the PNG with its plotted points in a text chunk; returns those points."""
-    pts = plotted_points(fig)
-    with partial_path(path) as tmp:
-        fig.savefig(tmp, format="png", metadata={PNG_POINTS_KEY: json.dumps(pts)})
-    return pts
+    return save_png(fig, path, PNG_POINTS_KEY, plotted_points(fig))
 
 
 def png_points(path: str | Path) -> list[dict]:
     """The points a PNG written by save_figure says it shows."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return json.loads(im.text[PNG_POINTS_KEY])
+    return png_chunk(path, PNG_POINTS_KEY)
